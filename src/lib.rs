@@ -1,0 +1,6 @@
+//! vtpmd: one swtpm per virtual machine, with every guest's TPM state
+//! encrypted at rest. See `README.md` and `docs/` for the design.
+
+pub mod protocol;
+pub mod secret;
+pub mod vault;

@@ -1,0 +1,368 @@
+//! The body's plaintext: a flat archive of a guest's state directory.
+//!
+//! Only regular files directly in the directory, each with a plain name, in
+//! name order. Decoding accepts only that canonical form, so an archive read
+//! from disk can never name a path outside the directory it is written to.
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+/// "An archive holds at most 64 entries."
+pub const MAX_ENTRIES: usize = 64;
+/// "Names are 1 to 64 bytes of `A-Z a-z 0-9 . _ -`, not starting with a dot."
+pub const MAX_NAME_LEN: usize = 64;
+/// "The encoded archive is at most 16 MiB." (swtpm's state is tens of KiB.)
+pub const MAX_ARCHIVE_LEN: usize = 16 * 1024 * 1024;
+
+/// One state file.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ArchiveEntry {
+    name: String,
+    data: Vec<u8>,
+}
+
+/// A guest's state directory as bytes.
+#[derive(Clone, PartialEq, Eq, Default)]
+pub struct StateArchive {
+    entries: Vec<ArchiveEntry>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ArchiveError {
+    #[error("file name {name:?} is not allowed in a state archive")]
+    BadName { name: String },
+    #[error("{path} is not a regular file")]
+    NotRegular { path: PathBuf },
+    #[error("more than {MAX_ENTRIES} files")]
+    TooManyEntries,
+    #[error("archive would exceed {MAX_ARCHIVE_LEN} bytes")]
+    TooLarge,
+    #[error("malformed archive: {what}")]
+    Malformed { what: &'static str },
+    #[error("{op} {path}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl std::fmt::Debug for ArchiveEntry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ({} bytes)", self.name, self.data.len())
+    }
+}
+
+impl std::fmt::Debug for StateArchive {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(&self.entries).finish()
+    }
+}
+
+impl ArchiveEntry {
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn data(&self) -> &[u8] {
+        &self.data
+    }
+}
+
+/// Dot-files (swtpm's `.lock`) are runtime artefacts, not state, so a valid
+/// name never starts with a dot; that also rules out `.` and `..`.
+pub fn is_valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_NAME_LEN
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+impl StateArchive {
+    /// Builds an archive from `(name, bytes)` pairs, enforcing every rule of
+    /// the format.
+    pub fn from_entries(
+        entries: impl IntoIterator<Item = (String, Vec<u8>)>,
+    ) -> Result<Self, ArchiveError> {
+        let mut entries: Vec<ArchiveEntry> = entries
+            .into_iter()
+            .map(|(name, data)| ArchiveEntry { name, data })
+            .collect();
+        entries.sort_by(|a, b| a.name.cmp(&b.name));
+        let archive = Self { entries };
+        archive.check()?;
+        Ok(archive)
+    }
+
+    /// Reads every regular file directly in `dir`, skipping dot-files.
+    /// Anything else (a subdirectory, a symlink, a device) is refused rather
+    /// than skipped: it has no business in a TPM state directory.
+    pub fn from_dir(dir: &Path) -> Result<Self, ArchiveError> {
+        let io = |op, path: &Path| {
+            let path = path.to_owned();
+            move |source| ArchiveError::Io { op, path, source }
+        };
+        let mut entries = Vec::new();
+        for item in fs::read_dir(dir).map_err(io("read directory", dir))? {
+            let item = item.map_err(io("read directory", dir))?;
+            let path = item.path();
+            let name = item.file_name();
+            let name = name.to_str().ok_or_else(|| ArchiveError::BadName {
+                name: name.to_string_lossy().into_owned(),
+            })?;
+            if name.starts_with('.') {
+                continue;
+            }
+            let file_type = item.file_type().map_err(io("stat", &path))?;
+            if !file_type.is_file() || file_type.is_symlink() || file_type.is_fifo() {
+                return Err(ArchiveError::NotRegular { path });
+            }
+            let data = read_no_follow(&path).map_err(io("read", &path))?;
+            entries.push((name.to_owned(), data));
+            if entries.len() > MAX_ENTRIES {
+                return Err(ArchiveError::TooManyEntries);
+            }
+        }
+        Self::from_entries(entries)
+    }
+
+    /// Writes every entry into `dir`, which must exist; each file is created
+    /// new (never overwriting, never following a link), mode 0600.
+    pub fn write_to_dir(&self, dir: &Path) -> Result<(), ArchiveError> {
+        for entry in &self.entries {
+            let path = dir.join(&entry.name);
+            let io = |op| {
+                let path = path.clone();
+                move |source| ArchiveError::Io { op, path, source }
+            };
+            let mut file = fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .custom_flags(nix::libc::O_NOFOLLOW)
+                .open(&path)
+                .map_err(io("create"))?;
+            file.write_all(&entry.data).map_err(io("write"))?;
+        }
+        Ok(())
+    }
+
+    pub fn entries(&self) -> &[ArchiveEntry] {
+        &self.entries
+    }
+
+    pub fn get(&self, name: &str) -> Option<&[u8]> {
+        self.entries
+            .iter()
+            .find(|e| e.name == name)
+            .map(|e| e.data.as_slice())
+    }
+
+    /// `u16 count`, then per entry `u8 name_len, name, u32 data_len, data`,
+    /// big-endian.
+    pub(crate) fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.encoded_len());
+        let count = u16::try_from(self.entries.len()).unwrap_or(u16::MAX);
+        out.extend_from_slice(&count.to_be_bytes());
+        for entry in &self.entries {
+            out.push(u8::try_from(entry.name.len()).unwrap_or(u8::MAX));
+            out.extend_from_slice(entry.name.as_bytes());
+            let len = u32::try_from(entry.data.len()).unwrap_or(u32::MAX);
+            out.extend_from_slice(&len.to_be_bytes());
+            out.extend_from_slice(&entry.data);
+        }
+        out
+    }
+
+    pub(crate) fn decode(bytes: &[u8]) -> Result<Self, ArchiveError> {
+        let malformed = |what| ArchiveError::Malformed { what };
+        if bytes.len() > MAX_ARCHIVE_LEN {
+            return Err(ArchiveError::TooLarge);
+        }
+        let (count, mut rest) = split_be::<2>(bytes).ok_or(malformed("no entry count"))?;
+        let count = usize::from(u16::from_be_bytes(count));
+        if count > MAX_ENTRIES {
+            return Err(ArchiveError::TooManyEntries);
+        }
+        let mut entries = Vec::with_capacity(count);
+        for _ in 0..count {
+            let (&name_len, tail) = rest.split_first().ok_or(malformed("truncated entry"))?;
+            let name_len = usize::from(name_len);
+            let name = tail.get(..name_len).ok_or(malformed("truncated name"))?;
+            let name = std::str::from_utf8(name).map_err(|_| malformed("name is not UTF-8"))?;
+            let (data_len, tail) =
+                split_be::<4>(&tail[name_len..]).ok_or(malformed("truncated length"))?;
+            let data_len = usize::try_from(u32::from_be_bytes(data_len))
+                .map_err(|_| malformed("length overflows"))?;
+            let data = tail.get(..data_len).ok_or(malformed("truncated data"))?;
+            entries.push(ArchiveEntry {
+                name: name.to_owned(),
+                data: data.to_vec(),
+            });
+            rest = &tail[data_len..];
+        }
+        if !rest.is_empty() {
+            return Err(malformed("trailing bytes"));
+        }
+        let archive = Self { entries };
+        archive.check()?;
+        Ok(archive)
+    }
+
+    /// Names valid, strictly ascending (so unique), count and size bounded.
+    fn check(&self) -> Result<(), ArchiveError> {
+        if self.entries.len() > MAX_ENTRIES {
+            return Err(ArchiveError::TooManyEntries);
+        }
+        for entry in &self.entries {
+            if !is_valid_name(&entry.name) {
+                return Err(ArchiveError::BadName {
+                    name: entry.name.clone(),
+                });
+            }
+        }
+        if self.entries.windows(2).any(|w| w[0].name >= w[1].name) {
+            return Err(ArchiveError::Malformed {
+                what: "names not unique and ascending",
+            });
+        }
+        if self.encoded_len() > MAX_ARCHIVE_LEN {
+            return Err(ArchiveError::TooLarge);
+        }
+        Ok(())
+    }
+
+    fn encoded_len(&self) -> usize {
+        2 + self
+            .entries
+            .iter()
+            .map(|e| 1 + e.name.len() + 4 + e.data.len())
+            .sum::<usize>()
+    }
+}
+
+fn split_be<const N: usize>(bytes: &[u8]) -> Option<([u8; N], &[u8])> {
+    let head = bytes.get(..N)?;
+    Some((head.try_into().ok()?, &bytes[N..]))
+}
+
+fn read_no_follow(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NOFOLLOW)
+        .open(path)?;
+    let len = file.metadata()?.len();
+    if len > MAX_ARCHIVE_LEN as u64 {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::FileTooLarge,
+            "state file larger than an archive may be",
+        ));
+    }
+    let mut data = Vec::new();
+    file.take(MAX_ARCHIVE_LEN as u64 + 1)
+        .read_to_end(&mut data)?;
+    Ok(data)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> StateArchive {
+        StateArchive::from_entries([
+            ("tpm2-00.permall".to_owned(), vec![1, 2, 3]),
+            ("tpm2-00.volatilestate".to_owned(), vec![]),
+        ])
+        .unwrap()
+    }
+
+    #[test]
+    fn encoding_round_trips() {
+        let archive = sample();
+        assert_eq!(StateArchive::decode(&archive.encode()).unwrap(), archive);
+    }
+
+    #[test]
+    fn names_that_could_escape_the_directory_are_refused() {
+        for name in [
+            "",
+            ".",
+            "..",
+            "../x",
+            "a/b",
+            ".lock",
+            "a b",
+            "ä",
+            &"x".repeat(65),
+        ] {
+            assert!(!is_valid_name(name), "{name:?} accepted");
+            let result = StateArchive::from_entries([(name.to_owned(), vec![])]);
+            assert!(
+                matches!(result, Err(ArchiveError::BadName { .. })),
+                "{name:?}"
+            );
+        }
+        assert!(is_valid_name("tpm2-00.permall"));
+    }
+
+    #[test]
+    fn duplicate_names_are_refused() {
+        let result =
+            StateArchive::from_entries([("a".to_owned(), vec![]), ("a".to_owned(), vec![1])]);
+        assert!(matches!(result, Err(ArchiveError::Malformed { .. })));
+    }
+
+    #[test]
+    fn a_decoded_path_traversal_is_refused() {
+        let mut bytes = vec![0, 1, 5];
+        bytes.extend_from_slice(b"../ab");
+        bytes.extend_from_slice(&[0, 0, 0, 0]);
+        assert!(matches!(
+            StateArchive::decode(&bytes),
+            Err(ArchiveError::BadName { .. })
+        ));
+    }
+
+    #[test]
+    fn every_truncation_and_trailing_byte_is_refused() {
+        let bytes = sample().encode();
+        for len in 0..bytes.len() {
+            assert!(StateArchive::decode(&bytes[..len]).is_err(), "length {len}");
+        }
+        let mut long = bytes.clone();
+        long.push(0);
+        assert!(StateArchive::decode(&long).is_err());
+    }
+
+    #[test]
+    fn directory_round_trip_skips_dot_files_and_refuses_links() {
+        let src = tempfile::tempdir().unwrap();
+        fs::write(src.path().join("tpm2-00.permall"), b"perm").unwrap();
+        fs::write(src.path().join(".lock"), b"").unwrap();
+        let archive = StateArchive::from_dir(src.path()).unwrap();
+        assert_eq!(archive.entries().len(), 1);
+
+        let dst = tempfile::tempdir().unwrap();
+        archive.write_to_dir(dst.path()).unwrap();
+        assert_eq!(
+            fs::read(dst.path().join("tpm2-00.permall")).unwrap(),
+            b"perm"
+        );
+        assert!(
+            archive.write_to_dir(dst.path()).is_err(),
+            "overwrote an existing file"
+        );
+
+        std::os::unix::fs::symlink("/etc/passwd", src.path().join("link")).unwrap();
+        assert!(matches!(
+            StateArchive::from_dir(src.path()),
+            Err(ArchiveError::NotRegular { .. })
+        ));
+    }
+}

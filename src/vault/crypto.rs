@@ -1,0 +1,183 @@
+//! The AEAD and KDF steps of the format, each a small function over keys
+//! held in `SecretBuf`s.
+
+use aes_gcm::aead::{AeadInOut, KeyInit};
+use aes_gcm::{Aes256Gcm, Nonce, Tag};
+use hkdf::Hkdf;
+use secrecy::{ExposeSecret, ExposeSecretMut};
+use sha2::Sha256;
+
+use crate::protocol::GuestId;
+use crate::secret::SecretBuf;
+
+use super::VaultError;
+use super::format::{DATA_KEY_LEN, Keyslot, NONCE_LEN, SALT_LEN, TAG_LEN, WRAPPED_KEY_LEN};
+
+/// HKDF labels: each derived key has its own, so no two uses share a key.
+const BODY_KEY_LABEL: &[u8] = b"vtpmd sealed body key v1";
+const SWTPM_STATE_KEY_LABEL: &[u8] = b"vtpmd swtpm state key v1";
+const KEYSLOT_AAD_LABEL: &[u8] = b"vtpmd keyslot v1";
+
+/// The guest's 256-bit data key: it encrypts every generation of the body
+/// (through a per-generation subkey) and is what keyslots wrap.
+pub struct DataKey(SecretBuf);
+
+impl std::fmt::Debug for DataKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DataKey(<redacted>)")
+    }
+}
+
+impl DataKey {
+    pub(crate) fn generate() -> Result<Self, VaultError> {
+        Ok(Self(SecretBuf::random(DATA_KEY_LEN)?))
+    }
+
+    /// The key swtpm encrypts its state files with (`--key fd=…,
+    /// format=binary,mode=aes-256-cbc`): derived, so the data key itself
+    /// never leaves vtpmd, and bound to the guest.
+    pub fn swtpm_state_key(&self, guest: &GuestId) -> Result<SecretBuf, VaultError> {
+        let mut info = Vec::with_capacity(SWTPM_STATE_KEY_LABEL.len() + 16);
+        info.extend_from_slice(SWTPM_STATE_KEY_LABEL);
+        info.extend_from_slice(guest.as_bytes());
+        self.expand(None, &info)
+    }
+
+    /// The key of one generation's body: a fresh salt per seal means a fresh
+    /// key per seal, so GCM's nonce limit never comes into play however
+    /// often a guest's state is resealed.
+    pub(crate) fn body_key(&self, body_salt: &[u8; SALT_LEN]) -> Result<SecretBuf, VaultError> {
+        self.expand(Some(body_salt), BODY_KEY_LABEL)
+    }
+
+    fn expand(&self, salt: Option<&[u8]>, info: &[u8]) -> Result<SecretBuf, VaultError> {
+        let hkdf = Hkdf::<Sha256>::new(salt, self.0.expose_secret());
+        let mut out = SecretBuf::zeroed(DATA_KEY_LEN)?;
+        hkdf.expand(info, out.expose_secret_mut())
+            .map_err(|_| VaultError::Crypto {
+                what: "HKDF expand",
+            })?;
+        Ok(out)
+    }
+}
+
+/// Associated data of a keyslot's wrapped key: the label, the guest and the
+/// slot's own parameters and salt.
+fn keyslot_aad(guest: &GuestId, slot: &Keyslot) -> Vec<u8> {
+    let mut aad = Vec::new();
+    aad.extend_from_slice(KEYSLOT_AAD_LABEL);
+    aad.extend_from_slice(guest.as_bytes());
+    aad.extend_from_slice(&slot.bound_bytes());
+    aad
+}
+
+/// Wraps `data_key` under `kek` into `slot` (whose parameters and salt are
+/// already set), with a fresh nonce.
+pub(crate) fn wrap_key(
+    kek: &SecretBuf,
+    data_key: &DataKey,
+    guest: &GuestId,
+    slot: &mut Keyslot,
+) -> Result<(), VaultError> {
+    slot.nonce = random_array()?;
+    let aad = keyslot_aad(guest, slot);
+    let cipher = cipher(kek)?;
+    let (body, tag) = slot.wrapped_key.split_at_mut(DATA_KEY_LEN);
+    body.copy_from_slice(data_key.0.expose_secret());
+    let produced = cipher
+        .encrypt_inout_detached(&Nonce::from(slot.nonce), &aad, body.into())
+        .map_err(|_| VaultError::Crypto {
+            what: "wrap data key",
+        })?;
+    tag.copy_from_slice(&produced);
+    Ok(())
+}
+
+/// Unwraps a keyslot; `None` when the tag does not verify, which (the header
+/// checksum having passed) means the passphrase was wrong.
+pub(crate) fn unwrap_key(
+    kek: &SecretBuf,
+    guest: &GuestId,
+    slot: &Keyslot,
+) -> Result<Option<DataKey>, VaultError> {
+    let aad = keyslot_aad(guest, slot);
+    let cipher = cipher(kek)?;
+    let mut key = SecretBuf::zeroed(DATA_KEY_LEN)?;
+    let (ciphertext, tag) = slot.wrapped_key.split_at(DATA_KEY_LEN);
+    key.expose_secret_mut().copy_from_slice(ciphertext);
+    let tag = tag_from(tag)?;
+    let ok = cipher
+        .decrypt_inout_detached(
+            &Nonce::from(slot.nonce),
+            &aad,
+            key.expose_secret_mut().into(),
+            &tag,
+        )
+        .is_ok();
+    // On failure `key` holds garbage; it is zeroized on drop like any other.
+    Ok(ok.then_some(DataKey(key)))
+}
+
+/// Encrypts `plaintext` in place and appends the tag.
+pub(crate) fn seal_body(
+    data_key: &DataKey,
+    body_salt: &[u8; SALT_LEN],
+    nonce: &[u8; NONCE_LEN],
+    aad: &[u8],
+    mut plaintext: Vec<u8>,
+) -> Result<Vec<u8>, VaultError> {
+    let cipher = cipher(&data_key.body_key(body_salt)?)?;
+    let tag = cipher
+        .encrypt_inout_detached(&Nonce::from(*nonce), aad, plaintext.as_mut_slice().into())
+        .map_err(|_| VaultError::Crypto { what: "seal body" })?;
+    plaintext.extend_from_slice(&tag);
+    Ok(plaintext)
+}
+
+/// Decrypts a body; `None` when it does not authenticate.
+pub(crate) fn open_body(
+    data_key: &DataKey,
+    body_salt: &[u8; SALT_LEN],
+    nonce: &[u8; NONCE_LEN],
+    aad: &[u8],
+    body: &[u8],
+) -> Result<Option<Vec<u8>>, VaultError> {
+    let Some(split) = body.len().checked_sub(TAG_LEN) else {
+        return Ok(None);
+    };
+    let (ciphertext, tag) = body.split_at(split);
+    let tag = tag_from(tag)?;
+    let cipher = cipher(&data_key.body_key(body_salt)?)?;
+    let mut plaintext = ciphertext.to_vec();
+    let ok = cipher
+        .decrypt_inout_detached(
+            &Nonce::from(*nonce),
+            aad,
+            plaintext.as_mut_slice().into(),
+            &tag,
+        )
+        .is_ok();
+    Ok(ok.then_some(plaintext))
+}
+
+fn cipher(key: &SecretBuf) -> Result<Aes256Gcm, VaultError> {
+    Aes256Gcm::new_from_slice(key.expose_secret()).map_err(|_| VaultError::Crypto {
+        what: "AES key length",
+    })
+}
+
+fn tag_from(bytes: &[u8]) -> Result<Tag, VaultError> {
+    <[u8; TAG_LEN]>::try_from(bytes)
+        .map(Tag::from)
+        .map_err(|_| VaultError::Crypto { what: "tag length" })
+}
+
+pub(crate) fn random_array<const N: usize>() -> Result<[u8; N], VaultError> {
+    let mut out = [0u8; N];
+    getrandom::fill(&mut out).map_err(|e| VaultError::Random {
+        what: e.to_string(),
+    })?;
+    Ok(out)
+}
+
+const _: () = assert!(WRAPPED_KEY_LEN == DATA_KEY_LEN + TAG_LEN);

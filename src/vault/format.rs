@@ -1,0 +1,438 @@
+//! Byte layout of a sealed file, version 1 (`docs/sealed-format.md`).
+//!
+//! Pure encoding and decoding: no I/O, no keys. Decoding accepts exactly one
+//! encoding of each header and rejects everything else, so this is what the
+//! fuzzer drives.
+
+use crate::protocol::{GuestId, TpmModel, TpmSpec, TpmVersion};
+
+use super::kdf::KdfParams;
+
+/// "The file MUST begin with the 8 bytes `VTPMSEAL`."
+pub(crate) const MAGIC: &[u8; 8] = b"VTPMSEAL";
+/// "The version is a big-endian u16 right after the magic; this document
+/// describes version 1."
+pub(crate) const VERSION: u16 = 1;
+
+pub(crate) const SALT_LEN: usize = 32;
+pub(crate) const NONCE_LEN: usize = 12;
+pub(crate) const TAG_LEN: usize = 16;
+pub(crate) const DATA_KEY_LEN: usize = 32;
+pub(crate) const WRAPPED_KEY_LEN: usize = DATA_KEY_LEN + TAG_LEN;
+const CHECKSUM_LEN: usize = 32;
+
+/// Bytes 0..84: everything the body is bound to.
+pub(crate) const BOUND_LEN: usize = 8 + 2 + 16 + 8 + 1 + 1 + SALT_LEN + NONCE_LEN + 4;
+/// One keyslot record.
+pub(crate) const KEYSLOT_LEN: usize = 1 + 1 + 4 + 4 + 4 + SALT_LEN + NONCE_LEN + WRAPPED_KEY_LEN;
+/// The part of a keyslot that its wrapped key is bound to (kind .. salt).
+pub(crate) const KEYSLOT_BOUND_LEN: usize = KEYSLOT_LEN - NONCE_LEN - WRAPPED_KEY_LEN;
+pub(crate) const MAX_KEYSLOTS: usize = 8;
+/// "Decoders MUST reject a body longer than 16 MiB plus the tag."
+pub(crate) const MAX_BODY_LEN: usize = 16 * 1024 * 1024 + TAG_LEN;
+/// The largest a whole sealed file can be.
+pub(crate) const MAX_FILE_LEN: usize = header_len(MAX_KEYSLOTS) + MAX_BODY_LEN;
+
+const KEYSLOT_KIND_ARGON2ID: u8 = 1;
+const ARGON2_VERSION_0X13: u8 = 0x13;
+
+/// The header fields the body is bound to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Bound {
+    pub guest: GuestId,
+    pub generation: u64,
+    pub spec: TpmSpec,
+    pub body_salt: [u8; SALT_LEN],
+    pub body_nonce: [u8; NONCE_LEN],
+    /// Ciphertext length including the GCM tag.
+    pub body_len: u32,
+}
+
+/// A passphrase keyslot: the data key wrapped under Argon2id(passphrase).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Keyslot {
+    pub kdf: KdfParams,
+    pub salt: [u8; SALT_LEN],
+    pub nonce: [u8; NONCE_LEN],
+    pub wrapped_key: [u8; WRAPPED_KEY_LEN],
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Header {
+    pub bound: Bound,
+    pub keyslots: Vec<Keyslot>,
+}
+
+/// What a decoder found wrong, before any key is involved.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum FormatError {
+    #[error("not a vtpmd sealed file (bad magic)")]
+    BadMagic,
+    #[error("sealed-format version {0}")]
+    UnsupportedVersion(u16),
+    #[error("file ends inside the header ({len} bytes)")]
+    TruncatedHeader { len: usize },
+    #[error("header checksum mismatch")]
+    Checksum,
+    #[error("keyslot count {0} is outside 1..=8")]
+    KeyslotCount(u8),
+    #[error("keyslot {index}: {what}")]
+    Keyslot { index: usize, what: String },
+    #[error("unknown TPM version code {0}")]
+    TpmVersion(u8),
+    #[error("unknown TPM model code {0}")]
+    TpmModel(u8),
+    #[error("TPM model and version do not go together")]
+    TpmSpec,
+    #[error("body length {0} is outside 16..=16 MiB+16")]
+    BodyLength(u32),
+    #[error("file is {actual} bytes, header says {expected}")]
+    FileLength { expected: usize, actual: usize },
+}
+
+impl Header {
+    pub(crate) fn encoded_len(&self) -> usize {
+        header_len(self.keyslots.len())
+    }
+
+    /// Encodes the header, checksum included. The caller appends the body.
+    pub(crate) fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.encoded_len() + self.bound.body_len as usize);
+        out.extend_from_slice(&self.bound.encode());
+        let count = u8::try_from(self.keyslots.len()).unwrap_or(u8::MAX);
+        out.push(count);
+        for slot in &self.keyslots {
+            out.extend_from_slice(&slot.encode());
+        }
+        let checksum = sha256(&out);
+        out.extend_from_slice(&checksum);
+        out
+    }
+
+    /// Decodes a whole sealed file into its header and the body bytes.
+    ///
+    /// Order matters: magic and version first, so that a file of a newer
+    /// format says so instead of failing its checksum.
+    pub(crate) fn decode(file: &[u8]) -> Result<(Header, &[u8]), FormatError> {
+        let mut r = Reader::new(file);
+        let magic = r.take(MAGIC.len()).ok_or(FormatError::BadMagic)?;
+        if magic != MAGIC {
+            return Err(FormatError::BadMagic);
+        }
+        let version = r
+            .u16()
+            .ok_or(FormatError::TruncatedHeader { len: file.len() })?;
+        if version != VERSION {
+            return Err(FormatError::UnsupportedVersion(version));
+        }
+        let count = *file
+            .get(BOUND_LEN)
+            .ok_or(FormatError::TruncatedHeader { len: file.len() })?;
+        if count == 0 || usize::from(count) > MAX_KEYSLOTS {
+            return Err(FormatError::KeyslotCount(count));
+        }
+        let header_len = header_len(usize::from(count));
+        let header_bytes = file
+            .get(..header_len)
+            .ok_or(FormatError::TruncatedHeader { len: file.len() })?;
+        let (covered, checksum) = header_bytes.split_at(header_len - CHECKSUM_LEN);
+        if sha256(covered) != checksum {
+            return Err(FormatError::Checksum);
+        }
+
+        let bound = Bound::decode(&mut r)?;
+        r.take(1); // keyslot count, read above
+        let keyslots = (0..usize::from(count))
+            .map(|index| Keyslot::decode(&mut r, index))
+            .collect::<Result<Vec<_>, _>>()?;
+        let body = file.get(header_len..).unwrap_or_default();
+        let expected = header_len + bound.body_len as usize;
+        if body.len() != bound.body_len as usize {
+            return Err(FormatError::FileLength {
+                expected,
+                actual: file.len(),
+            });
+        }
+        Ok((Header { bound, keyslots }, body))
+    }
+}
+
+pub(crate) const fn header_len(keyslots: usize) -> usize {
+    BOUND_LEN + 1 + keyslots * KEYSLOT_LEN + CHECKSUM_LEN
+}
+
+impl Bound {
+    pub(crate) fn encode(&self) -> [u8; BOUND_LEN] {
+        let mut out = [0u8; BOUND_LEN];
+        let mut w = Writer::new(&mut out);
+        w.put(MAGIC);
+        w.put(&VERSION.to_be_bytes());
+        w.put(self.guest.as_bytes());
+        w.put(&self.generation.to_be_bytes());
+        w.put(&[
+            version_code(self.spec.version()),
+            model_code(self.spec.model()),
+        ]);
+        w.put(&self.body_salt);
+        w.put(&self.body_nonce);
+        w.put(&self.body_len.to_be_bytes());
+        out
+    }
+
+    fn decode(r: &mut Reader<'_>) -> Result<Self, FormatError> {
+        // Magic and version were checked by the caller; the checksum passed,
+        // so every read below is within the header.
+        let truncated = FormatError::TruncatedHeader { len: 0 };
+        let guest = GuestId::from_bytes(r.array().ok_or(truncated.clone())?);
+        let generation = r.u64().ok_or(truncated.clone())?;
+        let version = match r.u8().ok_or(truncated.clone())? {
+            1 => TpmVersion::V1_2,
+            2 => TpmVersion::V2_0,
+            other => return Err(FormatError::TpmVersion(other)),
+        };
+        let model = match r.u8().ok_or(truncated.clone())? {
+            1 => TpmModel::Tis,
+            2 => TpmModel::Crb,
+            other => return Err(FormatError::TpmModel(other)),
+        };
+        let spec = TpmSpec::new(version, model).map_err(|_| FormatError::TpmSpec)?;
+        let body_salt = r.array().ok_or(truncated.clone())?;
+        let body_nonce = r.array().ok_or(truncated.clone())?;
+        let body_len = r.u32().ok_or(truncated)?;
+        if (body_len as usize) < TAG_LEN || body_len as usize > MAX_BODY_LEN {
+            return Err(FormatError::BodyLength(body_len));
+        }
+        Ok(Self {
+            guest,
+            generation,
+            spec,
+            body_salt,
+            body_nonce,
+            body_len,
+        })
+    }
+}
+
+impl Keyslot {
+    /// The bytes the wrapped key is bound to: kind, Argon2 version,
+    /// parameters and salt.
+    pub(crate) fn bound_bytes(&self) -> [u8; KEYSLOT_BOUND_LEN] {
+        let mut out = [0u8; KEYSLOT_BOUND_LEN];
+        let mut w = Writer::new(&mut out);
+        w.put(&[KEYSLOT_KIND_ARGON2ID, ARGON2_VERSION_0X13]);
+        w.put(&self.kdf.memory_kib().to_be_bytes());
+        w.put(&self.kdf.iterations().to_be_bytes());
+        w.put(&self.kdf.lanes().to_be_bytes());
+        w.put(&self.salt);
+        out
+    }
+
+    fn encode(&self) -> [u8; KEYSLOT_LEN] {
+        let mut out = [0u8; KEYSLOT_LEN];
+        let mut w = Writer::new(&mut out);
+        w.put(&self.bound_bytes());
+        w.put(&self.nonce);
+        w.put(&self.wrapped_key);
+        out
+    }
+
+    fn decode(r: &mut Reader<'_>, index: usize) -> Result<Self, FormatError> {
+        let bad = |what: String| FormatError::Keyslot { index, what };
+        let truncated = || bad("truncated".to_owned());
+        let kind = r.u8().ok_or_else(truncated)?;
+        if kind != KEYSLOT_KIND_ARGON2ID {
+            return Err(bad(format!("unknown keyslot kind {kind}")));
+        }
+        let argon2_version = r.u8().ok_or_else(truncated)?;
+        if argon2_version != ARGON2_VERSION_0X13 {
+            return Err(bad(format!("unknown Argon2 version {argon2_version:#x}")));
+        }
+        let memory_kib = r.u32().ok_or_else(truncated)?;
+        let iterations = r.u32().ok_or_else(truncated)?;
+        let lanes = r.u32().ok_or_else(truncated)?;
+        let kdf = KdfParams::new(memory_kib, iterations, lanes).map_err(|e| bad(e.to_string()))?;
+        Ok(Self {
+            kdf,
+            salt: r.array().ok_or_else(truncated)?,
+            nonce: r.array().ok_or_else(truncated)?,
+            wrapped_key: r.array().ok_or_else(truncated)?,
+        })
+    }
+}
+
+fn version_code(version: TpmVersion) -> u8 {
+    match version {
+        TpmVersion::V1_2 => 1,
+        TpmVersion::V2_0 => 2,
+    }
+}
+
+fn model_code(model: TpmModel) -> u8 {
+    match model {
+        TpmModel::Tis => 1,
+        TpmModel::Crb => 2,
+    }
+}
+
+fn sha256(bytes: &[u8]) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes).into()
+}
+
+/// A cursor that never reads past its slice.
+struct Reader<'a> {
+    rest: &'a [u8],
+}
+
+impl<'a> Reader<'a> {
+    fn new(bytes: &'a [u8]) -> Self {
+        Self { rest: bytes }
+    }
+
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        if self.rest.len() < n {
+            return None;
+        }
+        let (head, tail) = self.rest.split_at(n);
+        self.rest = tail;
+        Some(head)
+    }
+
+    fn array<const N: usize>(&mut self) -> Option<[u8; N]> {
+        self.take(N).and_then(|b| b.try_into().ok())
+    }
+
+    fn u8(&mut self) -> Option<u8> {
+        self.array::<1>().map(|[b]| b)
+    }
+
+    fn u16(&mut self) -> Option<u16> {
+        self.array().map(u16::from_be_bytes)
+    }
+
+    fn u32(&mut self) -> Option<u32> {
+        self.array().map(u32::from_be_bytes)
+    }
+
+    fn u64(&mut self) -> Option<u64> {
+        self.array().map(u64::from_be_bytes)
+    }
+}
+
+/// Fills a fixed-size buffer front to back; the layouts above size the
+/// buffers exactly, which the unit tests check.
+struct Writer<'a> {
+    out: &'a mut [u8],
+    at: usize,
+}
+
+impl<'a> Writer<'a> {
+    fn new(out: &'a mut [u8]) -> Self {
+        Self { out, at: 0 }
+    }
+
+    fn put(&mut self, bytes: &[u8]) {
+        let end = self.at + bytes.len();
+        self.out[self.at..end].copy_from_slice(bytes);
+        self.at = end;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn sample_header(slots: usize) -> Header {
+        let guest = GuestId::parse("0f6a2d1e-8c4b-4e2a-9d3f-5b7c1a2e3f40").unwrap();
+        Header {
+            bound: Bound {
+                guest,
+                generation: 7,
+                spec: TpmSpec::new(TpmVersion::V2_0, TpmModel::Crb).unwrap(),
+                body_salt: [1; SALT_LEN],
+                body_nonce: [2; NONCE_LEN],
+                body_len: 20,
+            },
+            keyslots: (0..slots)
+                .map(|i| Keyslot {
+                    kdf: KdfParams::new(65536, 3, 4).unwrap(),
+                    salt: [u8::try_from(i).unwrap(); SALT_LEN],
+                    nonce: [4; NONCE_LEN],
+                    wrapped_key: [5; WRAPPED_KEY_LEN],
+                })
+                .collect(),
+        }
+    }
+
+    fn sample_file(slots: usize) -> Vec<u8> {
+        let header = sample_header(slots);
+        let mut file = header.encode();
+        file.extend_from_slice(&[9u8; 20]);
+        file
+    }
+
+    #[test]
+    fn layout_constants_match_the_spec() {
+        assert_eq!(BOUND_LEN, 84);
+        assert_eq!(KEYSLOT_LEN, 106);
+        assert_eq!(header_len(1), 223);
+    }
+
+    #[test]
+    fn header_round_trips_with_every_keyslot_count() {
+        for slots in 1..=MAX_KEYSLOTS {
+            let header = sample_header(slots);
+            let file = sample_file(slots);
+            let (decoded, body) = Header::decode(&file).unwrap();
+            assert_eq!(decoded, header);
+            assert_eq!(body, &[9u8; 20]);
+            assert_eq!(decoded.encode(), file[..header.encoded_len()]);
+        }
+    }
+
+    #[test]
+    fn a_newer_version_is_reported_as_such_not_as_corruption() {
+        let mut file = sample_file(1);
+        file[9] = 2;
+        assert_eq!(
+            Header::decode(&file).unwrap_err(),
+            FormatError::UnsupportedVersion(2)
+        );
+    }
+
+    #[test]
+    fn any_flipped_header_bit_is_rejected() {
+        let file = sample_file(2);
+        for bit in 0..header_len(2) * 8 {
+            let mut bad = file.clone();
+            bad[bit / 8] ^= 1 << (bit % 8);
+            assert!(Header::decode(&bad).is_err(), "bit {bit} flip accepted");
+        }
+    }
+
+    #[test]
+    fn trailing_or_missing_body_bytes_are_rejected() {
+        let mut long = sample_file(1);
+        long.push(0);
+        assert!(matches!(
+            Header::decode(&long),
+            Err(FormatError::FileLength { .. })
+        ));
+        let short = &sample_file(1)[..header_len(1) + 19];
+        assert!(matches!(
+            Header::decode(short),
+            Err(FormatError::FileLength { .. })
+        ));
+    }
+
+    #[test]
+    fn every_truncation_is_an_error() {
+        let file = sample_file(3);
+        for len in 0..file.len() {
+            assert!(
+                Header::decode(&file[..len]).is_err(),
+                "length {len} accepted"
+            );
+        }
+    }
+}

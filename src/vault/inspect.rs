@@ -1,0 +1,86 @@
+//! What an operator may see of a sealed file without any secret, like
+//! `cryptsetup luksDump`.
+
+use std::path::Path;
+
+use crate::protocol::GuestId;
+
+use super::VaultError;
+use super::durable;
+use super::format::{FormatError, Header, MAX_FILE_LEN, header_len};
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct HeaderInfo {
+    pub format_version: u16,
+    pub guest: GuestId,
+    pub generation: u64,
+    pub tpm_version: &'static str,
+    pub tpm_model: &'static str,
+    pub header_bytes: usize,
+    pub body_bytes: usize,
+    pub keyslots: Vec<KeyslotInfo>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct KeyslotInfo {
+    pub index: usize,
+    pub kind: &'static str,
+    pub argon2_memory_kib: u32,
+    pub argon2_iterations: u32,
+    pub argon2_lanes: u32,
+}
+
+/// Reads and describes a sealed file's header.
+pub fn inspect(path: &Path) -> Result<HeaderInfo, VaultError> {
+    let bytes = durable::read(path, MAX_FILE_LEN)?.ok_or_else(|| VaultError::Missing {
+        path: path.to_owned(),
+    })?;
+    inspect_bytes(path, &bytes)
+}
+
+/// Describes a sealed file already in memory; `path` names it in errors.
+pub fn inspect_bytes(path: &Path, bytes: &[u8]) -> Result<HeaderInfo, VaultError> {
+    let (header, body) = decode(path, bytes)?;
+    Ok(HeaderInfo {
+        format_version: super::format::VERSION,
+        guest: header.bound.guest,
+        generation: header.bound.generation,
+        tpm_version: header.bound.spec.version().as_str(),
+        tpm_model: header.bound.spec.model().as_str(),
+        header_bytes: header_len(header.keyslots.len()),
+        body_bytes: body.len(),
+        keyslots: header
+            .keyslots
+            .iter()
+            .enumerate()
+            .map(|(index, slot)| KeyslotInfo {
+                index,
+                kind: "argon2id-passphrase",
+                argon2_memory_kib: slot.kdf.memory_kib(),
+                argon2_iterations: slot.kdf.iterations(),
+                argon2_lanes: slot.kdf.lanes(),
+            })
+            .collect(),
+    })
+}
+
+/// Decodes a sealed file, mapping format errors to the vault's: a newer
+/// version is reported as such, everything else as corruption.
+pub(crate) fn decode<'a>(path: &Path, bytes: &'a [u8]) -> Result<(Header, &'a [u8]), VaultError> {
+    if bytes.len() > MAX_FILE_LEN {
+        return Err(VaultError::Corrupt {
+            path: path.to_owned(),
+            what: format!("larger than the {MAX_FILE_LEN} bytes a sealed file can be"),
+        });
+    }
+    Header::decode(bytes).map_err(|e| match e {
+        FormatError::UnsupportedVersion(found) => VaultError::UnsupportedVersion {
+            path: path.to_owned(),
+            found,
+        },
+        other => VaultError::Corrupt {
+            path: path.to_owned(),
+            what: other.to_string(),
+        },
+    })
+}

@@ -1,0 +1,406 @@
+//! The operations on one guest's sealed state, composed from the format,
+//! the crypto steps and durable writes.
+
+use std::path::Path;
+
+use crate::protocol::{GuestId, TpmSpec};
+use crate::secret::SecretBuf;
+
+use super::archive::StateArchive;
+use super::crypto::{self, DataKey};
+use super::durable::{self, SealedPaths};
+use super::format::{self, BOUND_LEN, Bound, Header, Keyslot, MAX_FILE_LEN, MAX_KEYSLOTS, TAG_LEN};
+use super::inspect::decode;
+use super::kdf::{self, KdfPolicy};
+use super::{MAX_PASSPHRASE_LEN, VaultError};
+
+/// An unlocked guest state: the data key in locked memory, and what is
+/// needed to write the next generation without asking for the passphrase.
+#[derive(Debug)]
+pub struct SealedState {
+    paths: SealedPaths,
+    guest: GuestId,
+    spec: TpmSpec,
+    generation: u64,
+    keyslots: Vec<Keyslot>,
+    data_key: DataKey,
+    unlocked_slot: Option<usize>,
+    /// Set when opening fell back to the previous generation: the damaged
+    /// current file must not become the new `.prev`.
+    current_damaged: bool,
+}
+
+/// The result of [`SealedState::open`].
+#[derive(Debug)]
+pub struct Opened {
+    pub state: SealedState,
+    pub archive: StateArchive,
+    /// `Some` when the current file was damaged or missing and the previous
+    /// generation was opened instead.
+    pub fell_back: Option<Fallback>,
+}
+
+/// Why the previous generation was used.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fallback {
+    /// What was wrong with the current file.
+    pub current_problem: String,
+}
+
+impl SealedState {
+    /// Seals a fresh state (generation 1) under a new data key with one
+    /// keyslot for `passphrase`. Refuses to replace existing state.
+    pub fn create(
+        paths: SealedPaths,
+        guest: GuestId,
+        spec: TpmSpec,
+        passphrase: &SecretBuf,
+        policy: &KdfPolicy,
+        archive: &StateArchive,
+    ) -> Result<Self, VaultError> {
+        for path in [paths.current(), paths.previous()] {
+            if std::fs::symlink_metadata(path).is_ok() {
+                return Err(VaultError::AlreadyExists {
+                    path: path.to_owned(),
+                });
+            }
+        }
+        let data_key = DataKey::generate()?;
+        let slot = new_keyslot(&data_key, &guest, passphrase, policy)?;
+        let mut state = Self {
+            paths,
+            guest,
+            spec,
+            generation: 0,
+            keyslots: vec![slot],
+            data_key,
+            unlocked_slot: Some(0),
+            current_damaged: false,
+        };
+        state.seal(archive)?;
+        Ok(state)
+    }
+
+    /// Opens the current generation with `passphrase`; if the current file
+    /// is damaged or missing, the previous generation, saying so.
+    pub fn open(
+        paths: SealedPaths,
+        guest: GuestId,
+        passphrase: &SecretBuf,
+        policy: &KdfPolicy,
+    ) -> Result<Opened, VaultError> {
+        let current_problem = match open_file(paths.current(), &guest, passphrase, policy) {
+            Ok((state, archive)) => {
+                return Ok(Opened {
+                    state: state.with_paths(paths, false),
+                    archive,
+                    fell_back: None,
+                });
+            }
+            Err(e) if e.is_damage() => e,
+            Err(e) => return Err(e),
+        };
+        match open_file(paths.previous(), &guest, passphrase, policy) {
+            Ok((state, archive)) => {
+                tracing::warn!(
+                    %guest,
+                    problem = %current_problem,
+                    generation = state.generation,
+                    "current sealed state unusable; opened the previous generation"
+                );
+                Ok(Opened {
+                    state: state.with_paths(paths, true),
+                    archive,
+                    fell_back: Some(Fallback {
+                        current_problem: current_problem.to_string(),
+                    }),
+                })
+            }
+            // The previous generation has the same keyslots: its verdict on
+            // the passphrase is the one to report.
+            Err(e @ VaultError::WrongPassphrase { .. }) => Err(e),
+            Err(_) => Err(current_problem),
+        }
+    }
+
+    /// Seals `archive` as the next generation, with the data key in memory.
+    /// Returns the new generation number.
+    pub fn seal(&mut self, archive: &StateArchive) -> Result<u64, VaultError> {
+        let generation = self.generation + 1;
+        let plaintext = archive.encode();
+        let body_len =
+            u32::try_from(plaintext.len() + TAG_LEN).map_err(|_| VaultError::Corrupt {
+                path: self.paths.current().to_owned(),
+                what: "archive too large".to_owned(),
+            })?;
+        let bound = Bound {
+            guest: self.guest,
+            generation,
+            spec: self.spec,
+            body_salt: crypto::random_array()?,
+            body_nonce: crypto::random_array()?,
+            body_len,
+        };
+        let aad = body_aad(&bound.encode(), &self.guest);
+        let body = crypto::seal_body(
+            &self.data_key,
+            &bound.body_salt,
+            &bound.body_nonce,
+            &aad,
+            plaintext,
+        )?;
+        let header = Header {
+            bound,
+            keyslots: self.keyslots.clone(),
+        };
+        let mut file = header.encode();
+        file.extend_from_slice(&body);
+        if self.current_damaged {
+            durable::replace(self.paths.current(), &file)?;
+            self.current_damaged = false;
+        } else {
+            durable::write_new_generation(&self.paths, &file)?;
+        }
+        self.generation = generation;
+        Ok(generation)
+    }
+
+    /// Rewraps the keyslot that unlocked this state under a new passphrase
+    /// (with the policy's current parameters). The body is not touched.
+    pub fn change_passphrase(
+        &mut self,
+        new_passphrase: &SecretBuf,
+        policy: &KdfPolicy,
+    ) -> Result<(), VaultError> {
+        let index = self.unlocked_slot.unwrap_or(0);
+        let slot = new_keyslot(&self.data_key, &self.guest, new_passphrase, policy)?;
+        let mut keyslots = self.keyslots.clone();
+        *keyslots
+            .get_mut(index)
+            .ok_or(VaultError::NoSuchKeyslot { index })? = slot;
+        self.commit_keyslots(keyslots)
+    }
+
+    /// Adds a keyslot for another passphrase; returns its index.
+    pub fn add_passphrase(
+        &mut self,
+        passphrase: &SecretBuf,
+        policy: &KdfPolicy,
+    ) -> Result<usize, VaultError> {
+        if self.keyslots.len() >= MAX_KEYSLOTS {
+            return Err(VaultError::KeyslotsFull { max: MAX_KEYSLOTS });
+        }
+        let slot = new_keyslot(&self.data_key, &self.guest, passphrase, policy)?;
+        let mut keyslots = self.keyslots.clone();
+        keyslots.push(slot);
+        self.commit_keyslots(keyslots)?;
+        Ok(self.keyslots.len() - 1)
+    }
+
+    /// Removes a keyslot; the last one cannot go.
+    pub fn remove_keyslot(&mut self, index: usize) -> Result<(), VaultError> {
+        if index >= self.keyslots.len() {
+            return Err(VaultError::NoSuchKeyslot { index });
+        }
+        if self.keyslots.len() == 1 {
+            return Err(VaultError::LastKeyslot { index });
+        }
+        let mut keyslots = self.keyslots.clone();
+        keyslots.remove(index);
+        self.commit_keyslots(keyslots)?;
+        self.unlocked_slot = match self.unlocked_slot {
+            Some(i) if i == index => None,
+            Some(i) if i > index => Some(i - 1),
+            other => other,
+        };
+        Ok(())
+    }
+
+    /// Writes `keyslots` into both generations (so no old passphrase keeps
+    /// opening the previous one), copying each body verbatim.
+    fn commit_keyslots(&mut self, keyslots: Vec<Keyslot>) -> Result<(), VaultError> {
+        for path in [self.paths.current(), self.paths.previous()] {
+            let Some(bytes) = durable::read(path, MAX_FILE_LEN)? else {
+                continue;
+            };
+            let (header, body) = match decode(path, &bytes) {
+                Ok((header, body)) if header.bound.guest == self.guest => (header, body),
+                Ok(_) | Err(_) => {
+                    // A damaged file cannot be rewritten; the next seal
+                    // replaces it (see `current_damaged`).
+                    tracing::warn!(path = %path.display(), "damaged sealed file left as it is by a keyslot change");
+                    continue;
+                }
+            };
+            let rewritten = Header {
+                bound: header.bound,
+                keyslots: keyslots.clone(),
+            };
+            let mut file = rewritten.encode();
+            file.extend_from_slice(body);
+            durable::replace(path, &file)?;
+        }
+        self.keyslots = keyslots;
+        Ok(())
+    }
+
+    /// Removes both generations of this guest's sealed state.
+    pub fn delete(paths: &SealedPaths) -> Result<(), VaultError> {
+        durable::remove_all(paths)
+    }
+
+    pub fn guest(&self) -> GuestId {
+        self.guest
+    }
+
+    pub fn spec(&self) -> TpmSpec {
+        self.spec
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    pub fn keyslot_count(&self) -> usize {
+        self.keyslots.len()
+    }
+
+    /// The keyslot the passphrase opened, if it still exists.
+    pub fn unlocked_slot(&self) -> Option<usize> {
+        self.unlocked_slot
+    }
+
+    pub fn paths(&self) -> &SealedPaths {
+        &self.paths
+    }
+
+    /// The key for swtpm's own state encryption (see [`DataKey::swtpm_state_key`]).
+    pub fn swtpm_state_key(&self) -> Result<SecretBuf, VaultError> {
+        self.data_key.swtpm_state_key(&self.guest)
+    }
+
+    fn with_paths(mut self, paths: SealedPaths, current_damaged: bool) -> Self {
+        self.paths = paths;
+        self.current_damaged = current_damaged;
+        self
+    }
+}
+
+/// The body's associated data: the bound header bytes exactly as written,
+/// then the guest id the caller expects.
+fn body_aad(bound: &[u8; BOUND_LEN], guest: &GuestId) -> Vec<u8> {
+    let mut aad = Vec::with_capacity(BOUND_LEN + 16);
+    aad.extend_from_slice(bound);
+    aad.extend_from_slice(guest.as_bytes());
+    aad
+}
+
+fn check_passphrase(passphrase: &SecretBuf) -> Result<(), VaultError> {
+    if passphrase.is_empty() {
+        return Err(VaultError::EmptyPassphrase);
+    }
+    if passphrase.len() > MAX_PASSPHRASE_LEN {
+        return Err(VaultError::InvalidKdf {
+            what: format!("passphrase longer than {MAX_PASSPHRASE_LEN} bytes"),
+        });
+    }
+    Ok(())
+}
+
+fn new_keyslot(
+    data_key: &DataKey,
+    guest: &GuestId,
+    passphrase: &SecretBuf,
+    policy: &KdfPolicy,
+) -> Result<Keyslot, VaultError> {
+    check_passphrase(passphrase)?;
+    policy.check(policy.params)?;
+    let mut slot = Keyslot {
+        kdf: policy.params,
+        salt: crypto::random_array()?,
+        nonce: [0; format::NONCE_LEN],
+        wrapped_key: [0; format::WRAPPED_KEY_LEN],
+    };
+    let kek = kdf::derive(passphrase, &slot.salt, slot.kdf)?;
+    crypto::wrap_key(&kek, data_key, guest, &mut slot)?;
+    Ok(slot)
+}
+
+/// Opens one file: decode, check the guest, find a keyslot the passphrase
+/// opens, authenticate and decode the body.
+fn open_file(
+    path: &Path,
+    guest: &GuestId,
+    passphrase: &SecretBuf,
+    policy: &KdfPolicy,
+) -> Result<(SealedState, StateArchive), VaultError> {
+    check_passphrase(passphrase)?;
+    let bytes = durable::read(path, MAX_FILE_LEN)?.ok_or_else(|| VaultError::Missing {
+        path: path.to_owned(),
+    })?;
+    let (header, body) = decode(path, &bytes)?;
+    if header.bound.guest != *guest {
+        return Err(VaultError::GuestMismatch {
+            path: path.to_owned(),
+            expected: *guest,
+            found: header.bound.guest,
+        });
+    }
+    let (data_key, slot_index) = unlock(path, &header, guest, passphrase, policy)?;
+    let corrupt = |what: String| VaultError::Corrupt {
+        path: path.to_owned(),
+        what,
+    };
+    let aad = body_aad(&header.bound.encode(), guest);
+    let plaintext = crypto::open_body(
+        &data_key,
+        &header.bound.body_salt,
+        &header.bound.body_nonce,
+        &aad,
+        body,
+    )?
+    .ok_or_else(|| corrupt("the body fails authentication".to_owned()))?;
+    let archive =
+        StateArchive::decode(&plaintext).map_err(|e| corrupt(format!("the state archive: {e}")))?;
+    let state = SealedState {
+        paths: SealedPaths::new(path),
+        guest: *guest,
+        spec: header.bound.spec,
+        generation: header.bound.generation,
+        keyslots: header.keyslots,
+        data_key,
+        unlocked_slot: Some(slot_index),
+        current_damaged: false,
+    };
+    Ok((state, archive))
+}
+
+/// Tries every keyslot whose parameters the policy accepts. The header's
+/// checksum has passed, so a tag that fails here means a wrong passphrase.
+fn unlock(
+    path: &Path,
+    header: &Header,
+    guest: &GuestId,
+    passphrase: &SecretBuf,
+    policy: &KdfPolicy,
+) -> Result<(DataKey, usize), VaultError> {
+    let mut refused = None;
+    let mut tried = false;
+    for (index, slot) in header.keyslots.iter().enumerate() {
+        if let Err(e) = policy.check(slot.kdf) {
+            refused = Some(e);
+            continue;
+        }
+        tried = true;
+        let kek = kdf::derive(passphrase, &slot.salt, slot.kdf)?;
+        if let Some(key) = crypto::unwrap_key(&kek, guest, slot)? {
+            return Ok((key, index));
+        }
+    }
+    match refused {
+        Some(e) if !tried => Err(e),
+        _ => Err(VaultError::WrongPassphrase {
+            path: path.to_owned(),
+        }),
+    }
+}
