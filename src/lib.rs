@@ -1,6 +1,8 @@
 //! vtpmd: one swtpm per virtual machine, with every guest's TPM state
 //! encrypted at rest. See `README.md` and `docs/` for the design.
 
+pub mod config;
+pub mod error_chain;
 pub mod protocol;
 pub mod secret;
 pub mod vault;

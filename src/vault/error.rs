@@ -31,6 +31,10 @@ pub enum VaultError {
     LastKeyslot { index: usize },
     #[error("there is no keyslot {index}")]
     NoSuchKeyslot { index: usize },
+    #[error("the keyslot this state was unlocked with has been removed; open it again")]
+    UnlockingSlotRemoved,
+    #[error("the generation counter is exhausted")]
+    GenerationsExhausted,
     #[error("all {max} keyslots are in use")]
     KeyslotsFull { max: usize },
     #[error("the passphrase is empty")]

@@ -78,6 +78,8 @@ pub(crate) enum FormatError {
     KeyslotCount(u8),
     #[error("keyslot {index}: {what}")]
     Keyslot { index: usize, what: String },
+    #[error("generation 0 (generations start at 1)")]
+    Generation,
     #[error("unknown TPM version code {0}")]
     TpmVersion(u8),
     #[error("unknown TPM model code {0}")]
@@ -91,6 +93,22 @@ pub(crate) enum FormatError {
 }
 
 impl Header {
+    /// "Decoders MUST check the magic, then the version, before anything
+    /// else."
+    pub(crate) fn check_magic_and_version(file: &[u8]) -> Result<(), FormatError> {
+        let mut r = Reader::new(file);
+        if r.take(MAGIC.len()) != Some(MAGIC.as_slice()) {
+            return Err(FormatError::BadMagic);
+        }
+        let version = r
+            .u16()
+            .ok_or(FormatError::TruncatedHeader { len: file.len() })?;
+        if version != VERSION {
+            return Err(FormatError::UnsupportedVersion(version));
+        }
+        Ok(())
+    }
+
     pub(crate) fn encoded_len(&self) -> usize {
         header_len(self.keyslots.len())
     }
@@ -114,17 +132,9 @@ impl Header {
     /// Order matters: magic and version first, so that a file of a newer
     /// format says so instead of failing its checksum.
     pub(crate) fn decode(file: &[u8]) -> Result<(Header, &[u8]), FormatError> {
+        Self::check_magic_and_version(file)?;
         let mut r = Reader::new(file);
-        let magic = r.take(MAGIC.len()).ok_or(FormatError::BadMagic)?;
-        if magic != MAGIC {
-            return Err(FormatError::BadMagic);
-        }
-        let version = r
-            .u16()
-            .ok_or(FormatError::TruncatedHeader { len: file.len() })?;
-        if version != VERSION {
-            return Err(FormatError::UnsupportedVersion(version));
-        }
+        r.take(MAGIC.len() + 2);
         let count = *file
             .get(BOUND_LEN)
             .ok_or(FormatError::TruncatedHeader { len: file.len() })?;
@@ -185,6 +195,9 @@ impl Bound {
         let truncated = FormatError::TruncatedHeader { len: 0 };
         let guest = GuestId::from_bytes(r.array().ok_or(truncated.clone())?);
         let generation = r.u64().ok_or(truncated.clone())?;
+        if generation == 0 {
+            return Err(FormatError::Generation);
+        }
         let version = match r.u8().ok_or(truncated.clone())? {
             1 => TpmVersion::V1_2,
             2 => TpmVersion::V2_0,

@@ -67,13 +67,7 @@ pub fn inspect_bytes(path: &Path, bytes: &[u8]) -> Result<HeaderInfo, VaultError
 /// Decodes a sealed file, mapping format errors to the vault's: a newer
 /// version is reported as such, everything else as corruption.
 pub(crate) fn decode<'a>(path: &Path, bytes: &'a [u8]) -> Result<(Header, &'a [u8]), VaultError> {
-    if bytes.len() > MAX_FILE_LEN {
-        return Err(VaultError::Corrupt {
-            path: path.to_owned(),
-            what: format!("larger than the {MAX_FILE_LEN} bytes a sealed file can be"),
-        });
-    }
-    Header::decode(bytes).map_err(|e| match e {
+    let to_vault = |e| match e {
         FormatError::UnsupportedVersion(found) => VaultError::UnsupportedVersion {
             path: path.to_owned(),
             found,
@@ -82,5 +76,15 @@ pub(crate) fn decode<'a>(path: &Path, bytes: &'a [u8]) -> Result<(Header, &'a [u
             path: path.to_owned(),
             what: other.to_string(),
         },
-    })
+    };
+    // Magic and version before anything else, size included, so that a
+    // file of a newer format says so whatever its length.
+    Header::check_magic_and_version(bytes).map_err(to_vault)?;
+    if bytes.len() > MAX_FILE_LEN {
+        return Err(VaultError::Corrupt {
+            path: path.to_owned(),
+            what: format!("larger than the {MAX_FILE_LEN} bytes a sealed file can be"),
+        });
+    }
+    Header::decode(bytes).map_err(to_vault)
 }

@@ -6,7 +6,7 @@ use std::path::Path;
 use crate::protocol::{GuestId, TpmSpec};
 use crate::secret::SecretBuf;
 
-use super::archive::StateArchive;
+use super::archive::{ArchiveError, StateArchive};
 use super::crypto::{self, DataKey};
 use super::durable::{self, SealedPaths};
 use super::format::{self, BOUND_LEN, Bound, Header, Keyslot, MAX_FILE_LEN, MAX_KEYSLOTS, TAG_LEN};
@@ -116,23 +116,28 @@ impl SealedState {
                     }),
                 })
             }
-            // The previous generation has the same keyslots: its verdict on
-            // the passphrase is the one to report.
-            Err(e @ VaultError::WrongPassphrase { .. }) => Err(e),
-            Err(_) => Err(current_problem),
+            // Whatever the previous generation says (even "wrong
+            // passphrase": its keyslots can lag after an interrupted
+            // keyslot change), the current file is the one that is damaged,
+            // and that is what the operator must hear.
+            Err(previous_problem) => {
+                tracing::warn!(%guest, problem = %previous_problem, "previous sealed generation unusable too");
+                Err(current_problem)
+            }
         }
     }
 
     /// Seals `archive` as the next generation, with the data key in memory.
     /// Returns the new generation number.
     pub fn seal(&mut self, archive: &StateArchive) -> Result<u64, VaultError> {
-        let generation = self.generation + 1;
+        let generation = self
+            .generation
+            .checked_add(1)
+            .ok_or(VaultError::GenerationsExhausted)?;
         let plaintext = archive.encode();
-        let body_len =
-            u32::try_from(plaintext.len() + TAG_LEN).map_err(|_| VaultError::Corrupt {
-                path: self.paths.current().to_owned(),
-                what: "archive too large".to_owned(),
-            })?;
+        // StateArchive bounds its size well below u32::MAX.
+        let body_len = u32::try_from(plaintext.len() + TAG_LEN)
+            .map_err(|_| VaultError::Archive(ArchiveError::TooLarge))?;
         let bound = Bound {
             guest: self.guest,
             generation,
@@ -172,7 +177,7 @@ impl SealedState {
         new_passphrase: &SecretBuf,
         policy: &KdfPolicy,
     ) -> Result<(), VaultError> {
-        let index = self.unlocked_slot.unwrap_or(0);
+        let index = self.unlocked_slot.ok_or(VaultError::UnlockingSlotRemoved)?;
         let slot = new_keyslot(&self.data_key, &self.guest, new_passphrase, policy)?;
         let mut keyslots = self.keyslots.clone();
         *keyslots
@@ -217,9 +222,12 @@ impl SealedState {
     }
 
     /// Writes `keyslots` into both generations (so no old passphrase keeps
-    /// opening the previous one), copying each body verbatim.
+    /// opening the previous one), copying each body verbatim. The previous
+    /// generation first: the change takes effect when the current file is
+    /// replaced, and an interruption before that leaves the current file
+    /// as it was.
     fn commit_keyslots(&mut self, keyslots: Vec<Keyslot>) -> Result<(), VaultError> {
-        for path in [self.paths.current(), self.paths.previous()] {
+        for path in [self.paths.previous(), self.paths.current()] {
             let Some(bytes) = durable::read(path, MAX_FILE_LEN)? else {
                 continue;
             };

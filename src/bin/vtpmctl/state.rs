@@ -1,0 +1,206 @@
+//! `vtpmctl state …`: inspect and verify sealed files offline, like
+//! `cryptsetup luksDump` and `cryptsetup open --test-passphrase`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Subcommand;
+use vtpmd::error_chain::chain;
+use vtpmd::protocol::GuestId;
+use vtpmd::vault::{self, HeaderInfo, KdfPolicy, SealedPaths, SealedState, VaultError};
+
+use crate::passphrase;
+
+/// Exit codes of `state verify` and `state inspect` (documented in the
+/// README): scripts act on them, so they never change meaning.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    /// The current generation opens.
+    Ok = 0,
+    /// Only the previous generation opens (the current one is damaged or gone).
+    FellBack = 1,
+    /// No keyslot opens with the passphrase.
+    WrongPassphrase = 3,
+    /// No generation is usable: restore from backup.
+    Corrupt = 4,
+    /// Refused on principle: newer format, another guest's file, weak KDF.
+    Refused = 5,
+    /// I/O or another local problem.
+    Failed = 6,
+}
+
+impl Outcome {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Ok => "ok",
+            Self::FellBack => "fell-back",
+            Self::WrongPassphrase => "wrong-passphrase",
+            Self::Corrupt => "corrupt",
+            Self::Refused => "refused",
+            Self::Failed => "failed",
+        }
+    }
+
+    fn of(error: &VaultError) -> Self {
+        match error {
+            VaultError::WrongPassphrase { .. } => Self::WrongPassphrase,
+            VaultError::Corrupt { .. } | VaultError::Missing { .. } => Self::Corrupt,
+            VaultError::UnsupportedVersion { .. }
+            | VaultError::GuestMismatch { .. }
+            | VaultError::WeakKdf { .. } => Self::Refused,
+            _ => Self::Failed,
+        }
+    }
+
+    fn exit(self) -> ExitCode {
+        ExitCode::from(self as u8)
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum StateCommand {
+    /// Print a sealed file's header: format, guest, generation, keyslots.
+    /// Reads no secret and prints none.
+    Inspect {
+        file: PathBuf,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Open a sealed file with a passphrase and say whether it is usable.
+    /// FILE.prev, if present, stands in for a damaged FILE.
+    Verify {
+        file: PathBuf,
+        /// The guest the file must belong to.
+        #[arg(long)]
+        guest: GuestId,
+        /// File holding the passphrase (`-` for stdin); one trailing
+        /// newline is ignored.
+        #[arg(long, value_name = "FILE")]
+        passphrase_file: PathBuf,
+        /// Accept Argon2id parameters below OWASP's floor.
+        #[arg(long)]
+        allow_weak_kdf: bool,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+pub fn run(command: StateCommand) -> ExitCode {
+    match command {
+        StateCommand::Inspect { file, json } => inspect(&file, json),
+        StateCommand::Verify {
+            file,
+            guest,
+            passphrase_file,
+            allow_weak_kdf,
+            json,
+        } => verify(file, guest, &passphrase_file, allow_weak_kdf, json),
+    }
+}
+
+fn inspect(file: &std::path::Path, json: bool) -> ExitCode {
+    match vault::inspect(file) {
+        Ok(info) if json => {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&info).unwrap_or_default()
+            );
+            Outcome::Ok.exit()
+        }
+        Ok(info) => {
+            print!("{}", render(file, &info));
+            Outcome::Ok.exit()
+        }
+        Err(e) => report_error(&e, json),
+    }
+}
+
+fn render(file: &std::path::Path, info: &HeaderInfo) -> String {
+    let mut out = format!(
+        "{}\n  format version  {}\n  guest           {}\n  generation      {}\n  TPM             {} ({})\n  header          {} bytes\n  body            {} bytes (encrypted)\n  keyslots        {}\n",
+        file.display(),
+        info.format_version,
+        info.guest,
+        info.generation,
+        info.tpm_version,
+        info.tpm_model,
+        info.header_bytes,
+        info.body_bytes,
+        info.keyslots.len(),
+    );
+    for slot in &info.keyslots {
+        out.push_str(&format!(
+            "    {}: {}, m={} KiB t={} p={}\n",
+            slot.index,
+            slot.kind,
+            slot.argon2_memory_kib,
+            slot.argon2_iterations,
+            slot.argon2_lanes
+        ));
+    }
+    out
+}
+
+fn verify(
+    file: PathBuf,
+    guest: GuestId,
+    passphrase_file: &std::path::Path,
+    allow_weak: bool,
+    json: bool,
+) -> ExitCode {
+    let pass = match passphrase::read(passphrase_file) {
+        Ok(pass) => pass,
+        Err(e) => {
+            eprintln!("vtpmctl: {}", chain(&e));
+            return Outcome::Failed.exit();
+        }
+    };
+    let policy = KdfPolicy {
+        allow_weak,
+        ..KdfPolicy::default()
+    };
+    let opened = SealedState::open(SealedPaths::new(&file), guest, &pass, &policy);
+    drop(pass);
+    let opened = match opened {
+        Ok(opened) => opened,
+        Err(e) => return report_error(&e, json),
+    };
+    let generation = opened.state.generation();
+    let (outcome, detail) = match &opened.fell_back {
+        None => (Outcome::Ok, format!("generation {generation} opens")),
+        Some(f) => (
+            Outcome::FellBack,
+            format!(
+                "the current file is unusable ({}); the previous generation {generation} opens",
+                f.current_problem
+            ),
+        ),
+    };
+    if json {
+        let value = serde_json::json!({
+            "result": outcome.name(),
+            "generation": generation,
+            "files": opened.archive.entries().len(),
+            "detail": detail,
+        });
+        println!("{value}");
+    } else {
+        println!("{}: {detail}", outcome.name());
+    }
+    outcome.exit()
+}
+
+fn report_error(error: &VaultError, json: bool) -> ExitCode {
+    let outcome = Outcome::of(error);
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({ "result": outcome.name(), "detail": chain(error) })
+        );
+    } else {
+        eprintln!("vtpmctl: {}: {}", outcome.name(), chain(error));
+    }
+    outcome.exit()
+}

@@ -1,0 +1,461 @@
+//! The vault against real files: a TPM state made by the real swtpm_setup,
+//! damaged copies, moved files, rekeyed slots.
+
+#![allow(clippy::unwrap_used)] // a test that cannot set up should fail loudly
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use sha2::{Digest, Sha256};
+use vtpmd::protocol::{GuestId, TpmModel, TpmSpec, TpmVersion};
+use vtpmd::secret::SecretBuf;
+use vtpmd::vault::{KdfParams, KdfPolicy, SealedPaths, SealedState, StateArchive, VaultError};
+
+const GUEST: &str = "0f6a2d1e-8c4b-4e2a-9d3f-5b7c1a2e3f40";
+const OTHER_GUEST: &str = "7d0a9d43-41d4-4c3e-8a5e-2f61b3c0d7aa";
+
+fn guest() -> GuestId {
+    GuestId::parse(GUEST).unwrap()
+}
+
+fn spec() -> TpmSpec {
+    TpmSpec::new(TpmVersion::V2_0, TpmModel::Crb).unwrap()
+}
+
+fn passphrase(text: &str) -> SecretBuf {
+    let mut buf = SecretBuf::with_capacity(text.len()).unwrap();
+    buf.extend_from_slice(text.as_bytes()).unwrap();
+    buf
+}
+
+/// Cheap parameters so that thousands of opens stay fast; allowed only
+/// because the policy says so.
+fn weak_policy() -> KdfPolicy {
+    KdfPolicy {
+        params: KdfParams::new(64, 1, 1).unwrap(),
+        allow_weak: true,
+    }
+}
+
+fn small_archive(tag: u8) -> StateArchive {
+    StateArchive::from_entries([("tpm2-00.permall".to_owned(), vec![tag; 8])]).unwrap()
+}
+
+fn sha256_of(path: &Path) -> [u8; 32] {
+    Sha256::digest(fs::read(path).unwrap()).into()
+}
+
+fn create_small(dir: &Path) -> SealedPaths {
+    let paths = SealedPaths::new(dir.join("tpm.sealed"));
+    SealedState::create(
+        paths.clone(),
+        guest(),
+        spec(),
+        &passphrase("correct horse"),
+        &weak_policy(),
+        &small_archive(1),
+    )
+    .unwrap();
+    paths
+}
+
+/// A TPM 2.0 state directory made by the real swtpm_setup, with an EK.
+fn swtpm_setup_state(dir: &Path) -> PathBuf {
+    let state = dir.join("tpmstate");
+    fs::create_dir(&state).unwrap();
+    let log = dir.join("swtpm_setup.log");
+    let out = Command::new("swtpm_setup")
+        .args([
+            "--tpm2",
+            "--createek",
+            "--pcr-banks",
+            "sha256",
+            "--tpmstate",
+        ])
+        .arg(&state)
+        .arg("--logfile")
+        .arg(&log)
+        .output()
+        .expect("swtpm_setup is installed (apt-get install swtpm-tools)");
+    assert!(
+        out.status.success(),
+        "swtpm_setup failed: {}",
+        fs::read_to_string(&log).unwrap_or_default()
+    );
+    state
+}
+
+#[test]
+fn a_real_swtpm_setup_state_round_trips_byte_for_byte() {
+    let dir = tempfile::tempdir().unwrap();
+    let state_dir = swtpm_setup_state(dir.path());
+    let archive = StateArchive::from_dir(&state_dir).unwrap();
+    assert!(
+        archive
+            .get("tpm2-00.permall")
+            .is_some_and(|d| d.len() > 1000)
+    );
+    let paths = SealedPaths::new(dir.path().join("tpm.sealed"));
+    let pass = passphrase("correct horse");
+    let policy = KdfPolicy::default();
+
+    SealedState::create(paths.clone(), guest(), spec(), &pass, &policy, &archive).unwrap();
+    let opened = SealedState::open(paths.clone(), guest(), &pass, &policy).unwrap();
+
+    assert_eq!(opened.archive, archive);
+    assert!(opened.fell_back.is_none());
+    assert_eq!(opened.state.generation(), 1);
+    assert_eq!(opened.state.spec(), spec());
+    let restored = dir.path().join("restored");
+    fs::create_dir(&restored).unwrap();
+    opened.archive.write_to_dir(&restored).unwrap();
+    assert_eq!(
+        fs::read(restored.join("tpm2-00.permall")).unwrap(),
+        fs::read(state_dir.join("tpm2-00.permall")).unwrap()
+    );
+    let sealed = fs::read(paths.current()).unwrap();
+    let permall = fs::read(state_dir.join("tpm2-00.permall")).unwrap();
+    assert!(
+        !sealed
+            .windows(32)
+            .any(|w| permall.windows(32).any(|p| p == w)),
+        "plaintext state visible in the sealed file"
+    );
+}
+
+#[test]
+fn a_wrong_passphrase_is_told_apart_and_leaves_the_file_untouched() {
+    let dir = tempfile::tempdir().unwrap();
+    let paths = create_small(dir.path());
+    let before = sha256_of(paths.current());
+
+    let result = SealedState::open(paths.clone(), guest(), &passphrase("wrong"), &weak_policy());
+
+    assert!(
+        matches!(result, Err(VaultError::WrongPassphrase { .. })),
+        "{result:?}"
+    );
+    assert_eq!(sha256_of(paths.current()), before);
+    assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
+}
+
+#[test]
+fn rekey_retires_the_old_passphrase_and_keeps_the_body_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let paths = create_small(dir.path());
+    let mut state = SealedState::open(
+        paths.clone(),
+        guest(),
+        &passphrase("correct horse"),
+        &weak_policy(),
+    )
+    .unwrap()
+    .state;
+    state.seal(&small_archive(2)).unwrap(); // now a .prev exists too
+    let body_of = |p: &Path| {
+        let bytes = fs::read(p).unwrap();
+        let header = vtpmd::vault::inspect_bytes(p, &bytes).unwrap().header_bytes;
+        bytes[header..].to_vec()
+    };
+    let bodies = (body_of(paths.current()), body_of(paths.previous()));
+
+    state
+        .change_passphrase(&passphrase("battery staple"), &weak_policy())
+        .unwrap();
+
+    for path in [paths.current(), paths.previous()] {
+        let old = SealedState::open(
+            SealedPaths::new(path),
+            guest(),
+            &passphrase("correct horse"),
+            &weak_policy(),
+        );
+        assert!(
+            matches!(old, Err(VaultError::WrongPassphrase { .. })),
+            "{}: {old:?}",
+            path.display()
+        );
+    }
+    let opened = SealedState::open(
+        paths.clone(),
+        guest(),
+        &passphrase("battery staple"),
+        &weak_policy(),
+    )
+    .unwrap();
+    assert_eq!(opened.archive, small_archive(2));
+    assert_eq!(
+        (body_of(paths.current()), body_of(paths.previous())),
+        bodies
+    );
+}
+
+#[test]
+fn two_keyslots_both_open_and_the_last_cannot_be_removed() {
+    let dir = tempfile::tempdir().unwrap();
+    let paths = create_small(dir.path());
+    let mut state = SealedState::open(
+        paths.clone(),
+        guest(),
+        &passphrase("correct horse"),
+        &weak_policy(),
+    )
+    .unwrap()
+    .state;
+
+    let added = state
+        .add_passphrase(&passphrase("host key"), &weak_policy())
+        .unwrap();
+
+    assert_eq!(added, 1);
+    for pass in ["correct horse", "host key"] {
+        let opened =
+            SealedState::open(paths.clone(), guest(), &passphrase(pass), &weak_policy()).unwrap();
+        assert_eq!(opened.archive, small_archive(1), "{pass}");
+    }
+    state.remove_keyslot(0).unwrap();
+    let gone = SealedState::open(
+        paths.clone(),
+        guest(),
+        &passphrase("correct horse"),
+        &weak_policy(),
+    );
+    assert!(matches!(gone, Err(VaultError::WrongPassphrase { .. })));
+    assert!(matches!(
+        state.remove_keyslot(0),
+        Err(VaultError::LastKeyslot { index: 0 })
+    ));
+    assert!(SealedState::open(paths, guest(), &passphrase("host key"), &weak_policy()).is_ok());
+}
+
+#[test]
+fn every_single_bit_flip_is_detected_as_damage() {
+    let dir = tempfile::tempdir().unwrap();
+    let paths = create_small(dir.path());
+    let original = fs::read(paths.current()).unwrap();
+    let victim = SealedPaths::new(dir.path().join("flipped"));
+    let mut outcomes = std::collections::BTreeMap::<String, usize>::new();
+
+    for bit in 0..original.len() * 8 {
+        let mut bytes = original.clone();
+        bytes[bit / 8] ^= 1 << (bit % 8);
+        fs::write(victim.current(), &bytes).unwrap();
+        let result = SealedState::open(
+            victim.clone(),
+            guest(),
+            &passphrase("correct horse"),
+            &weak_policy(),
+        );
+        let kind = match result {
+            Err(VaultError::Corrupt { .. }) => "corrupt",
+            Err(VaultError::UnsupportedVersion { .. }) if (64..80).contains(&bit) => "version",
+            other => panic!("bit {bit}: expected damage, got {other:?}"),
+        };
+        *outcomes.entry(kind.to_owned()).or_default() += 1;
+    }
+    eprintln!("{} bits flipped: {outcomes:?}", original.len() * 8);
+}
+
+#[test]
+fn every_truncation_is_an_error_and_never_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let paths = create_small(dir.path());
+    let original = fs::read(paths.current()).unwrap();
+    let victim = SealedPaths::new(dir.path().join("short"));
+
+    for len in 0..original.len() {
+        fs::write(victim.current(), &original[..len]).unwrap();
+        let result = SealedState::open(
+            victim.clone(),
+            guest(),
+            &passphrase("correct horse"),
+            &weak_policy(),
+        );
+        assert!(
+            matches!(result, Err(VaultError::Corrupt { .. })),
+            "length {len}: {result:?}"
+        );
+    }
+}
+
+#[test]
+fn a_sealed_file_moved_to_another_guest_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let paths = create_small(dir.path());
+    let other = GuestId::parse(OTHER_GUEST).unwrap();
+    let moved = SealedPaths::new(dir.path().join("other.sealed"));
+    fs::copy(paths.current(), moved.current()).unwrap();
+
+    let result = SealedState::open(moved, other, &passphrase("correct horse"), &weak_policy());
+
+    assert!(
+        matches!(result, Err(VaultError::GuestMismatch { expected, found, .. }) if expected == other && found == guest()),
+    );
+}
+
+#[test]
+fn a_damaged_current_file_falls_back_to_the_previous_generation() {
+    let dir = tempfile::tempdir().unwrap();
+    let paths = create_small(dir.path());
+    let pass = passphrase("correct horse");
+    let mut state = SealedState::open(paths.clone(), guest(), &pass, &weak_policy())
+        .unwrap()
+        .state;
+    state.seal(&small_archive(2)).unwrap();
+    let mut bytes = fs::read(paths.current()).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x40; // inside the body's tag
+    fs::write(paths.current(), &bytes).unwrap();
+
+    let opened = SealedState::open(paths.clone(), guest(), &pass, &weak_policy()).unwrap();
+
+    let fallback = opened.fell_back.expect("reports the fallback");
+    assert!(
+        fallback
+            .current_problem
+            .contains("body fails authentication"),
+        "{fallback:?}"
+    );
+    assert_eq!(opened.archive, small_archive(1));
+    assert_eq!(opened.state.generation(), 2 - 1);
+
+    // The next seal replaces the damaged file and keeps the good .prev.
+    let mut state = opened.state;
+    state.seal(&small_archive(3)).unwrap();
+    let again = SealedState::open(paths.clone(), guest(), &pass, &weak_policy()).unwrap();
+    assert!(again.fell_back.is_none());
+    assert_eq!(again.archive, small_archive(3));
+    let prev = SealedState::open(
+        SealedPaths::new(paths.previous()),
+        guest(),
+        &pass,
+        &weak_policy(),
+    )
+    .unwrap();
+    assert_eq!(prev.archive, small_archive(1));
+}
+
+#[test]
+fn a_wrong_passphrase_does_not_fall_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let paths = create_small(dir.path());
+    let mut state = SealedState::open(
+        paths.clone(),
+        guest(),
+        &passphrase("correct horse"),
+        &weak_policy(),
+    )
+    .unwrap()
+    .state;
+    state.seal(&small_archive(2)).unwrap();
+
+    let result = SealedState::open(paths, guest(), &passphrase("nope"), &weak_policy());
+
+    assert!(matches!(result, Err(VaultError::WrongPassphrase { .. })));
+}
+
+#[test]
+fn weak_parameters_in_a_file_need_the_switch_to_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let paths = create_small(dir.path());
+
+    let strict = KdfPolicy::default();
+    let result = SealedState::open(paths, guest(), &passphrase("correct horse"), &strict);
+
+    assert!(
+        matches!(result, Err(VaultError::WeakKdf { .. })),
+        "{result:?}"
+    );
+}
+
+#[test]
+fn create_refuses_to_replace_existing_state_and_an_empty_passphrase() {
+    let dir = tempfile::tempdir().unwrap();
+    let paths = create_small(dir.path());
+    let before = sha256_of(paths.current());
+
+    let again = SealedState::create(
+        paths.clone(),
+        guest(),
+        spec(),
+        &passphrase("x"),
+        &weak_policy(),
+        &small_archive(9),
+    );
+    let empty = SealedState::create(
+        SealedPaths::new(dir.path().join("new")),
+        guest(),
+        spec(),
+        &SecretBuf::with_capacity(1).unwrap(),
+        &weak_policy(),
+        &small_archive(9),
+    );
+
+    assert!(matches!(again, Err(VaultError::AlreadyExists { .. })));
+    assert!(matches!(empty, Err(VaultError::EmptyPassphrase)));
+    assert_eq!(sha256_of(paths.current()), before);
+    assert!(!dir.path().join("new").exists());
+}
+
+#[test]
+fn the_swtpm_state_key_is_the_same_on_every_open() {
+    use secrecy::ExposeSecret;
+    let dir = tempfile::tempdir().unwrap();
+    let paths = create_small(dir.path());
+    let pass = passphrase("correct horse");
+    let a = SealedState::open(paths.clone(), guest(), &pass, &weak_policy())
+        .unwrap()
+        .state;
+    let b = SealedState::open(paths, guest(), &pass, &weak_policy())
+        .unwrap()
+        .state;
+
+    let key_a = a.swtpm_state_key().unwrap();
+    let key_b = b.swtpm_state_key().unwrap();
+
+    assert_eq!(key_a.len(), vtpmd::vault::SWTPM_STATE_KEY_LEN);
+    assert!(key_a.ct_eq(&key_b));
+    assert_ne!(key_a.expose_secret(), &[0u8; 32]);
+}
+
+#[test]
+fn a_damaged_current_file_is_reported_as_damage_even_with_a_wrong_passphrase() {
+    let dir = tempfile::tempdir().unwrap();
+    let paths = create_small(dir.path());
+    let mut state = SealedState::open(
+        paths.clone(),
+        guest(),
+        &passphrase("correct horse"),
+        &weak_policy(),
+    )
+    .unwrap()
+    .state;
+    state.seal(&small_archive(2)).unwrap();
+    let mut bytes = fs::read(paths.current()).unwrap();
+    bytes[100] ^= 1; // inside keyslot 0: the header checksum catches it
+    fs::write(paths.current(), &bytes).unwrap();
+
+    let result = SealedState::open(paths, guest(), &passphrase("wrong"), &weak_policy());
+
+    assert!(
+        matches!(result, Err(VaultError::Corrupt { .. })),
+        "{result:?}"
+    );
+}
+
+#[test]
+fn a_newer_format_is_reported_as_such_whatever_its_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let paths = SealedPaths::new(dir.path().join("future.sealed"));
+    let mut bytes = b"VTPMSEAL\x00\x02".to_vec();
+    bytes.resize(17 * 1024 * 1024 + 1, 0); // larger than any version-1 file
+
+    fs::write(paths.current(), &bytes).unwrap();
+    let result = SealedState::open(paths, guest(), &passphrase("x"), &weak_policy());
+
+    assert!(
+        matches!(result, Err(VaultError::UnsupportedVersion { found: 2, .. })),
+        "{result:?}"
+    );
+}

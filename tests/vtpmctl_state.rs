@@ -1,0 +1,173 @@
+//! `vtpmctl state inspect|verify` as an operator runs them: the real
+//! binary, real files, exit codes as documented in the README.
+
+#![allow(clippy::unwrap_used)] // a test that cannot set up should fail loudly
+
+use std::fs;
+use std::io::Write;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+
+use vtpmd::protocol::{GuestId, TpmModel, TpmSpec, TpmVersion};
+use vtpmd::secret::SecretBuf;
+use vtpmd::vault::{KdfParams, KdfPolicy, SealedPaths, SealedState, StateArchive};
+
+const GUEST: &str = "0f6a2d1e-8c4b-4e2a-9d3f-5b7c1a2e3f40";
+const OTHER_GUEST: &str = "7d0a9d43-41d4-4c3e-8a5e-2f61b3c0d7aa";
+const PASSPHRASE: &str = "s3cr3t-passphrase-never-printed";
+
+fn seal(dir: &Path, generations: u8) -> SealedPaths {
+    let paths = SealedPaths::new(dir.join("tpm.sealed"));
+    let mut pass = SecretBuf::with_capacity(PASSPHRASE.len()).unwrap();
+    pass.extend_from_slice(PASSPHRASE.as_bytes()).unwrap();
+    let policy = KdfPolicy {
+        params: KdfParams::new(1024, 1, 1).unwrap(),
+        allow_weak: true,
+    };
+    let archive =
+        |g: u8| StateArchive::from_entries([("tpm2-00.permall".to_owned(), vec![g; 64])]).unwrap();
+    let spec = TpmSpec::new(TpmVersion::V2_0, TpmModel::Tis).unwrap();
+    let mut state = SealedState::create(
+        paths.clone(),
+        GuestId::parse(GUEST).unwrap(),
+        spec,
+        &pass,
+        &policy,
+        &archive(1),
+    )
+    .unwrap();
+    for g in 2..=generations {
+        state.seal(&archive(g)).unwrap();
+    }
+    paths
+}
+
+fn vtpmctl(args: &[&str], stdin: &str) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vtpmctl"))
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+fn verify(file: &Path, guest: &str, passphrase: &str) -> Output {
+    vtpmctl(
+        &[
+            "state",
+            "verify",
+            file.to_str().unwrap(),
+            "--guest",
+            guest,
+            "--passphrase-file",
+            "-",
+            "--allow-weak-kdf",
+            "--json",
+        ],
+        passphrase,
+    )
+}
+
+fn json_of(out: &Output) -> serde_json::Value {
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)))
+}
+
+#[test]
+fn inspect_shows_the_header_and_no_secret() {
+    let dir = tempfile::tempdir().unwrap();
+    let paths = seal(dir.path(), 3);
+
+    let text = vtpmctl(&["state", "inspect", paths.current().to_str().unwrap()], "");
+    let json = vtpmctl(
+        &[
+            "state",
+            "inspect",
+            "--json",
+            paths.current().to_str().unwrap(),
+        ],
+        "",
+    );
+
+    assert_eq!(text.status.code(), Some(0));
+    let shown = String::from_utf8(text.stdout.clone()).unwrap();
+    assert!(
+        shown.contains(GUEST) && shown.contains("generation      3"),
+        "{shown}"
+    );
+    assert!(
+        shown.contains("argon2id-passphrase, m=1024 KiB t=1 p=1"),
+        "{shown}"
+    );
+    let value = json_of(&json);
+    assert_eq!(value["guest"], GUEST);
+    assert_eq!(value["generation"], 3);
+    assert_eq!(value["tpm_version"], "2.0");
+    assert_eq!(value["keyslots"].as_array().unwrap().len(), 1);
+    for out in [&text, &json] {
+        assert!(!String::from_utf8_lossy(&out.stdout).contains(PASSPHRASE));
+    }
+}
+
+#[test]
+fn verify_exit_codes_tell_each_outcome_apart() {
+    let dir = tempfile::tempdir().unwrap();
+    let paths = seal(dir.path(), 2);
+    let file = paths.current();
+
+    let ok = verify(file, GUEST, &format!("{PASSPHRASE}\n"));
+    let wrong = verify(file, GUEST, "not it");
+    let other = verify(file, OTHER_GUEST, PASSPHRASE);
+
+    assert_eq!(
+        (ok.status.code(), json_of(&ok)["result"].as_str()),
+        (Some(0), Some("ok"))
+    );
+    assert_eq!(json_of(&ok)["generation"], 2);
+    assert_eq!(wrong.status.code(), Some(3));
+    assert_eq!(json_of(&wrong)["result"], "wrong-passphrase");
+    assert_eq!(other.status.code(), Some(5));
+
+    // Damage the current generation: the previous one stands in.
+    let mut bytes = fs::read(file).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    fs::write(file, &bytes).unwrap();
+    let fell_back = verify(file, GUEST, PASSPHRASE);
+    assert_eq!(fell_back.status.code(), Some(1));
+    assert_eq!(json_of(&fell_back)["generation"], 1);
+
+    // Damage both: nothing opens.
+    let mut prev = fs::read(paths.previous()).unwrap();
+    prev[100] ^= 1;
+    fs::write(paths.previous(), &prev).unwrap();
+    let corrupt = verify(file, GUEST, PASSPHRASE);
+    assert_eq!(corrupt.status.code(), Some(4));
+    assert_eq!(json_of(&corrupt)["result"], "corrupt");
+}
+
+#[test]
+fn a_file_that_is_not_sealed_state_is_reported_corrupt() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("random");
+    fs::write(&file, b"definitely not a sealed file").unwrap();
+
+    let out = vtpmctl(&["state", "inspect", file.to_str().unwrap()], "");
+
+    assert_eq!(out.status.code(), Some(4));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("bad magic"));
+}
+
+#[test]
+fn a_guest_id_that_is_a_path_is_a_usage_error() {
+    let out = verify(Path::new("/nonexistent"), "../../etc", PASSPHRASE);
+    assert_eq!(out.status.code(), Some(2));
+}
