@@ -5,4 +5,5 @@ pub mod config;
 pub mod error_chain;
 pub mod protocol;
 pub mod secret;
+pub mod swtpm;
 pub mod vault;

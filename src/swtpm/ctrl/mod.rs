@@ -1,0 +1,1 @@
+//! swtpm control channel (being written).

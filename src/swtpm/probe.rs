@@ -1,0 +1,1 @@
+//! Probing the installed swtpm (being written).

@@ -1,0 +1,1 @@
+//! Provisioning with swtpm_setup (being written).

@@ -1,0 +1,1 @@
+//! Spawning and tracking swtpm (being written).
