@@ -1,1 +1,0 @@
-//! Spawning and tracking swtpm (being written).

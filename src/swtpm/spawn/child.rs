@@ -1,0 +1,606 @@
+//! [`spawn`] and the [`Swtpm`] guard that tracks the child through a pidfd.
+
+use std::fs::{File, OpenOptions};
+use std::io::{ErrorKind, Write};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::net::UnixListener;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+use nix::fcntl::{FcntlArg, OFlag, fcntl};
+use nix::libc;
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use secrecy::{ExposeSecret, ExposeSecretMut};
+
+use super::log::LogReader;
+use super::{CTRL_FD, KEY_FD, SpawnError, SpawnSpec};
+use crate::protocol::GuestId;
+use crate::secret::SecretBuf;
+
+/// Sources for the child's fixed fds are duplicated to at least this
+/// number first, so placing them at 3, 4 and 5 can never overwrite one
+/// another.
+const HIGH_FD: RawFd = 10;
+/// How long `Drop` lets a still-running swtpm shut down before SIGKILL.
+const DROP_GRACE: Duration = Duration::from_millis(500);
+/// How long to wait for a SIGKILLed child to be gone (only a process stuck
+/// in the kernel takes longer).
+const KILL_WAIT: Duration = Duration::from_secs(5);
+/// How long to wait for swtpm's last log lines once it has exited. The
+/// pipe's only writer is gone by then, so EOF is immediate unless swtpm
+/// left a child of its own behind (it does not fork).
+const LOG_EOF_WAIT: Duration = Duration::from_millis(200);
+
+/// How swtpm ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitReason {
+    /// It called `exit` with this status (0 after SIGTERM or CMD_SHUTDOWN).
+    Exited(i32),
+    /// It was killed by this signal.
+    Signaled(Signal),
+    /// It was killed by a signal nix has no name for (a real-time signal).
+    SignaledNumber(i32),
+}
+
+impl std::fmt::Display for ExitReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ExitReason::Exited(code) => write!(f, "exited with status {code}"),
+            ExitReason::Signaled(sig) => write!(f, "was killed by {sig}"),
+            ExitReason::SignaledNumber(n) => write!(f, "was killed by signal {n}"),
+        }
+    }
+}
+
+impl ExitReason {
+    fn from_status(status: ExitStatus) -> ExitReason {
+        match (status.code(), status.signal()) {
+            (Some(code), _) => ExitReason::Exited(code),
+            (None, Some(n)) => Signal::try_from(n)
+                .map(ExitReason::Signaled)
+                .unwrap_or(ExitReason::SignaledNumber(n)),
+            // waitpid reports either an exit or a signal for a dead child.
+            (None, None) => ExitReason::SignaledNumber(0),
+        }
+    }
+}
+
+/// A running (or exited, not yet dropped) swtpm of one guest.
+///
+/// Only this guard reaps the child, so its pid cannot be reused while the
+/// guard lives and signalling it by pid is safe. (Nothing in vtpmd may set
+/// `SIGCHLD` to `SIG_IGN` or call `waitpid(-1)`.) Every way of observing the
+/// exit — [`try_exit`](Swtpm::try_exit), [`wait_exit`](Swtpm::wait_exit),
+/// [`stop`](Swtpm::stop), `Drop` — reaps the child and then removes the
+/// control socket (if it is still the one vtpmd bound) and the state
+/// directory's `.lock` (if no other process holds a lock on it).
+/// Dropping a running guard stops swtpm with a 500 ms grace.
+#[derive(Debug)]
+pub struct Swtpm {
+    guest: GuestId,
+    child: Child,
+    pidfd: OwnedFd,
+    ctrl_path: PathBuf,
+    /// (st_dev, st_ino) of the socket vtpmd bound, so cleanup never removes
+    /// a socket somebody else has put at the path since.
+    ctrl_id: (u64, u64),
+    lock_path: PathBuf,
+    exit: Option<ExitReason>,
+    cleaned: bool,
+    log: LogReader,
+}
+
+/// Starts swtpm as `spec` says; see the [module docs](super) for the steps.
+///
+/// Returns once the child runs and has not exited within
+/// `spec.early_exit_window`; the control socket is connectable already.
+/// An exit within that window is [`SpawnError::Exited`] with swtpm's log
+/// tail. Failures that swtpm only detects on CMD_INIT (a wrong key, an
+/// unlockable state directory) show later, as an exit or an INIT error.
+pub fn spawn(spec: &SpawnSpec<'_>) -> Result<Swtpm, SpawnError> {
+    spec.validate()?;
+    let args = spec.args();
+
+    // 1. The control socket, bound by vtpmd: connectable from now on. The
+    //    guard removes it again if any later step fails.
+    let (listener, ctrl_id) = bind_ctrl(spec)?;
+    let mut socket = SocketGuard {
+        path: &spec.ctrl_socket,
+        id: ctrl_id,
+        armed: true,
+    };
+
+    // 2. The key pipe, filled and its write end closed before the child
+    //    exists (64 bytes always fit in the pipe buffer), so swtpm reads
+    //    the key to EOF and nothing of it stays in vtpmd but the SecretBuf.
+    let key_read = key_pipe(spec.key)?;
+
+    // 3. The log pipe. Its read end stays in vtpmd (CLOEXEC); the write end
+    //    becomes swtpm's stdout and stderr, where swtpm logs (`--log
+    //    level=` without `fd=`: see `SpawnSpec::args` for why).
+    let (log_read, log_write) = pipe("log pipe")?;
+    let log = LogReader::start(spec.guest, log_read).map_err(|source| SpawnError::LogThread {
+        guest: spec.guest,
+        source,
+    })?;
+    let stdout = log_write.try_clone().map_err(|e| SpawnError::Fd {
+        what: "log pipe",
+        source: io_to_nix(&e),
+    })?;
+
+    // 4. Copy the sources above the target numbers (CLOEXEC, so no other
+    //    child inherits them), so the dup2s in the child cannot collide.
+    let ctrl_src = dup_high(listener.as_fd(), "control socket")?;
+    let key_src = dup_high(key_read.as_fd(), "key pipe")?;
+    let fds = [
+        (ctrl_src.as_raw_fd(), CTRL_FD),
+        (key_src.as_raw_fd(), KEY_FD),
+    ];
+    let cloexec_flag = libc::c_int::try_from(libc::CLOSE_RANGE_CLOEXEC).unwrap_or(0);
+    let place = move || place_fds(&fds, cloexec_flag);
+
+    let mut cmd = Command::new(&spec.swtpm);
+    cmd.args(&args)
+        .env_clear()
+        .current_dir("/")
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(stdout))
+        .stderr(Stdio::from(log_write));
+    if let Some((uid, gid)) = spec.run_as {
+        cmd.uid(uid.as_raw()).gid(gid.as_raw());
+    }
+    // SAFETY: `place_fds` only calls dup2 and close_range, which are
+    // async-signal-safe, touches no lock and allocates nothing, as required
+    // between fork and exec in a multi-threaded process.
+    unsafe { cmd.pre_exec(place) };
+
+    // The originals stay open across the fork: std's exec-error pipe must
+    // not land on 3 or 4, where the child's dup2 would overwrite it.
+    let spawned = cmd.spawn();
+    // Now close every copy vtpmd holds: the log reader must see EOF when
+    // swtpm exits, and once swtpm exits connections must be refused rather
+    // than queue on a listener nobody accepts on.
+    drop(cmd);
+    drop((ctrl_src, key_src, listener, key_read));
+    let mut child = spawned.map_err(|source| SpawnError::Exec {
+        binary: spec.swtpm.clone(),
+        source,
+    })?;
+
+    // 5. The pidfd, before anything else can happen to the child. Only we
+    //    reap it, so the pid is still ours here.
+    let pidfd = match pidfd_open(child.id()) {
+        Ok(fd) => fd,
+        Err(source) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(SpawnError::PidfdOpen {
+                pid: child.id(),
+                source,
+            });
+        }
+    };
+
+    // From here on the guard's Drop (stop, reap, clean up) owns the socket.
+    socket.armed = false;
+    let mut swtpm = Swtpm {
+        guest: spec.guest,
+        child,
+        pidfd,
+        ctrl_path: spec.ctrl_socket.clone(),
+        ctrl_id,
+        lock_path: spec.state_dir.join(".lock"),
+        exit: None,
+        cleaned: false,
+        log,
+    };
+
+    // 6. An immediate exit (bad option, key unreadable, state directory
+    //    unusable) becomes an error carrying swtpm's own words.
+    if let Some(reason) = swtpm.wait_exit(spec.early_exit_window)? {
+        return Err(SpawnError::Exited {
+            guest: swtpm.guest,
+            reason,
+            log_tail: swtpm.log_tail(),
+        });
+    }
+    tracing::debug!(guest = %swtpm.guest, pid = swtpm.pid(), "swtpm started");
+    Ok(swtpm)
+}
+
+impl Swtpm {
+    pub fn guest(&self) -> GuestId {
+        self.guest
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Readable (POLLIN) once the child has exited; register it with an
+    /// event loop, then call [`try_exit`](Swtpm::try_exit) to reap.
+    pub fn pidfd(&self) -> BorrowedFd<'_> {
+        self.pidfd.as_fd()
+    }
+
+    pub fn ctrl_path(&self) -> &Path {
+        &self.ctrl_path
+    }
+
+    /// swtpm's last log lines (stderr included), oldest first.
+    pub fn log_tail(&self) -> Vec<String> {
+        self.log.tail()
+    }
+
+    /// How it ended, if that has been observed already.
+    pub fn exit_reason(&self) -> Option<ExitReason> {
+        self.exit
+    }
+
+    /// Reaps the child if it has exited, without blocking, and cleans up
+    /// after it. An error is about reaping or cleanup; the exit itself is
+    /// then still recorded ([`exit_reason`](Swtpm::exit_reason)).
+    pub fn try_exit(&mut self) -> Result<Option<ExitReason>, SpawnError> {
+        if self.exit.is_none() {
+            let status = self.child.try_wait().map_err(|source| SpawnError::Wait {
+                pid: self.child.id(),
+                source,
+            })?;
+            let Some(status) = status else {
+                return Ok(None);
+            };
+            let reason = ExitReason::from_status(status);
+            self.exit = Some(reason);
+            self.log.wait_eof(LOG_EOF_WAIT);
+            tracing::debug!(guest = %self.guest, pid = self.pid(), "swtpm {reason}");
+        }
+        self.cleanup()?;
+        Ok(self.exit)
+    }
+
+    /// Waits up to `timeout` for the child to exit, sleeping in `poll(2)` on
+    /// the pidfd; `Ok(None)` if it still runs.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<Option<ExitReason>, SpawnError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(reason) = self.try_exit()? {
+                return Ok(Some(reason));
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(None);
+            }
+            // Round up: a sub-millisecond rest must not become a busy loop.
+            let millis = left.as_micros().div_ceil(1000);
+            let timeout = PollTimeout::try_from(millis).unwrap_or(PollTimeout::MAX);
+            let mut fds = [PollFd::new(self.pidfd.as_fd(), PollFlags::POLLIN)];
+            match poll(&mut fds, timeout) {
+                Ok(_) | Err(Errno::EINTR) => {}
+                Err(e) => {
+                    return Err(SpawnError::Wait {
+                        pid: self.child.id(),
+                        source: e.into(),
+                    });
+                }
+            }
+        }
+    }
+
+    /// Stops swtpm: SIGTERM, up to `grace` for it to exit (swtpm exits 0,
+    /// saving nothing it has not saved already), then SIGKILL. Reaps it and
+    /// removes the control socket and `.lock`. A swtpm that has already
+    /// exited just gets reaped and cleaned up.
+    pub fn stop(&mut self, grace: Duration) -> Result<ExitReason, SpawnError> {
+        if let Some(reason) = self.try_exit()? {
+            return Ok(reason);
+        }
+        self.signal(Signal::SIGTERM)?;
+        if let Some(reason) = self.wait_exit(grace)? {
+            return Ok(reason);
+        }
+        tracing::warn!(guest = %self.guest, pid = self.pid(),
+            "swtpm ignored SIGTERM for {grace:?}; sending SIGKILL");
+        self.signal(Signal::SIGKILL)?;
+        self.wait_exit(KILL_WAIT)?
+            .ok_or(SpawnError::Unkillable { pid: self.pid() })
+    }
+
+    fn signal(&self, signal: Signal) -> Result<(), SpawnError> {
+        let pid = self.child.id();
+        let raw = libc::pid_t::try_from(pid).map_err(|_| SpawnError::Signal {
+            pid,
+            signal,
+            source: Errno::ESRCH,
+        })?;
+        // The child is not reaped yet (only this guard reaps), so the pid
+        // still names it, even as a zombie.
+        kill(Pid::from_raw(raw), signal).map_err(|source| SpawnError::Signal {
+            pid,
+            signal,
+            source,
+        })
+    }
+
+    fn cleanup(&mut self) -> Result<(), SpawnError> {
+        if self.cleaned {
+            return Ok(());
+        }
+        self.cleaned = true;
+        remove_own_socket(&self.ctrl_path, self.ctrl_id)?;
+        remove_lock(&self.lock_path)
+    }
+}
+
+impl Drop for Swtpm {
+    fn drop(&mut self) {
+        // Never leave a zombie: stop a running child, reap an exited one.
+        if let Err(e) = self.stop(DROP_GRACE) {
+            tracing::warn!(guest = %self.guest, pid = self.pid(),
+                "stopping swtpm on drop: {}", crate::error_chain::chain(&e));
+        }
+        // The log thread, if still running, ends by itself at EOF.
+    }
+}
+
+/// Binds the control socket, replacing a stale socket (never another kind
+/// of file), and sets mode and owner on the path.
+fn bind_ctrl(spec: &SpawnSpec<'_>) -> Result<(UnixListener, (u64, u64)), SpawnError> {
+    let path = &spec.ctrl_socket;
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => {
+            std::fs::remove_file(path).map_err(|source| SpawnError::RemoveStaleSocket {
+                path: path.clone(),
+                source,
+            })?;
+        }
+        Ok(_) => return Err(SpawnError::CtrlPathOccupied { path: path.clone() }),
+        Err(e) if e.kind() == ErrorKind::NotFound => {}
+        Err(source) => {
+            return Err(SpawnError::BindCtrl {
+                path: path.clone(),
+                source,
+            });
+        }
+    }
+    let listener = UnixListener::bind(path).map_err(|source| SpawnError::BindCtrl {
+        path: path.clone(),
+        source,
+    })?;
+    // From here on a failure must not leave the fresh socket behind.
+    let finish = || -> Result<(u64, u64), SpawnError> {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(spec.socket_mode)).map_err(
+            |source| SpawnError::ChmodCtrl {
+                path: path.clone(),
+                source,
+            },
+        )?;
+        if let Some((uid, gid)) = spec.socket_owner {
+            std::os::unix::fs::lchown(path, Some(uid.as_raw()), Some(gid.as_raw())).map_err(
+                |e| SpawnError::ChownCtrl {
+                    path: path.clone(),
+                    source: io_to_nix(&e),
+                },
+            )?;
+        }
+        let meta = std::fs::symlink_metadata(path).map_err(|source| SpawnError::BindCtrl {
+            path: path.clone(),
+            source,
+        })?;
+        Ok((meta.dev(), meta.ino()))
+    };
+    match finish() {
+        Ok(id) => Ok((listener, id)),
+        Err(e) => {
+            let _ = std::fs::remove_file(path);
+            Err(e)
+        }
+    }
+}
+
+/// A pipe holding the key as lowercase hex, write end already closed.
+fn key_pipe(key: &SecretBuf) -> Result<OwnedFd, SpawnError> {
+    let hex = hex_secret(key)?;
+    let (read, write) = pipe("key pipe")?;
+    let mut write = File::from(write);
+    write
+        .write_all(hex.expose_secret())
+        .map_err(SpawnError::WriteKey)?;
+    Ok(read)
+}
+
+/// Lowercase hex of `key`, encoded straight into locked memory with no
+/// data-dependent branch or table lookup.
+fn hex_secret(key: &SecretBuf) -> Result<SecretBuf, SpawnError> {
+    let bytes = key.expose_secret();
+    let mut hex = SecretBuf::zeroed(bytes.len() * 2)?;
+    for (pair, byte) in hex.expose_secret_mut().chunks_exact_mut(2).zip(bytes) {
+        pair[0] = hex_digit(byte >> 4);
+        pair[1] = hex_digit(byte & 0x0f);
+    }
+    Ok(hex)
+}
+
+fn hex_digit(nibble: u8) -> u8 {
+    // 1 if nibble > 9 (9 - nibble wraps to >= 0xf6), else 0.
+    let letter = 9u8.wrapping_sub(nibble) >> 7;
+    b'0' + nibble + letter * (b'a' - b'0' - 10)
+}
+
+fn pipe(what: &'static str) -> Result<(OwnedFd, OwnedFd), SpawnError> {
+    nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|source| SpawnError::Fd { what, source })
+}
+
+fn dup_high(fd: BorrowedFd<'_>, what: &'static str) -> Result<OwnedFd, SpawnError> {
+    let raw = fcntl(fd, FcntlArg::F_DUPFD_CLOEXEC(HIGH_FD))
+        .map_err(|source| SpawnError::Fd { what, source })?;
+    // SAFETY: F_DUPFD_CLOEXEC just returned this new fd; nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+}
+
+fn io_to_nix(e: &std::io::Error) -> nix::Error {
+    e.raw_os_error().map_or(Errno::EIO, Errno::from_raw)
+}
+
+/// Runs in the child between fork and exec: places each source fd at its
+/// target number (dup2 leaves the copy without CLOEXEC, so it survives exec)
+/// and marks every higher fd CLOEXEC, in case vtpmd inherited some fd
+/// without the flag. Async-signal-safe: two syscalls, no allocation.
+fn place_fds(fds: &[(RawFd, RawFd); 2], cloexec_flag: libc::c_int) -> std::io::Result<()> {
+    for &(src, dst) in fds {
+        // SAFETY: dup2 on two plain integers; `src` is open in the child
+        // (inherited from vtpmd) and `dst` is overwritten by design.
+        if unsafe { libc::dup2(src, dst) } < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    // Best effort: without close_range (Linux < 5.11) every fd vtpmd opens
+    // itself is CLOEXEC anyway.
+    // SAFETY: close_range with CLOSE_RANGE_CLOEXEC only sets a flag on fds
+    // above KEY_FD; it closes nothing, so std's exec-error pipe stays open.
+    let _ =
+        unsafe { libc::close_range(KEY_FD.unsigned_abs() + 1, libc::c_uint::MAX, cloexec_flag) };
+    Ok(())
+}
+
+fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
+    let pid =
+        libc::pid_t::try_from(pid).map_err(|_| std::io::Error::from(ErrorKind::InvalidInput))?;
+    let flags: libc::c_uint = 0;
+    // SAFETY: pidfd_open(2) takes a pid and flags, no pointers; it returns
+    // a new CLOEXEC fd or -1.
+    let ret = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, flags) };
+    if ret < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let fd = RawFd::try_from(ret).map_err(|_| std::io::Error::from(ErrorKind::InvalidData))?;
+    // SAFETY: the kernel just returned this fd; nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Removes the freshly bound control socket when `spawn` fails part-way.
+struct SocketGuard<'p> {
+    path: &'p Path,
+    id: (u64, u64),
+    armed: bool,
+}
+
+impl Drop for SocketGuard<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            let _ = remove_own_socket(self.path, self.id);
+        }
+    }
+}
+
+/// Removes the control socket if it is still the inode vtpmd bound.
+fn remove_own_socket(path: &Path, id: (u64, u64)) -> Result<(), SpawnError> {
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if (meta.dev(), meta.ino()) == id => {}
+        Ok(_) => return Ok(()),
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
+        Err(source) => {
+            return Err(SpawnError::Cleanup {
+                path: path.to_owned(),
+                source,
+            });
+        }
+    }
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != ErrorKind::NotFound => Err(SpawnError::Cleanup {
+            path: path.to_owned(),
+            source: e,
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// Removes swtpm's `.lock` unless another process holds a lock on it.
+///
+/// swtpm holds a POSIX write lock on `.lock` while it runs (taken at
+/// CMD_INIT) and never unlinks it. vtpmd takes an open-file-description
+/// write lock first, which conflicts with swtpm's: if it is granted nobody
+/// uses the directory, and a new swtpm opening the file before the unlink
+/// would fail on the lock we hold; after the unlink it makes a fresh file.
+/// If vtpmd may not open the file (another uid, mode 0660), it is removed
+/// without that check: the supervisor runs one swtpm per guest anyway.
+fn remove_lock(path: &Path) -> Result<(), SpawnError> {
+    let cleanup_err = |source| SpawnError::Cleanup {
+        path: path.to_owned(),
+        source,
+    };
+    let file = match OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+    {
+        Ok(file) => Some(file),
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
+        Err(e) if e.kind() == ErrorKind::PermissionDenied => None,
+        Err(e) => return Err(cleanup_err(e)),
+    };
+    if let Some(file) = &file {
+        let l_type = libc::c_short::try_from(libc::F_WRLCK)
+            .map_err(|_| cleanup_err(std::io::Error::from(ErrorKind::InvalidInput)))?;
+        let l_whence = libc::c_short::try_from(libc::SEEK_SET)
+            .map_err(|_| cleanup_err(std::io::Error::from(ErrorKind::InvalidInput)))?;
+        let lock = libc::flock {
+            l_type,
+            l_whence,
+            l_start: 0,
+            l_len: 0,
+            l_pid: 0,
+        };
+        match fcntl(file.as_fd(), FcntlArg::F_OFD_SETLK(&lock)) {
+            Ok(_) => {}
+            Err(Errno::EAGAIN | Errno::EACCES) => {
+                tracing::debug!(path = %path.display(), "another process holds the swtpm lock; left in place");
+                return Ok(());
+            }
+            Err(e) => return Err(cleanup_err(e.into())),
+        }
+    }
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != ErrorKind::NotFound => Err(cleanup_err(e)),
+        _ => Ok(()),
+    }
+    // `file` (and our lock) is closed here, after the unlink.
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn hex_digits_cover_all_nibbles() {
+        let digits: Vec<u8> = (0..16).map(hex_digit).collect();
+        assert_eq!(digits, b"0123456789abcdef");
+    }
+
+    #[test]
+    fn hex_secret_encodes_every_byte() {
+        let mut key = SecretBuf::zeroed(4).unwrap();
+        key.expose_secret_mut()
+            .copy_from_slice(&[0x00, 0x9f, 0xa0, 0xff]);
+        let hex = hex_secret(&key).unwrap();
+        assert_eq!(hex.expose_secret(), b"009fa0ff");
+    }
+
+    #[test]
+    fn exit_reason_from_status() {
+        assert_eq!(
+            ExitReason::from_status(ExitStatus::from_raw(1 << 8)),
+            ExitReason::Exited(1)
+        );
+        assert_eq!(
+            ExitReason::from_status(ExitStatus::from_raw(9)),
+            ExitReason::Signaled(Signal::SIGKILL)
+        );
+    }
+}

@@ -1,0 +1,141 @@
+//! The log pipe reader: swtpm's log and stderr into `tracing`, plus a tail.
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read};
+use std::os::fd::OwnedFd;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crate::protocol::GuestId;
+
+/// Lines kept for error reports.
+pub(super) const TAIL_LINES: usize = 50;
+/// Longer lines are cut (a line without a newline cannot grow memory).
+const MAX_LINE: u64 = 4096;
+
+#[derive(Debug, Default)]
+struct Tail {
+    lines: VecDeque<String>,
+    eof: bool,
+}
+
+#[derive(Debug, Default)]
+struct Shared {
+    tail: Mutex<Tail>,
+    eof: Condvar,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Tail> {
+        // A panic in the reader cannot leave the deque inconsistent.
+        self.tail.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// One reader thread per child; it ends at EOF, i.e. when swtpm (the only
+/// holder of the write end once `spawn` returns) has exited.
+#[derive(Debug)]
+pub(super) struct LogReader {
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl LogReader {
+    pub(super) fn start(guest: GuestId, pipe: OwnedFd) -> std::io::Result<LogReader> {
+        let shared = Arc::new(Shared::default());
+        let for_thread = Arc::clone(&shared);
+        let thread = std::thread::Builder::new()
+            .name(format!("swtpm-log-{guest}"))
+            .spawn(move || read_lines(guest, File::from(pipe), &for_thread))?;
+        Ok(LogReader {
+            shared,
+            thread: Some(thread),
+        })
+    }
+
+    pub(super) fn tail(&self) -> Vec<String> {
+        self.shared.lock().lines.iter().cloned().collect()
+    }
+
+    /// Waits (on a condition variable, no polling) until the pipe reached
+    /// EOF, at most `timeout`; joins the thread if it did.
+    pub(super) fn wait_eof(&mut self, timeout: Duration) -> bool {
+        let eof = {
+            let guard = self.shared.lock();
+            let (guard, _) = self
+                .shared
+                .eof
+                .wait_timeout_while(guard, timeout, |t| !t.eof)
+                .unwrap_or_else(PoisonError::into_inner);
+            guard.eof
+        };
+        if eof {
+            if let Some(thread) = self.thread.take() {
+                // It has set `eof` and returns right after: a short join.
+                let _ = thread.join();
+            }
+        }
+        eof
+    }
+}
+
+fn read_lines(guest: GuestId, pipe: File, shared: &Shared) {
+    let mut reader = BufReader::new(pipe);
+    let mut buf = Vec::new();
+    loop {
+        buf.clear();
+        match reader.by_ref().take(MAX_LINE).read_until(b'\n', &mut buf) {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                tracing::warn!(guest = %guest, "cannot read swtpm's log pipe: {e}");
+                break;
+            }
+        }
+        let line = String::from_utf8_lossy(&buf);
+        let line = line.trim_end();
+        if line.is_empty() {
+            continue;
+        }
+        if line.to_ascii_lowercase().contains("error") {
+            tracing::warn!(guest = %guest, "swtpm: {line}");
+        } else {
+            tracing::info!(guest = %guest, "swtpm: {line}");
+        }
+        let mut tail = shared.lock();
+        if tail.lines.len() == TAIL_LINES {
+            tail.lines.pop_front();
+        }
+        tail.lines.push_back(line.to_owned());
+    }
+    shared.lock().eof = true;
+    shared.eof.notify_all();
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn tail_keeps_last_lines_and_eof_is_seen() {
+        let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
+        let guest = GuestId::parse("6f1c2e7a-1b2c-4d3e-8f90-0123456789ab").unwrap();
+        let mut reader = LogReader::start(guest, r).unwrap();
+        let mut w = File::from(w);
+        for i in 0..(TAIL_LINES + 10) {
+            writeln!(w, "line {i}").unwrap();
+        }
+        write!(w, "no newline at end").unwrap();
+        drop(w);
+        assert!(reader.wait_eof(Duration::from_secs(5)));
+        let tail = reader.tail();
+        assert_eq!(tail.len(), TAIL_LINES);
+        assert_eq!(tail[0], "line 11");
+        assert_eq!(tail[TAIL_LINES - 1], "no newline at end");
+    }
+}
