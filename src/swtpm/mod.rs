@@ -9,4 +9,5 @@
 pub mod ctrl;
 pub mod probe;
 pub mod provision;
+mod run;
 pub mod spawn;
