@@ -11,8 +11,11 @@
 //! (temp file, link to `.prev`, rename over the current file), not that
 //! the fsyncs happen: a missing fsync only shows after a power loss.
 
+#![allow(clippy::unwrap_used)] // a test that cannot set up should fail loudly
+
 use std::fs;
 use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -39,20 +42,21 @@ const CHILD_TEST: &str = "child_seals_in_a_loop";
 const MARKER: &str = "crash-child:";
 
 const ROUNDS: u32 = 200;
-/// A little above a real TPM 2.0 `permall` (tens of KiB). Not bigger: in a
-/// debug build AES-GCM runs at a few MB/s, so encrypting, which no kill can
-/// harm, would take ever more of the child's time than writing and
-/// fsyncing, where the kills matter.
-const PERMALL_LEN: usize = 256 * 1024;
-/// Kills after the child is ready: from "before its first seal" to "after
-/// several seals", through the middle of many writes.
+/// A generous TPM 2.0 `permall` (swtpm_setup's first one is about 3 KiB).
+/// Not bigger: in a debug build AES-GCM runs at a few MB/s, so a bigger
+/// state only makes encrypting, which no kill can harm, take more of the
+/// child's time than writing and fsyncing, where the kills matter.
+const PERMALL_LEN: usize = 16 * 1024;
+/// Kills after "ready": from before the child's first seal to after
+/// several, through the middle of some writes.
 const MAX_DELAY_AFTER_READY: Duration = Duration::from_millis(80);
-/// One round in this many kills without waiting for "ready": during exec,
-/// the test harness's start or the child's own open.
-const EARLY_KILL_ONE_IN: u64 = 8;
+/// Kills soon after the start: during exec, the test harness's start or
+/// the child's own open.
 const MAX_EARLY_DELAY: Duration = Duration::from_millis(10);
-/// Generous: only a hung child takes this long to be ready.
-const READY_TIMEOUT: Duration = Duration::from_secs(60);
+/// Kills once a temp file appears: about as long as a write and its fsync.
+const MAX_DELAY_WHILE_WRITING: Duration = Duration::from_millis(2);
+/// Generous: only a hung child takes this long to be ready or to write.
+const CHILD_TIMEOUT: Duration = Duration::from_secs(60);
 
 fn guest() -> GuestId {
     GuestId::parse(GUEST).unwrap()
@@ -102,6 +106,22 @@ fn open(dir: &Path) -> Result<Opened, vtpmd::vault::VaultError> {
     SealedState::open(sealed_paths(dir), guest(), &passphrase(), &weak_policy())
 }
 
+/// `.prev` opened on its own, or `None` if it does not exist and need not
+/// (only generation 1 has no previous one).
+fn open_previous(dir: &Path, must_exist: bool) -> Option<Opened> {
+    let previous = sealed_paths(dir).previous().to_owned();
+    if !must_exist && !previous.exists() {
+        return None;
+    }
+    let opened = SealedState::open(
+        SealedPaths::new(&previous),
+        guest(),
+        &passphrase(),
+        &weak_policy(),
+    );
+    Some(opened.unwrap_or_else(|e| panic!("{} does not open: {e}", previous.display())))
+}
+
 /// The child: opens the state the parent made and seals the next
 /// generation over and over until it is killed, reporting on stdout the
 /// generation it opened ("ready") and each one it sealed. A report is
@@ -126,18 +146,42 @@ fn child_seals_in_a_loop() {
 }
 
 /// Straight to the stdout pipe, unbuffered: the parent must see every
-/// report written before the kill.
+/// report written before the kill. If the parent died, the write fails
+/// (EPIPE) and the child stops, rather than sealing on forever.
 fn report(what: &str, generation: u64) {
     let mut out = std::io::stdout().lock();
     writeln!(out, "{MARKER} {what} {generation}").unwrap();
     out.flush().unwrap();
 }
 
+/// When a round's kill is meant to land. The delay is random in each case.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Aim {
+    /// Soon after the start, without waiting for "ready".
+    Early,
+    /// At any moment after "ready".
+    AfterReady,
+    /// Just after a new temp file appears. In a debug build encrypting takes
+    /// most of a seal, so kills at any moment hit few writes; these make
+    /// sure that many do, on any disk.
+    WhileWriting,
+}
+
+impl Aim {
+    fn pick(rng: &mut XorShift) -> Self {
+        match rng.below(8) {
+            0 => Self::Early,
+            1 | 2 => Self::WhileWriting,
+            _ => Self::AfterReady,
+        }
+    }
+}
+
 /// What one killed child did, from its reports and its remains.
 #[derive(Debug)]
 struct Kill {
-    /// Whether the parent waited for "ready" before the delay.
-    waited_for_ready: bool,
+    aim: Aim,
+    #[expect(dead_code, reason = "read through Debug, in failure messages")]
     delay: Duration,
     /// The generation the child opened, if it got that far.
     ready: Option<u64>,
@@ -152,10 +196,16 @@ struct Kill {
 
 #[derive(Debug, Default)]
 struct Tally {
-    before_ready: u32,
-    before_first_seal: u32,
-    mid_write: u32,
+    killed_before_ready: u32,
+    killed_before_first_seal: u32,
+    aimed_at_a_write: u32,
+    /// Kills that left `tpm.sealed.tmp`, of those aimed at a write and of
+    /// the others.
+    mid_write_when_aimed: u32,
+    mid_write_when_not_aimed: u32,
+    /// Kills that left `tpm.sealed.prev.tmp`.
     mid_rotation: u32,
+    /// Kills between a seal's rename and its report.
     new_generation_unreported: u32,
 }
 
@@ -215,6 +265,9 @@ fn spawn_child(dir: &Path) -> Child {
 /// Starts a child, SIGKILLs it after a random delay, reaps it and reads
 /// what it reported and what it left in `dir`.
 fn kill_child_at_random(dir: &Path, rng: &mut XorShift) -> Kill {
+    let current = sealed_paths(dir).current().to_owned();
+    let (tmp, prev_tmp) = (sibling(&current, ".tmp"), sibling(&current, ".prev.tmp"));
+    let stale = (identity(&tmp), identity(&prev_tmp));
     let mut child = spawn_child(dir);
     // A thread reads the reports so that the parent can wait for "ready"
     // with a timeout, and the pipe never fills while the child runs.
@@ -233,20 +286,27 @@ fn kill_child_at_random(dir: &Path, rng: &mut XorShift) -> Kill {
         lines
     });
 
-    let waited_for_ready = rng.below(EARLY_KILL_ONE_IN) != 0;
-    let delay = if waited_for_ready {
-        if ready_rx.recv_timeout(READY_TIMEOUT).is_err() {
-            child.kill().unwrap();
-            let status = child.wait().unwrap();
-            panic!(
-                "the child never got ready ({status}); stdout: {:?}; stderr: {}",
-                reader.join().unwrap(),
-                read_all(child.stderr.take().unwrap()),
-            );
+    let aim = Aim::pick(rng);
+    let delay = match aim {
+        Aim::Early => rng.delay_below(MAX_EARLY_DELAY),
+        Aim::AfterReady => {
+            if ready_rx.recv_timeout(CHILD_TIMEOUT).is_err() {
+                give_up(child, reader, "the child never got ready");
+            }
+            rng.delay_below(MAX_DELAY_AFTER_READY)
         }
-        rng.delay_below(MAX_DELAY_AFTER_READY)
-    } else {
-        rng.delay_below(MAX_EARLY_DELAY)
+        Aim::WhileWriting => {
+            let deadline = Instant::now() + CHILD_TIMEOUT;
+            // Until the child creates its own temp file; a child that died
+            // on its own is reported below.
+            while !left_by_this_kill(&tmp, stale.0) && child.try_wait().unwrap().is_none() {
+                if Instant::now() > deadline {
+                    give_up(child, reader, "the child never began a write");
+                }
+                thread::sleep(Duration::from_micros(20));
+            }
+            rng.delay_below(MAX_DELAY_WHILE_WRITING)
+        }
     };
     thread::sleep(delay);
     child.kill().unwrap(); // SIGKILL
@@ -266,15 +326,38 @@ fn kill_child_at_random(dir: &Path, rng: &mut XorShift) -> Kill {
             .filter_map(|line| Some(line.split_once(&prefix)?.1.trim().parse::<u64>().unwrap()))
             .next_back()
     };
-    let current = sealed_paths(dir).current().to_owned();
     Kill {
-        waited_for_ready,
+        aim,
         delay,
         ready: reported("ready"),
         last_sealed: reported("sealed"),
-        tmp_left: sibling(&current, ".tmp").exists(),
-        prev_tmp_left: sibling(&current, ".prev.tmp").exists(),
+        tmp_left: left_by_this_kill(&tmp, stale.0),
+        prev_tmp_left: left_by_this_kill(&prev_tmp, stale.1),
     }
+}
+
+/// Kills the child before failing, so that it does not outlive the test.
+fn give_up(mut child: Child, reader: thread::JoinHandle<Vec<String>>, why: &str) -> ! {
+    child.kill().unwrap();
+    let status = child.wait().unwrap();
+    panic!(
+        "{why} ({status}); stdout: {:?}; stderr: {}",
+        reader.join().unwrap(),
+        read_all(child.stderr.take().unwrap()),
+    );
+}
+
+/// Which file a path names: a temp file left by an earlier kill stays
+/// until a child gets as far as writing, and must not count again. The
+/// inode number alone may be reused at once; the change time may not.
+fn identity(path: &Path) -> Option<(u64, i64, i64)> {
+    let meta = fs::symlink_metadata(path).ok()?;
+    Some((meta.ino(), meta.ctime(), meta.ctime_nsec()))
+}
+
+fn left_by_this_kill(path: &Path, before: Option<(u64, i64, i64)>) -> bool {
+    let after = identity(path);
+    after.is_some() && after != before
 }
 
 fn read_all(mut pipe: impl Read) -> String {
@@ -325,6 +408,20 @@ fn sigkill_at_any_moment_leaves_an_openable_generation() {
             archive_for(generation),
             "round {round}: after {kill:?} generation {generation} holds another generation's state",
         );
+        // The fallback must stay usable too: `.prev` is the generation
+        // before, or, between rotating it and renaming the new file, the
+        // current one again.
+        if let Some(previous) = open_previous(dir.path(), generation > 1) {
+            let prev_generation = previous.state.generation();
+            assert!(
+                previous.fell_back.is_none()
+                    && (prev_generation == generation - 1 || prev_generation == generation),
+                "round {round}: after {kill:?} with generation {generation} current, \
+                 .prev is generation {prev_generation} ({:?})",
+                previous.fell_back,
+            );
+            assert_eq!(previous.archive, archive_for(prev_generation));
+        }
         assert!(
             generation >= on_disk,
             "round {round}: after {kill:?} the generation went back from {on_disk} to {generation}",
@@ -352,30 +449,27 @@ fn sigkill_at_any_moment_leaves_an_openable_generation() {
                 tally.new_generation_unreported += u32::from(generation == old + 1);
             }
         }
-        tally.before_ready += u32::from(kill.ready.is_none());
-        tally.before_first_seal +=
+        tally.killed_before_ready += u32::from(kill.ready.is_none());
+        tally.killed_before_first_seal +=
             u32::from(kill.ready == Some(generation) && kill.last_sealed.is_none());
-        tally.mid_write += u32::from(kill.tmp_left);
+        if kill.aim == Aim::WhileWriting {
+            tally.aimed_at_a_write += 1;
+            tally.mid_write_when_aimed += u32::from(kill.tmp_left);
+        } else {
+            tally.mid_write_when_not_aimed += u32::from(kill.tmp_left);
+        }
         tally.mid_rotation += u32::from(kill.prev_tmp_left);
         on_disk = generation;
     }
-    let elapsed = started.elapsed();
     eprintln!(
-        "crash safety: {ROUNDS} kills in {elapsed:.1?}, generation 1 -> {on_disk}; \
-         killed before ready {}, killed before the first seal completed {}, \
-         mid-write (.tmp left) {}, mid-rotation (.prev.tmp left) {}, \
-         new generation on disk but unreported {}",
-        tally.before_ready,
-        tally.before_first_seal,
-        tally.mid_write,
-        tally.mid_rotation,
-        tally.new_generation_unreported,
+        "crash safety: {ROUNDS} kills in {:.1?}, generation 1 -> {on_disk}, {tally:?}",
+        started.elapsed(),
     );
     // Without these the test could pass without ever interrupting a write.
     assert!(on_disk > 1, "the children never sealed a generation");
     assert!(
-        tally.mid_write > 0,
-        "no kill landed in the middle of a write: make the archive bigger"
+        tally.mid_write_when_aimed + tally.mid_write_when_not_aimed > 0,
+        "no kill landed in the middle of a write"
     );
 
     // Act: the next start seals over whatever the last kill left.
