@@ -29,9 +29,10 @@ use vtpmd::swtpm::spawn::{SpawnSpec, spawn};
 const RUNS: usize = 50;
 const TIMEOUT: Duration = Duration::from_secs(5);
 
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    let rank = (p / 100.0 * (sorted.len() - 1) as f64).round();
-    sorted[usize::try_from(rank as u64).unwrap().min(sorted.len() - 1)]
+/// Nearest-rank percentile of sorted samples, `p` in whole percent.
+fn percentile(sorted: &[Duration], p: usize) -> Duration {
+    let rank = (p * (sorted.len() - 1) + 50) / 100;
+    sorted[rank.min(sorted.len() - 1)]
 }
 
 fn ms(d: Duration) -> f64 {
@@ -40,8 +41,8 @@ fn ms(d: Duration) -> f64 {
 
 fn summary(name: &str, mut samples: Vec<Duration>, baseline: Option<Duration>) -> Duration {
     samples.sort();
-    let p50 = percentile(&samples, 50.0);
-    let p99 = percentile(&samples, 99.0);
+    let p50 = percentile(&samples, 50);
+    let p99 = percentile(&samples, 99);
     let ratio = baseline.map_or("1.00".to_owned(), |b| {
         format!("{:.2}", p50.as_secs_f64() / b.as_secs_f64())
     });
