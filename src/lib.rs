@@ -5,5 +5,7 @@ pub mod config;
 pub mod error_chain;
 pub mod protocol;
 pub mod secret;
+pub mod store;
+pub mod supervisor;
 pub mod swtpm;
 pub mod vault;

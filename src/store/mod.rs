@@ -1,0 +1,1 @@
+//! On-disk and runtime layout (being written).

@@ -1,0 +1,1 @@
+//! Guest registry and lifecycle (being written).
