@@ -58,16 +58,27 @@ impl SealedState {
         policy: &KdfPolicy,
         archive: &StateArchive,
     ) -> Result<Self, VaultError> {
-        for path in [paths.current(), paths.previous()] {
-            if std::fs::symlink_metadata(path).is_ok() {
-                return Err(VaultError::AlreadyExists {
-                    path: path.to_owned(),
-                });
-            }
-        }
+        let mut state = Self::prepare(paths, guest, spec, passphrase, policy)?;
+        state.seal(archive)?;
+        Ok(state)
+    }
+
+    /// A new data key and keyslot, held in memory only: nothing is written
+    /// until the first [`seal`](Self::seal), which writes generation 1. The
+    /// swtpm state key is available at once, so a state can be provisioned
+    /// encrypted before it is sealed, and a failed provisioning leaves no
+    /// file behind.
+    pub fn prepare(
+        paths: SealedPaths,
+        guest: GuestId,
+        spec: TpmSpec,
+        passphrase: &SecretBuf,
+        policy: &KdfPolicy,
+    ) -> Result<Self, VaultError> {
+        refuse_existing(&paths)?;
         let data_key = DataKey::generate()?;
         let slot = new_keyslot(&data_key, &guest, passphrase, policy)?;
-        let mut state = Self {
+        Ok(Self {
             paths,
             guest,
             spec,
@@ -76,9 +87,7 @@ impl SealedState {
             data_key,
             unlocked_slot: Some(0),
             current_damaged: false,
-        };
-        state.seal(archive)?;
-        Ok(state)
+        })
     }
 
     /// Opens the current generation with `passphrase`; if the current file
@@ -130,6 +139,10 @@ impl SealedState {
     /// Seals `archive` as the next generation, with the data key in memory.
     /// Returns the new generation number.
     pub fn seal(&mut self, archive: &StateArchive) -> Result<u64, VaultError> {
+        if self.generation == 0 {
+            // The first seal of a prepared state must not replace anything.
+            refuse_existing(&self.paths)?;
+        }
         let generation = self
             .generation
             .checked_add(1)
@@ -292,6 +305,17 @@ impl SealedState {
         self.current_damaged = current_damaged;
         self
     }
+}
+
+fn refuse_existing(paths: &SealedPaths) -> Result<(), VaultError> {
+    for path in [paths.current(), paths.previous()] {
+        if std::fs::symlink_metadata(path).is_ok() {
+            return Err(VaultError::AlreadyExists {
+                path: path.to_owned(),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// The body's associated data: the bound header bytes exactly as written,
