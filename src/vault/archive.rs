@@ -103,6 +103,16 @@ impl StateArchive {
     /// Anything else (a subdirectory, a symlink, a device) is refused rather
     /// than skipped: it has no business in a TPM state directory.
     pub fn from_dir(dir: &Path) -> Result<Self, ArchiveError> {
+        Self::from_dir_matching(dir, |_| true)
+    }
+
+    /// Like [`from_dir`](Self::from_dir), leaving out the files `keep`
+    /// refuses (e.g. swtpm's half-written `TMP*` files, which it renames
+    /// into place when complete).
+    pub fn from_dir_matching(
+        dir: &Path,
+        keep: impl Fn(&str) -> bool,
+    ) -> Result<Self, ArchiveError> {
         let io = |op, path: &Path| {
             let path = path.to_owned();
             move |source| ArchiveError::Io { op, path, source }
@@ -115,7 +125,7 @@ impl StateArchive {
             let name = name.to_str().ok_or_else(|| ArchiveError::BadName {
                 name: name.to_string_lossy().into_owned(),
             })?;
-            if name.starts_with('.') {
+            if name.starts_with('.') || !keep(name) {
                 continue;
             }
             let file_type = item.file_type().map_err(io("stat", &path))?;
