@@ -6,7 +6,9 @@
 //! [`GuestId`] is safe in a path or a swtpm option).
 
 mod guest_id;
+pub mod manager;
 mod tpm_spec;
+pub mod varlink;
 
 pub use guest_id::{GuestId, GuestIdError};
 pub use tpm_spec::{TpmModel, TpmSpec, TpmSpecError, TpmVersion};

@@ -1,0 +1,636 @@
+//! The `io.vtpmd.Manager` interface: requests as validated values, replies
+//! and errors as they go on the wire. The interface description shipped
+//! with vtpmd is `io.vtpmd.Manager.varlink` beside this file.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use super::{GuestId, TpmModel, TpmSpec, TpmSpecError, TpmVersion};
+
+pub const INTERFACE: &str = "io.vtpmd.Manager";
+pub const INTERFACE_DESCRIPTION: &str = include_str!("io.vtpmd.Manager.varlink");
+
+/// Base64 text of the longest passphrase the vault accepts (4096 bytes).
+pub const MAX_PASSPHRASE_BASE64: usize = 4096_usize.div_ceil(3) * 4;
+
+/// A passphrase as base64 text, borrowed from the receive buffer (which is
+/// locked memory in the daemon). Never printed.
+#[derive(Clone, Copy)]
+pub struct Passphrase<'a>(&'a str);
+
+impl<'a> Passphrase<'a> {
+    /// The base64 text, to be decoded straight into locked memory.
+    pub fn base64(&self) -> &'a [u8] {
+        self.0.as_bytes()
+    }
+}
+
+impl fmt::Debug for Passphrase<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Passphrase(<redacted>)")
+    }
+}
+
+/// A validated call of `io.vtpmd.Manager`.
+#[derive(Debug)]
+pub enum Request<'a> {
+    GetCapabilities,
+    Create {
+        guest: GuestId,
+        spec: TpmSpec,
+        passphrase: Passphrase<'a>,
+        ek_certificate: bool,
+    },
+    Start {
+        guest: GuestId,
+        passphrase: Passphrase<'a>,
+    },
+    Stop {
+        guest: GuestId,
+    },
+    Status {
+        guest: GuestId,
+    },
+    List,
+    Delete {
+        guest: GuestId,
+    },
+    Rekey {
+        guest: GuestId,
+        passphrase: Passphrase<'a>,
+        new_passphrase: Passphrase<'a>,
+    },
+    Monitor,
+}
+
+impl Request<'_> {
+    /// The method's name, for logs and authorization.
+    pub fn method(&self) -> &'static str {
+        match self {
+            Self::GetCapabilities => "GetCapabilities",
+            Self::Create { .. } => "Create",
+            Self::Start { .. } => "Start",
+            Self::Stop { .. } => "Stop",
+            Self::Status { .. } => "Status",
+            Self::List => "List",
+            Self::Delete { .. } => "Delete",
+            Self::Rekey { .. } => "Rekey",
+            Self::Monitor => "Monitor",
+        }
+    }
+
+    /// Whether the method only reads (what a read-only group may call).
+    pub fn is_read_only(&self) -> bool {
+        matches!(
+            self,
+            Self::GetCapabilities | Self::Status { .. } | Self::List | Self::Monitor
+        )
+    }
+}
+
+/// Why a call is refused before anything is done.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RequestError {
+    #[error("no method {method} in io.vtpmd.Manager")]
+    MethodNotFound { method: String },
+    #[error("invalid parameter {parameter}")]
+    InvalidParameter { parameter: String },
+    #[error("invalid TPM spec: {reason}")]
+    InvalidTpmSpec { reason: String },
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NoParams {}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GuestParams<'a> {
+    #[serde(borrow)]
+    guest: &'a str,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StartParams<'a> {
+    #[serde(borrow)]
+    guest: &'a str,
+    #[serde(borrow)]
+    passphrase: &'a str,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RekeyParams<'a> {
+    #[serde(borrow)]
+    guest: &'a str,
+    #[serde(borrow)]
+    passphrase: &'a str,
+    #[serde(borrow)]
+    new_passphrase: &'a str,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateParams<'a> {
+    #[serde(borrow)]
+    guest: &'a str,
+    #[serde(default)]
+    version: Option<String>,
+    #[serde(default)]
+    model: Option<String>,
+    #[serde(default)]
+    flavor_extra_specs: Option<BTreeMap<String, String>>,
+    #[serde(default)]
+    image_properties: Option<BTreeMap<String, String>>,
+    #[serde(borrow)]
+    passphrase: &'a str,
+    #[serde(default)]
+    ek_certificate: Option<bool>,
+}
+
+/// Decodes and validates the parameters of `member` (the part after
+/// `io.vtpmd.Manager.`).
+pub fn parse_request<'a>(member: &str, parameters: &'a str) -> Result<Request<'a>, RequestError> {
+    Ok(match member {
+        "GetCapabilities" => {
+            decode::<NoParams>(parameters)?;
+            Request::GetCapabilities
+        }
+        "List" => {
+            decode::<NoParams>(parameters)?;
+            Request::List
+        }
+        "Monitor" => {
+            decode::<NoParams>(parameters)?;
+            Request::Monitor
+        }
+        "Stop" | "Status" | "Delete" => {
+            let p: GuestParams<'a> = decode(parameters)?;
+            let guest = guest_id(p.guest)?;
+            match member {
+                "Stop" => Request::Stop { guest },
+                "Status" => Request::Status { guest },
+                _ => Request::Delete { guest },
+            }
+        }
+        "Start" => {
+            let p: StartParams<'a> = decode(parameters)?;
+            Request::Start {
+                guest: guest_id(p.guest)?,
+                passphrase: passphrase("passphrase", p.passphrase)?,
+            }
+        }
+        "Rekey" => {
+            let p: RekeyParams<'a> = decode(parameters)?;
+            Request::Rekey {
+                guest: guest_id(p.guest)?,
+                passphrase: passphrase("passphrase", p.passphrase)?,
+                new_passphrase: passphrase("new_passphrase", p.new_passphrase)?,
+            }
+        }
+        "Create" => {
+            let p: CreateParams<'a> = decode(parameters)?;
+            let spec = resolve_spec(
+                p.version.as_deref(),
+                p.model.as_deref(),
+                p.flavor_extra_specs.as_ref(),
+                p.image_properties.as_ref(),
+            )
+            .map_err(|reason| RequestError::InvalidTpmSpec { reason })?;
+            Request::Create {
+                guest: guest_id(p.guest)?,
+                spec,
+                passphrase: passphrase("passphrase", p.passphrase)?,
+                ek_certificate: p.ek_certificate.unwrap_or(false),
+            }
+        }
+        other => {
+            return Err(RequestError::MethodNotFound {
+                method: format!("{INTERFACE}.{other}"),
+            });
+        }
+    })
+}
+
+/// Deserializes parameters, naming the offending field on failure
+/// (unknown, missing, wrong type, or a secret with escapes, which cannot be
+/// borrowed and is refused rather than unescaped into unlocked memory).
+fn decode<'a, T: Deserialize<'a>>(parameters: &'a str) -> Result<T, RequestError> {
+    let mut de = serde_json::Deserializer::from_str(parameters);
+    let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        let parameter = if path.is_empty() || path == "." {
+            quoted_name(&e.inner().to_string()).unwrap_or_else(|| "parameters".to_owned())
+        } else {
+            path.split('.').next().unwrap_or("parameters").to_owned()
+        };
+        RequestError::InvalidParameter { parameter }
+    })?;
+    de.end().map_err(|_| RequestError::InvalidParameter {
+        parameter: "parameters".to_owned(),
+    })?;
+    Ok(value)
+}
+
+/// The field serde names in "missing field `guest`" / "unknown field `x`".
+fn quoted_name(message: &str) -> Option<String> {
+    let start = message.find('`')? + 1;
+    let len = message[start..].find('`')?;
+    Some(message[start..start + len].to_owned())
+}
+
+fn guest_id(text: &str) -> Result<GuestId, RequestError> {
+    GuestId::parse(text).map_err(|_| RequestError::InvalidParameter {
+        parameter: "guest".to_owned(),
+    })
+}
+
+/// Non-empty, bounded, and base64's alphabet; decoding (and the canonical
+/// form check) happens straight into locked memory later.
+fn passphrase<'a>(name: &str, text: &'a str) -> Result<Passphrase<'a>, RequestError> {
+    let valid = !text.is_empty()
+        && text.len() <= MAX_PASSPHRASE_BASE64
+        && text.len() % 4 == 0
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'='));
+    if !valid {
+        return Err(RequestError::InvalidParameter {
+            parameter: name.to_owned(),
+        });
+    }
+    Ok(Passphrase(text))
+}
+
+/// Nova's seed rules: the version and model may come from the call itself,
+/// from flavor extra specs (`hw:tpm_version`, `hw:tpm_model`) and from image
+/// properties (`hw_tpm_version`, `hw_tpm_model`); all that are given must
+/// agree. A version is required; the model defaults to tpm-tis; CRB needs
+/// 2.0. Unrelated extra specs and properties are ignored.
+pub fn resolve_spec(
+    version: Option<&str>,
+    model: Option<&str>,
+    flavor_extra_specs: Option<&BTreeMap<String, String>>,
+    image_properties: Option<&BTreeMap<String, String>>,
+) -> Result<TpmSpec, String> {
+    let from = lookup;
+    let versions: Vec<(&str, &str)> = [
+        version.map(|v| ("version", v)),
+        from(flavor_extra_specs, "hw:tpm_version"),
+        from(image_properties, "hw_tpm_version"),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    let models: Vec<(&str, &str)> = [
+        model.map(|m| ("model", m)),
+        from(flavor_extra_specs, "hw:tpm_model"),
+        from(image_properties, "hw_tpm_model"),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    let version = agreed("version", &versions)?
+        .ok_or("no TPM version requested (version, hw:tpm_version or hw_tpm_version)")?;
+    let version = TpmVersion::parse(version).map_err(|e| e.to_string())?;
+    let model = match agreed("model", &models)? {
+        Some(m) => TpmModel::parse(m).map_err(|e| e.to_string())?,
+        None => TpmModel::default(),
+    };
+    TpmSpec::new(version, model).map_err(|e: TpmSpecError| e.to_string())
+}
+
+fn lookup<'m>(
+    map: Option<&'m BTreeMap<String, String>>,
+    key: &'static str,
+) -> Option<(&'static str, &'m str)> {
+    map.and_then(|m| m.get(key)).map(|v| (key, v.as_str()))
+}
+
+fn agreed<'v>(what: &str, values: &[(&str, &'v str)]) -> Result<Option<&'v str>, String> {
+    let Some(&(_, first)) = values.first() else {
+        return Ok(None);
+    };
+    if values.iter().any(|&(_, v)| v != first) {
+        let listed: Vec<String> = values.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        return Err(format!("conflicting TPM {what}s: {}", listed.join(", ")));
+    }
+    Ok(Some(first))
+}
+
+/// A guest as it goes on the wire (`type Guest`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GuestView {
+    pub guest: String,
+    pub version: String,
+    pub model: String,
+    pub state: String,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub pid: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub ctrl_socket: Option<String>,
+    pub generation: u64,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub failure: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CapabilitiesReply {
+    pub versions: Vec<String>,
+    pub models: Vec<String>,
+    pub traits: Vec<String>,
+    pub swtpm_version: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestReply {
+    pub guest: GuestView,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListReply {
+    pub guests: Vec<GuestView>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MonitorReply {
+    pub event: String,
+    pub guest: GuestView,
+}
+
+/// The errors of `io.vtpmd.Manager`, each with the parameters the
+/// interface description gives it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(untagged)]
+pub enum ManagerError {
+    NoSuchGuest {
+        guest: String,
+    },
+    GuestExists {
+        guest: String,
+    },
+    GuestRunning {
+        guest: String,
+        state: String,
+    },
+    GuestNotRunning {
+        guest: String,
+        state: String,
+    },
+    InvalidTpmSpec {
+        reason: String,
+    },
+    WrongPassphrase {
+        guest: String,
+    },
+    StateCorrupt {
+        guest: String,
+        reason: String,
+    },
+    SwtpmFailed {
+        guest: String,
+        message: String,
+        log_tail: Vec<String>,
+    },
+    PermissionDenied {
+        method: String,
+    },
+    Busy {
+        guest: String,
+    },
+    Internal {
+        reason: String,
+    },
+}
+
+impl ManagerError {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::NoSuchGuest { .. } => "io.vtpmd.Manager.NoSuchGuest",
+            Self::GuestExists { .. } => "io.vtpmd.Manager.GuestExists",
+            Self::GuestRunning { .. } => "io.vtpmd.Manager.GuestRunning",
+            Self::GuestNotRunning { .. } => "io.vtpmd.Manager.GuestNotRunning",
+            Self::InvalidTpmSpec { .. } => "io.vtpmd.Manager.InvalidTpmSpec",
+            Self::WrongPassphrase { .. } => "io.vtpmd.Manager.WrongPassphrase",
+            Self::StateCorrupt { .. } => "io.vtpmd.Manager.StateCorrupt",
+            Self::SwtpmFailed { .. } => "io.vtpmd.Manager.SwtpmFailed",
+            Self::PermissionDenied { .. } => "io.vtpmd.Manager.PermissionDenied",
+            Self::Busy { .. } => "io.vtpmd.Manager.Busy",
+            Self::Internal { .. } => "io.vtpmd.Manager.Internal",
+        }
+    }
+
+    /// The NUL-terminated error reply.
+    pub fn encode(&self) -> Vec<u8> {
+        super::varlink::encode_error(self.name(), self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GUEST: &str = "0f6a2d1e-8c4b-4e2a-9d3f-5b7c1a2e3f40";
+
+    fn parse(member: &str, json: &str) -> Result<Request<'static>, RequestError> {
+        let leaked: &'static str = Box::leak(json.to_owned().into_boxed_str());
+        parse_request(member, leaked)
+    }
+
+    fn invalid(parameter: &str) -> Result<(), RequestError> {
+        Err(RequestError::InvalidParameter {
+            parameter: parameter.to_owned(),
+        })
+    }
+
+    #[test]
+    fn every_method_parses_its_parameters() {
+        let g = format!(r#"{{"guest":"{GUEST}"}}"#);
+        assert!(matches!(
+            parse("GetCapabilities", "{}"),
+            Ok(Request::GetCapabilities)
+        ));
+        assert!(matches!(parse("List", "{}"), Ok(Request::List)));
+        assert!(matches!(parse("Monitor", "{}"), Ok(Request::Monitor)));
+        assert!(matches!(parse("Status", &g), Ok(Request::Status { .. })));
+        assert!(matches!(parse("Stop", &g), Ok(Request::Stop { .. })));
+        assert!(matches!(parse("Delete", &g), Ok(Request::Delete { .. })));
+        let start = format!(r#"{{"guest":"{GUEST}","passphrase":"cGFzcw=="}}"#);
+        match parse("Start", &start).unwrap() {
+            Request::Start { passphrase, .. } => assert_eq!(passphrase.base64(), b"cGFzcw=="),
+            other => panic!("{other:?}"),
+        }
+        let rekey =
+            format!(r#"{{"guest":"{GUEST}","passphrase":"cGFzcw==","new_passphrase":"bmV3"}}"#);
+        assert!(matches!(parse("Rekey", &rekey), Ok(Request::Rekey { .. })));
+        let create = format!(
+            r#"{{"guest":"{GUEST}","version":"2.0","model":"tpm-crb","passphrase":"cGFzcw=="}}"#
+        );
+        match parse("Create", &create).unwrap() {
+            Request::Create {
+                spec,
+                ek_certificate,
+                ..
+            } => {
+                assert_eq!(
+                    (spec.version(), spec.model()),
+                    (TpmVersion::V2_0, TpmModel::Crb)
+                );
+                assert!(!ek_certificate);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn bad_fields_are_named() {
+        let check = |member: &str, json: &str, field: &str| {
+            assert_eq!(
+                parse(member, json).map(|_| ()),
+                invalid(field),
+                "{member} {json}"
+            );
+        };
+        check("Status", r#"{"guest":"../../etc"}"#, "guest");
+        check("Status", "{}", "guest");
+        check("Status", r#"{"guest":1}"#, "guest");
+        check(
+            "Status",
+            &format!(r#"{{"guest":"{GUEST}","extra":1}}"#),
+            "extra",
+        );
+        check("List", r#"{"x":1}"#, "x");
+        check(
+            "Start",
+            &format!(r#"{{"guest":"{GUEST}","passphrase":""}}"#),
+            "passphrase",
+        );
+        check(
+            "Start",
+            &format!(r#"{{"guest":"{GUEST}","passphrase":"not base64!"}}"#),
+            "passphrase",
+        );
+        // An escaped secret cannot be borrowed: refused, not unescaped.
+        check(
+            "Start",
+            &format!(r#"{{"guest":"{GUEST}","passphrase":"cGFz\u0063w=="}}"#),
+            "passphrase",
+        );
+        let huge = "A".repeat(MAX_PASSPHRASE_BASE64 + 4);
+        check(
+            "Start",
+            &format!(r#"{{"guest":"{GUEST}","passphrase":"{huge}"}}"#),
+            "passphrase",
+        );
+    }
+
+    #[test]
+    fn unknown_methods_are_not_found() {
+        assert_eq!(
+            parse("Explode", "{}").map(|_| ()),
+            Err(RequestError::MethodNotFound {
+                method: "io.vtpmd.Manager.Explode".into()
+            })
+        );
+    }
+
+    fn map(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn nova_properties_resolve_to_one_spec() {
+        let flavor = map(&[("hw:tpm_version", "2.0"), ("hw:cpu_policy", "dedicated")]);
+        let image = map(&[("hw_tpm_model", "tpm-crb")]);
+        let spec = resolve_spec(None, None, Some(&flavor), Some(&image)).unwrap();
+        assert_eq!(
+            (spec.version(), spec.model()),
+            (TpmVersion::V2_0, TpmModel::Crb)
+        );
+        let spec = resolve_spec(Some("1.2"), None, None, None).unwrap();
+        assert_eq!(spec.model(), TpmModel::Tis, "tpm-tis is the default");
+    }
+
+    #[test]
+    fn conflicting_missing_or_impossible_specs_are_refused() {
+        let flavor = map(&[("hw:tpm_version", "2.0")]);
+        let image = map(&[("hw_tpm_version", "1.2")]);
+        let conflict = resolve_spec(None, None, Some(&flavor), Some(&image)).unwrap_err();
+        assert!(
+            conflict.contains("hw:tpm_version=2.0") && conflict.contains("hw_tpm_version=1.2"),
+            "{conflict}"
+        );
+        assert!(resolve_spec(None, Some("tpm-tis"), None, None).is_err());
+        assert!(
+            resolve_spec(Some("1.2"), Some("tpm-crb"), None, None)
+                .unwrap_err()
+                .contains("2.0")
+        );
+        assert!(resolve_spec(Some("3.0"), None, None, None).is_err());
+        assert!(resolve_spec(Some("2.0"), Some("tpm-spapr"), None, None).is_err());
+        let create = format!(
+            r#"{{"guest":"{GUEST}","version":"1.2","model":"tpm-crb","passphrase":"cGFzcw=="}}"#
+        );
+        assert!(matches!(
+            parse("Create", &create),
+            Err(RequestError::InvalidTpmSpec { .. })
+        ));
+    }
+
+    #[test]
+    fn errors_carry_their_interface_name_and_parameters() {
+        let e = ManagerError::GuestRunning {
+            guest: GUEST.into(),
+            state: "running".into(),
+        };
+        let bytes = e.encode();
+        let v: serde_json::Value = serde_json::from_slice(&bytes[..bytes.len() - 1]).unwrap();
+        assert_eq!(v["error"], "io.vtpmd.Manager.GuestRunning");
+        assert_eq!(v["parameters"]["state"], "running");
+    }
+
+    #[test]
+    fn the_interface_description_names_every_method_and_error() {
+        for name in [
+            "GetCapabilities",
+            "Create",
+            "Start",
+            "Stop",
+            "Status",
+            "List",
+            "Delete",
+            "Rekey",
+            "Monitor",
+        ] {
+            assert!(
+                INTERFACE_DESCRIPTION.contains(&format!("method {name}(")),
+                "{name}"
+            );
+        }
+        for name in [
+            "NoSuchGuest",
+            "GuestExists",
+            "GuestRunning",
+            "GuestNotRunning",
+            "InvalidTpmSpec",
+            "WrongPassphrase",
+            "StateCorrupt",
+            "SwtpmFailed",
+            "PermissionDenied",
+            "Busy",
+            "Internal",
+        ] {
+            assert!(
+                INTERFACE_DESCRIPTION.contains(&format!("error {name} (")),
+                "{name}"
+            );
+        }
+    }
+}
