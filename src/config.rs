@@ -15,6 +15,130 @@ use crate::vault::{KdfParams, KdfParamsError, KdfPolicy};
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub vault: VaultConfig,
+    pub supervisor: SupervisorSection,
+    pub swtpm: SwtpmSection,
+    pub api: ApiSection,
+}
+
+/// `[supervisor]`: where guests live and how their swtpm runs.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SupervisorSection {
+    /// Persistent root: sealed files under `guests/<uuid>/`, the local CA
+    /// under `ca/` (default `/var/lib/vtpmd`).
+    pub state_dir: PathBuf,
+    /// RAM root for swtpm's state directories and control sockets
+    /// (default `/run/vtpmd`); short, so that socket paths stay under 108
+    /// bytes, and without commas.
+    pub runtime_dir: PathBuf,
+    /// Permission bits of each control socket, in octal (default `"0660"`).
+    pub socket_mode: String,
+    /// Group of each control socket: the VMM's (`kvm`, `libvirt-qemu`).
+    /// Default: vtpmd's own group.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub socket_group: Option<String>,
+    /// User swtpm runs as (its primary group too). Default: vtpmd's user.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub swtpm_user: Option<String>,
+    /// SIGTERM to SIGKILL on Stop, milliseconds (default 5000).
+    pub stop_grace_ms: u64,
+    /// How long swtpm's writes are gathered into one reseal, milliseconds
+    /// (default 5).
+    pub reseal_coalesce_ms: u64,
+    /// Argon2 derivations at once; 0 (default) = min(cores, available
+    /// memory / (2 x argon2_memory_kib)), at least 1.
+    pub kdf_parallelism: usize,
+    /// How long an operation waits for its guest's previous one before
+    /// answering Busy, milliseconds (default 30000).
+    pub lock_wait_ms: u64,
+    /// PCR banks of new TPM 2.0 guests (default `sha256`).
+    pub pcr_banks: String,
+}
+
+impl Default for SupervisorSection {
+    fn default() -> Self {
+        Self {
+            state_dir: crate::paths::Env::current().state_dir(),
+            runtime_dir: crate::paths::Env::current().runtime_dir(),
+            socket_mode: "0660".to_owned(),
+            socket_group: None,
+            swtpm_user: None,
+            stop_grace_ms: 5000,
+            reseal_coalesce_ms: 5,
+            kdf_parallelism: 0,
+            lock_wait_ms: 30_000,
+            pcr_banks: "sha256".to_owned(),
+        }
+    }
+}
+
+impl SupervisorSection {
+    /// `socket_mode` as permission bits: 3 or 4 octal digits, at most 0777.
+    pub fn socket_mode_bits(&self) -> Result<u32, ConfigError> {
+        let text = &self.socket_mode;
+        let bits = (matches!(text.len(), 3 | 4)
+            && text.bytes().all(|b| (b'0'..=b'7').contains(&b)))
+        .then(|| u32::from_str_radix(text, 8).ok())
+        .flatten()
+        .filter(|bits| bits & !0o777 == 0);
+        bits.ok_or_else(|| ConfigError::Invalid {
+            section: "supervisor",
+            key: "socket_mode",
+            why: format!("{text:?} is not octal permission bits such as \"0660\""),
+        })
+    }
+}
+
+/// `[api]`: the Varlink socket and who may use it. Root may always call
+/// everything.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiSection {
+    /// The socket (default `<runtime_dir>/vtpmd.sock`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub socket: Option<PathBuf>,
+    /// Members may call every method (default: nobody but root).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub admin_group: Option<String>,
+    /// Members may call GetCapabilities, Status, List and Monitor.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub readonly_group: Option<String>,
+    /// The largest message accepted, bytes (default 65536).
+    pub max_message_bytes: usize,
+    /// Connections served at once (default 128); more are closed at once.
+    pub max_connections: usize,
+    /// A connection silent this long is closed, milliseconds (default 30000).
+    pub idle_timeout_ms: u64,
+    /// A call answers within this, milliseconds, even if its operation
+    /// goes on (default 120000).
+    pub request_timeout_ms: u64,
+}
+
+impl Default for ApiSection {
+    fn default() -> Self {
+        Self {
+            socket: None,
+            admin_group: None,
+            readonly_group: None,
+            max_message_bytes: 64 * 1024,
+            max_connections: 128,
+            idle_timeout_ms: 30_000,
+            request_timeout_ms: 120_000,
+        }
+    }
+}
+
+/// `[swtpm]`: where the swtpm programs are. Each defaults to the program
+/// found on vtpmd's `PATH` (else `/usr/bin/<name>`).
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SwtpmSection {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub swtpm: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub swtpm_setup: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub swtpm_localca: Option<PathBuf>,
 }
 
 /// `[vault]`: how sealed state files are protected.
@@ -65,6 +189,12 @@ pub enum ConfigError {
         "[vault] Argon2id parameters {params} are below OWASP's floor; set allow_weak_kdf = true to accept them"
     )]
     WeakKdf { params: KdfParams },
+    #[error("[{section}] {key}: {why}")]
+    Invalid {
+        section: &'static str,
+        key: &'static str,
+        why: String,
+    },
 }
 
 /// The largest config file read; a config is a few hundred bytes.
@@ -94,7 +224,37 @@ impl Config {
             source: Box::new(e),
         })?;
         config.kdf_policy()?;
+        config.check_supervisor()?;
         Ok(config)
+    }
+
+    /// The `[supervisor]` and `[swtpm]` rules that need no I/O.
+    fn check_supervisor(&self) -> Result<(), ConfigError> {
+        let s = &self.supervisor;
+        let invalid = |section, key, why: &str| ConfigError::Invalid {
+            section,
+            key,
+            why: why.to_owned(),
+        };
+        for (key, path) in [("state_dir", &s.state_dir), ("runtime_dir", &s.runtime_dir)] {
+            if !path.is_absolute() {
+                return Err(invalid("supervisor", key, "must be an absolute path"));
+            }
+        }
+        s.socket_mode_bits()?;
+        crate::swtpm::provision::PcrBanks::parse(&s.pcr_banks)
+            .map_err(|e| invalid("supervisor", "pcr_banks", &e.to_string()))?;
+        let w = &self.swtpm;
+        for (key, path) in [
+            ("swtpm", &w.swtpm),
+            ("swtpm_setup", &w.swtpm_setup),
+            ("swtpm_localca", &w.swtpm_localca),
+        ] {
+            if path.as_ref().is_some_and(|p| !p.is_absolute()) {
+                return Err(invalid("swtpm", key, "must be an absolute path"));
+            }
+        }
+        Ok(())
     }
 
     /// The vault's KDF policy; refuses weak parameters unless allowed, so a
@@ -154,6 +314,34 @@ mod tests {
         assert!(matches!(parse(weak), Err(ConfigError::WeakKdf { .. })));
         let allowed = parse(&format!("{weak}allow_weak_kdf = true\n")).unwrap();
         assert!(allowed.kdf_policy().unwrap().allow_weak);
+    }
+
+    #[test]
+    fn supervisor_keys_are_checked() {
+        let ok = parse(
+            "[supervisor]\nruntime_dir = \"/run/v\"\nsocket_mode = \"0600\"\nsocket_group = \"kvm\"\n",
+        )
+        .unwrap();
+        assert_eq!(ok.supervisor.socket_mode_bits().unwrap(), 0o600);
+        assert_eq!(ok.supervisor.socket_group.as_deref(), Some("kvm"));
+        assert_eq!(parse(&ok.to_toml()).unwrap(), ok);
+        for bad in [
+            "[supervisor]\nstate_dir = \"relative\"\n",
+            "[supervisor]\nsocket_mode = \"4777\"\n",
+            "[supervisor]\nsocket_mode = \"0x1ff\"\n",
+            "[supervisor]\nsocket_mode = \"0668\"\n",
+            "[supervisor]\npcr_banks = \"md5\"\n",
+            "[swtpm]\nswtpm = \"swtpm\"\n",
+        ] {
+            assert!(
+                matches!(parse(bad), Err(ConfigError::Invalid { .. })),
+                "{bad}"
+            );
+        }
+        assert!(matches!(
+            parse("[supervisor]\nstate_dri = \"/x\"\n"),
+            Err(ConfigError::Parse { .. })
+        ));
     }
 
     #[test]

@@ -1,8 +1,10 @@
 //! vtpmd: one swtpm per virtual machine, with every guest's TPM state
 //! encrypted at rest. See `README.md` and `docs/` for the design.
 
+pub mod api;
 pub mod config;
 pub mod error_chain;
+pub mod paths;
 pub mod protocol;
 pub mod secret;
 pub mod store;

@@ -566,8 +566,14 @@ fn the_child_gets_an_empty_environment_seccomp_and_only_its_fds() {
     let environ = fs::read(format!("/proc/{pid}/environ")).unwrap();
     let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap();
     let before_init = fd_targets(pid);
-    assert_eq!(init(swtpm.ctrl_path()), 0);
+    // Hold the control connection while looking: once it closes, swtpm
+    // drops its end at a moment of its own choosing.
+    let mut ctrl =
+        vtpmd::swtpm::ctrl::client::CtrlClient::connect(swtpm.ctrl_path(), Duration::from_secs(5))
+            .unwrap();
+    ctrl.init(false).unwrap();
     let after_init = fd_targets(pid);
+    drop(ctrl);
     println!("fds before INIT: {before_init:#?}\nafter INIT: {after_init:#?}");
 
     assert!(environ.is_empty(), "environment: {environ:?}");

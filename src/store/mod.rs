@@ -1,1 +1,505 @@
-//! On-disk and runtime layout (being written).
+//! On-disk and runtime layout: where every file of vtpmd lives, with which
+//! mode and owner, and how plaintext runtime directories are wiped.
+//!
+//! ```text
+//! <state_dir>/                      0700  vtpmd           persistent (disk)
+//! <state_dir>/guests/               0700  vtpmd
+//! <state_dir>/guests/<uuid>/        0700  vtpmd
+//! <state_dir>/guests/<uuid>/tpm.sealed       0600  current generation
+//! <state_dir>/guests/<uuid>/tpm.sealed.prev  0600  previous generation
+//! <state_dir>/ca/                   0700  vtpmd           local CA (swtpm::provision::LocalCa)
+//! <runtime_dir>/                    0711  vtpmd           RAM (/run/vtpmd): search only
+//! <runtime_dir>/<uuid>/             0700  swtpm's user    swtpm's state dir while running
+//! <runtime_dir>/<uuid>.sock         socket_mode, group socket_group: ctrl socket
+//! <runtime_dir>/<uuid>.create/      0700  vtpmd           swtpm_setup's target during Create
+//! ```
+//!
+//! The runtime directory is 0711 so that the VMM (another user, in the
+//! socket's group) and swtpm (possibly another user) can reach their one
+//! entry without being able to list the others. The store holds no key: it
+//! only knows paths, modes and owners. Guest ids are canonical UUIDs
+//! ([`GuestId`]), so every path built here is free of `/`, `,` and `..`.
+
+#![forbid(unsafe_code)]
+
+mod lock;
+mod wipe;
+
+use std::fs::{self, DirBuilder};
+use std::io::{self, ErrorKind};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use nix::unistd::{Gid, Uid};
+
+use crate::protocol::GuestId;
+use crate::vault::SealedPaths;
+
+pub use lock::{InUse, in_use};
+pub use wipe::{chown_entries, remove_socket, wipe_dir};
+
+/// Name of the sealed file in a guest's directory.
+pub const SEALED_FILE: &str = "tpm.sealed";
+/// Mode of private directories.
+pub const PRIVATE_DIR_MODE: u32 = 0o700;
+/// Mode of the runtime root: search for all, listing and writing for vtpmd.
+pub const RUNTIME_ROOT_MODE: u32 = 0o711;
+/// `sun_path` holds 108 bytes with the terminating NUL.
+pub const MAX_SOCKET_PATH: usize = 107;
+/// Length of a canonical guest id.
+const GUEST_ID_LEN: usize = 36;
+const SOCKET_SUFFIX: &str = ".sock";
+const CREATE_SUFFIX: &str = ".create";
+
+/// Everything that can go wrong laying out or cleaning vtpmd's files.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{field} {path:?} must be an absolute path")]
+    NotAbsolute { field: &'static str, path: PathBuf },
+    #[error("{field} {path:?} contains a comma, which swtpm's option syntax cannot carry")]
+    Comma { field: &'static str, path: PathBuf },
+    #[error(
+        "control sockets under {path:?} would be {len} bytes long; at most {MAX_SOCKET_PATH} fit: choose a shorter runtime directory"
+    )]
+    RuntimeDirTooLong { path: PathBuf, len: usize },
+    #[error("cannot create directory {path}")]
+    CreateDir {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{path} is not a directory owned by uid {expected} (owner {owner})")]
+    NotOurs {
+        path: PathBuf,
+        owner: u32,
+        expected: u32,
+    },
+    #[error("cannot set the mode of {path}")]
+    Chmod {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot change the owner of {path}")]
+    Chown {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{path} has {links} hard links; refusing to hand it over")]
+    HardLinked { path: PathBuf, links: u64 },
+    #[error("cannot read directory {path}")]
+    ReadDir {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot remove {path}")]
+    Remove {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{path} exists and is not a {expected}; refusing to touch it")]
+    Unexpected {
+        path: PathBuf,
+        expected: &'static str,
+    },
+    #[error("{path} is in use by a live swtpm{}", holder.map(|p| format!(" (pid {p})")).unwrap_or_default())]
+    InUse { path: PathBuf, holder: Option<i32> },
+}
+
+/// What the scan of the runtime directory found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RuntimeEntry {
+    /// `<uuid>/`: a guest's plaintext-state directory.
+    StateDir(GuestId),
+    /// `<uuid>.sock`: a control socket.
+    Socket(GuestId),
+    /// `<uuid>.create/`: a provisioning directory.
+    CreateDir(GuestId),
+    /// Anything else: left alone.
+    Unknown(PathBuf),
+}
+
+/// vtpmd's two roots and the paths under them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Store {
+    state_dir: PathBuf,
+    runtime_dir: PathBuf,
+}
+
+impl Store {
+    /// Checks the roots (absolute, no comma, sockets short enough); touches
+    /// nothing.
+    pub fn new(state_dir: &Path, runtime_dir: &Path) -> Result<Self, StoreError> {
+        for (field, path) in [("state_dir", state_dir), ("runtime_dir", runtime_dir)] {
+            if !path.is_absolute() {
+                return Err(StoreError::NotAbsolute {
+                    field,
+                    path: path.to_owned(),
+                });
+            }
+        }
+        if runtime_dir.as_os_str().as_encoded_bytes().contains(&b',') {
+            return Err(StoreError::Comma {
+                field: "runtime_dir",
+                path: runtime_dir.to_owned(),
+            });
+        }
+        let len = runtime_dir.as_os_str().len() + 1 + GUEST_ID_LEN + CREATE_SUFFIX.len();
+        if len > MAX_SOCKET_PATH {
+            return Err(StoreError::RuntimeDirTooLong {
+                path: runtime_dir.to_owned(),
+                len,
+            });
+        }
+        Ok(Self {
+            state_dir: state_dir.to_owned(),
+            runtime_dir: runtime_dir.to_owned(),
+        })
+    }
+
+    /// Creates the roots with their modes (parents too), tightening the
+    /// mode of an existing root that is vtpmd's, refusing one that is not.
+    pub fn init(&self) -> Result<(), StoreError> {
+        ensure_dir(&self.state_dir, PRIVATE_DIR_MODE, true)?;
+        ensure_dir(&self.guests_dir(), PRIVATE_DIR_MODE, false)?;
+        ensure_dir(&self.runtime_dir, RUNTIME_ROOT_MODE, true)
+    }
+
+    pub fn state_dir(&self) -> &Path {
+        &self.state_dir
+    }
+
+    pub fn runtime_dir(&self) -> &Path {
+        &self.runtime_dir
+    }
+
+    pub fn guests_dir(&self) -> PathBuf {
+        self.state_dir.join("guests")
+    }
+
+    /// Where the local CA lives.
+    pub fn ca_dir(&self) -> PathBuf {
+        self.state_dir.join("ca")
+    }
+
+    pub fn guest_dir(&self, guest: GuestId) -> PathBuf {
+        self.guests_dir().join(guest.to_string())
+    }
+
+    pub fn sealed_paths(&self, guest: GuestId) -> SealedPaths {
+        SealedPaths::new(self.guest_dir(guest).join(SEALED_FILE))
+    }
+
+    /// swtpm's plaintext-state directory while the guest runs.
+    pub fn runtime_state_dir(&self, guest: GuestId) -> PathBuf {
+        self.runtime_dir.join(guest.to_string())
+    }
+
+    pub fn ctrl_socket(&self, guest: GuestId) -> PathBuf {
+        self.runtime_dir.join(format!("{guest}{SOCKET_SUFFIX}"))
+    }
+
+    /// swtpm_setup's target directory during Create.
+    pub fn create_dir(&self, guest: GuestId) -> PathBuf {
+        self.runtime_dir.join(format!("{guest}{CREATE_SUFFIX}"))
+    }
+
+    /// The guest directories under `guests/` (invalid names are logged and
+    /// skipped: they are not vtpmd's).
+    pub fn list_guests(&self) -> Result<Vec<GuestId>, StoreError> {
+        let dir = self.guests_dir();
+        let mut guests = Vec::new();
+        for entry in read_dir(&dir)? {
+            let (name, path) = entry;
+            match GuestId::parse(&name) {
+                Ok(id) if path.is_dir() && !is_symlink(&path) => guests.push(id),
+                _ => tracing::warn!(path = %path.display(), "not a guest directory; ignored"),
+            }
+        }
+        guests.sort();
+        Ok(guests)
+    }
+
+    /// Creates `guests/<uuid>/` (0700). An existing empty directory (left by
+    /// an interrupted Create or Delete) is reused; anything else is
+    /// [`StoreError::Unexpected`].
+    pub fn create_guest_dir(&self, guest: GuestId) -> Result<PathBuf, StoreError> {
+        let path = self.guest_dir(guest);
+        match DirBuilder::new().mode(PRIVATE_DIR_MODE).create(&path) {
+            Ok(()) => Ok(path),
+            Err(e) if e.kind() == ErrorKind::AlreadyExists => {
+                let empty = fs::symlink_metadata(&path).is_ok_and(|m| m.is_dir())
+                    && read_dir(&path)?.is_empty();
+                if empty {
+                    Ok(path)
+                } else {
+                    Err(StoreError::Unexpected {
+                        path,
+                        expected: "empty directory",
+                    })
+                }
+            }
+            Err(source) => Err(StoreError::CreateDir { path, source }),
+        }
+    }
+
+    /// Removes `guests/<uuid>/` if it is empty (the vault removed the
+    /// sealed files); a directory with other files in it is left alone and
+    /// logged.
+    pub fn remove_guest_dir(&self, guest: GuestId) -> Result<(), StoreError> {
+        let path = self.guest_dir(guest);
+        match fs::remove_dir(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
+            Err(e) if e.kind() == ErrorKind::DirectoryNotEmpty => {
+                tracing::warn!(path = %path.display(), "guest directory holds foreign files; left in place");
+                Ok(())
+            }
+            Err(source) => Err(StoreError::Remove { path, source }),
+        }
+    }
+
+    /// A fresh private directory at `path` (0700, owned by `owner` if
+    /// given): whatever was there is wiped first, unless a live swtpm uses
+    /// it ([`StoreError::InUse`]).
+    pub fn fresh_private_dir(
+        &self,
+        path: &Path,
+        socket: Option<&Path>,
+        owner: Option<(Uid, Gid)>,
+    ) -> Result<(), StoreError> {
+        if let InUse::Yes { holder } = in_use(path, socket) {
+            return Err(StoreError::InUse {
+                path: path.to_owned(),
+                holder,
+            });
+        }
+        wipe_dir(path)?;
+        DirBuilder::new()
+            .mode(PRIVATE_DIR_MODE)
+            .create(path)
+            .map_err(|source| StoreError::CreateDir {
+                path: path.to_owned(),
+                source,
+            })?;
+        // The umask may have narrowed it further; make it exact.
+        fs::set_permissions(path, fs::Permissions::from_mode(PRIVATE_DIR_MODE)).map_err(
+            |source| StoreError::Chmod {
+                path: path.to_owned(),
+                source,
+            },
+        )?;
+        if let Some((uid, gid)) = owner {
+            std::os::unix::fs::lchown(path, Some(uid.as_raw()), Some(gid.as_raw())).map_err(
+                |source| StoreError::Chown {
+                    path: path.to_owned(),
+                    source,
+                },
+            )?;
+        }
+        Ok(())
+    }
+
+    /// What lies in the runtime directory (after a crash: leftovers).
+    pub fn scan_runtime(&self) -> Result<Vec<RuntimeEntry>, StoreError> {
+        let mut found = Vec::new();
+        for (name, path) in read_dir(&self.runtime_dir)? {
+            let meta = fs::symlink_metadata(&path).ok();
+            let is_dir = meta.as_ref().is_some_and(|m| m.is_dir());
+            let is_socket = meta.as_ref().is_some_and(|m| m.file_type().is_socket());
+            let entry = if let Some(id) = name
+                .strip_suffix(SOCKET_SUFFIX)
+                .and_then(|n| GuestId::parse(n).ok())
+                .filter(|_| is_socket)
+            {
+                RuntimeEntry::Socket(id)
+            } else if let Some(id) = name
+                .strip_suffix(CREATE_SUFFIX)
+                .and_then(|n| GuestId::parse(n).ok())
+                .filter(|_| is_dir)
+            {
+                RuntimeEntry::CreateDir(id)
+            } else if let Some(id) = GuestId::parse(&name).ok().filter(|_| is_dir) {
+                RuntimeEntry::StateDir(id)
+            } else {
+                RuntimeEntry::Unknown(path)
+            };
+            found.push(entry);
+        }
+        Ok(found)
+    }
+}
+
+/// `(name, path)` of every entry of `dir` whose name is UTF-8.
+fn read_dir(dir: &Path) -> Result<Vec<(String, PathBuf)>, StoreError> {
+    let err = |source| StoreError::ReadDir {
+        path: dir.to_owned(),
+        source,
+    };
+    let mut out = Vec::new();
+    for entry in fs::read_dir(dir).map_err(err)? {
+        let entry = entry.map_err(err)?;
+        match entry.file_name().into_string() {
+            Ok(name) => out.push((name, entry.path())),
+            Err(name) => {
+                tracing::warn!(dir = %dir.display(), name = ?name, "entry with a non-UTF-8 name ignored");
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn is_symlink(path: &Path) -> bool {
+    fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink())
+}
+
+/// Creates `path` with `mode` if missing; an existing one must be a
+/// directory owned by vtpmd's effective uid and gets exactly `mode`.
+fn ensure_dir(path: &Path, mode: u32, parents: bool) -> Result<(), StoreError> {
+    match DirBuilder::new().recursive(parents).mode(mode).create(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
+        Err(source) => {
+            return Err(StoreError::CreateDir {
+                path: path.to_owned(),
+                source,
+            });
+        }
+    }
+    let meta = fs::symlink_metadata(path).map_err(|source| StoreError::CreateDir {
+        path: path.to_owned(),
+        source,
+    })?;
+    let euid = nix::unistd::geteuid().as_raw();
+    if !meta.is_dir() || meta.uid() != euid {
+        return Err(StoreError::NotOurs {
+            path: path.to_owned(),
+            owner: meta.uid(),
+            expected: euid,
+        });
+    }
+    if meta.mode() & 0o7777 != mode {
+        fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(|source| {
+            StoreError::Chmod {
+                path: path.to_owned(),
+                source,
+            }
+        })?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    const GUEST: &str = "0f6a2d1e-8c4b-4e2a-9d3f-5b7c1a2e3f40";
+
+    fn mode(path: &Path) -> u32 {
+        fs::symlink_metadata(path).unwrap().mode() & 0o7777
+    }
+
+    #[test]
+    fn init_creates_the_roots_with_their_modes() {
+        let root = tempfile::tempdir().unwrap();
+        let store = Store::new(&root.path().join("state"), &root.path().join("run")).unwrap();
+        store.init().unwrap();
+        assert_eq!(mode(store.state_dir()), 0o700);
+        assert_eq!(mode(&store.guests_dir()), 0o700);
+        assert_eq!(mode(store.runtime_dir()), 0o711);
+        // An existing loose root is tightened.
+        fs::set_permissions(store.state_dir(), fs::Permissions::from_mode(0o755)).unwrap();
+        store.init().unwrap();
+        assert_eq!(mode(store.state_dir()), 0o700);
+    }
+
+    #[test]
+    fn bad_roots_are_refused_before_anything_is_touched() {
+        assert!(matches!(
+            Store::new(Path::new("state"), Path::new("/run/vtpmd")),
+            Err(StoreError::NotAbsolute { .. })
+        ));
+        assert!(matches!(
+            Store::new(Path::new("/var/lib/vtpmd"), Path::new("/run/a,b")),
+            Err(StoreError::Comma { .. })
+        ));
+        let long = PathBuf::from(format!("/{}", "r".repeat(70)));
+        assert!(matches!(
+            Store::new(Path::new("/var/lib/vtpmd"), &long),
+            Err(StoreError::RuntimeDirTooLong { .. })
+        ));
+    }
+
+    #[test]
+    fn paths_follow_the_layout() {
+        let store = Store::new(Path::new("/var/lib/vtpmd"), Path::new("/run/vtpmd")).unwrap();
+        let g = GuestId::parse(GUEST).unwrap();
+        assert_eq!(
+            store.sealed_paths(g).current(),
+            Path::new(&format!("/var/lib/vtpmd/guests/{GUEST}/tpm.sealed"))
+        );
+        assert_eq!(
+            store.ctrl_socket(g),
+            Path::new(&format!("/run/vtpmd/{GUEST}.sock"))
+        );
+        assert_eq!(
+            store.runtime_state_dir(g),
+            Path::new(&format!("/run/vtpmd/{GUEST}"))
+        );
+        assert_eq!(store.ca_dir(), Path::new("/var/lib/vtpmd/ca"));
+    }
+
+    #[test]
+    fn a_fresh_private_dir_replaces_leftovers_and_is_0700() {
+        let root = tempfile::tempdir().unwrap();
+        let store = Store::new(&root.path().join("state"), &root.path().join("run")).unwrap();
+        store.init().unwrap();
+        let g = GuestId::parse(GUEST).unwrap();
+        let dir = store.runtime_state_dir(g);
+        fs::create_dir(&dir).unwrap();
+        fs::write(dir.join("tpm2-00.permall"), b"old").unwrap();
+        store.fresh_private_dir(&dir, None, None).unwrap();
+        assert_eq!(mode(&dir), 0o700);
+        assert_eq!(fs::read_dir(&dir).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn the_runtime_scan_names_what_it_finds() {
+        let root = tempfile::tempdir().unwrap();
+        let store = Store::new(&root.path().join("state"), &root.path().join("run")).unwrap();
+        store.init().unwrap();
+        let g = GuestId::parse(GUEST).unwrap();
+        fs::create_dir(store.runtime_state_dir(g)).unwrap();
+        fs::create_dir(store.create_dir(g)).unwrap();
+        let _listener = std::os::unix::net::UnixListener::bind(store.ctrl_socket(g)).unwrap();
+        fs::write(store.runtime_dir().join("other"), b"").unwrap();
+        let mut found = store.scan_runtime().unwrap();
+        found.sort_by_key(|e| format!("{e:?}"));
+        assert_eq!(found.len(), 4);
+        assert!(found.contains(&RuntimeEntry::StateDir(g)));
+        assert!(found.contains(&RuntimeEntry::CreateDir(g)));
+        assert!(found.contains(&RuntimeEntry::Socket(g)));
+        assert!(found.contains(&RuntimeEntry::Unknown(store.runtime_dir().join("other"))));
+    }
+
+    #[test]
+    fn an_empty_guest_dir_is_reused_a_full_one_refused() {
+        let root = tempfile::tempdir().unwrap();
+        let store = Store::new(&root.path().join("state"), &root.path().join("run")).unwrap();
+        store.init().unwrap();
+        let g = GuestId::parse(GUEST).unwrap();
+        let dir = store.create_guest_dir(g).unwrap();
+        assert_eq!(mode(&dir), 0o700);
+        store.create_guest_dir(g).unwrap();
+        fs::write(dir.join(SEALED_FILE), b"x").unwrap();
+        assert!(matches!(
+            store.create_guest_dir(g),
+            Err(StoreError::Unexpected { .. })
+        ));
+        assert_eq!(store.list_guests().unwrap(), [g]);
+    }
+}

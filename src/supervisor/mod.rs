@@ -1,1 +1,419 @@
-//! Guest registry and lifecycle (being written).
+//! The guest registry and each guest's lifecycle: one swtpm per running
+//! guest, its state sealed at rest and resealed on every write.
+//!
+//! The [`Supervisor`] is what the API server calls. Its parts, one job per
+//! file:
+//!
+//! | file | job |
+//! |---|---|
+//! | `state` | the (state, action) table, with no wildcard |
+//! | `registry`, `guest` | the guests, each with a snapshot (read without waiting) and an operation lock |
+//! | `recover` | the registry rebuilt from the state root; crash leftovers wiped |
+//! | `create`, `start`, `stop`, `manage` | the operations |
+//! | `reseal` | inotify on the runtime dir → coalesced, durable reseals |
+//! | `exit` | the pidfd watcher: swtpm's exit noticed at once |
+//! | `finish` | the one way a run ends: final reseal, wipe, key dropped |
+//!
+//! Concurrency: each guest's operations are serialized by a tokio mutex
+//! held for the whole operation (waiting at most `lock_wait`, then
+//! [`SupervisorError::Busy`]); different guests run fully in parallel;
+//! Argon2 runs on blocking threads under a semaphore, so parallel starts
+//! cannot exhaust memory. Every operation runs in its own task, so a caller
+//! that gives up (a client disconnecting) cannot cut it off half-way and
+//! leave something behind.
+
+#![forbid(unsafe_code)]
+
+mod config;
+mod create;
+mod error;
+mod exit;
+mod fdwatch;
+mod finish;
+mod guest;
+mod manage;
+mod recover;
+mod registry;
+mod reseal;
+mod start;
+mod state;
+mod stop;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use tokio::sync::{OwnedRwLockReadGuard, RwLock, Semaphore, broadcast};
+
+use crate::protocol::{GuestId, TpmModel, TpmSpec, TpmVersion};
+use crate::secret::SecretBuf;
+use crate::store::Store;
+use crate::swtpm::probe::HostSupport;
+use crate::swtpm::provision::LocalCa;
+
+pub use config::{SupervisorConfig, default_kdf_parallelism};
+pub use error::SupervisorError;
+pub use state::{Action, Allowed, GuestState, Refused, decide};
+
+use guest::Guest;
+use registry::Registry;
+
+/// How many events a slow subscriber may fall behind before it sees
+/// `RecvError::Lagged`.
+const EVENT_CAPACITY: usize = 1024;
+
+/// One guest as the API reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestInfo {
+    pub guest: GuestId,
+    pub spec: TpmSpec,
+    pub state: GuestState,
+    /// swtpm's pid while running.
+    pub pid: Option<u32>,
+    /// Where the VMM connects, while running.
+    pub ctrl_socket: Option<PathBuf>,
+    /// The sealed generation on disk.
+    pub generation: u64,
+    /// Why the guest is `failed`.
+    pub failure: Option<String>,
+}
+
+/// What this host can serve.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Capabilities {
+    pub versions: Vec<TpmVersion>,
+    /// `tpm-tis` always; `tpm-crb` when TPM 2.0 is served.
+    pub models: Vec<TpmModel>,
+    /// Nova traits (`COMPUTE_SECURITY_TPM_1_2`, `COMPUTE_SECURITY_TPM_2_0`).
+    pub traits: Vec<String>,
+    pub swtpm_version: String,
+}
+
+/// What happened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventKind {
+    Created,
+    Starting,
+    Running,
+    Stopping,
+    Stopped,
+    Failed,
+    Deleted,
+    /// A write of swtpm is durable; `latency` runs from the moment vtpmd
+    /// saw the write (inotify) to the end of the directory fsync.
+    Resealed {
+        latency: Duration,
+    },
+}
+
+impl EventKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::Created => "created",
+            EventKind::Starting => "starting",
+            EventKind::Running => "running",
+            EventKind::Stopping => "stopping",
+            EventKind::Stopped => "stopped",
+            EventKind::Failed => "failed",
+            EventKind::Deleted => "deleted",
+            EventKind::Resealed { .. } => "resealed",
+        }
+    }
+
+    /// The event that reports a guest settling in `state`.
+    fn settled(state: GuestState) -> Self {
+        match state {
+            GuestState::Stopped => EventKind::Stopped,
+            GuestState::Starting => EventKind::Starting,
+            GuestState::Running => EventKind::Running,
+            GuestState::Stopping => EventKind::Stopping,
+            GuestState::Failed => EventKind::Failed,
+        }
+    }
+}
+
+/// One event on [`Supervisor::subscribe`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event {
+    pub kind: EventKind,
+    /// The guest as it is after the event.
+    pub guest: GuestInfo,
+    /// Extra words for operators: why a guest failed, that Start opened
+    /// the previous generation, why an operation was undone.
+    pub detail: Option<String>,
+}
+
+/// The supervisor; share it as `Arc<Supervisor>`.
+#[derive(Debug)]
+pub struct Supervisor {
+    shared: Arc<Shared>,
+}
+
+/// What every operation and background task of the supervisor uses.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    config: SupervisorConfig,
+    store: Store,
+    host: HostSupport,
+    ca: Option<LocalCa>,
+    kdf_permits: Arc<Semaphore>,
+    events: broadcast::Sender<Event>,
+    shutting_down: AtomicBool,
+    /// Operations hold it shared; `shutdown` takes it exclusively, so it
+    /// waits for every operation in flight and no new one starts.
+    gate: Arc<RwLock<()>>,
+    registry: Registry,
+}
+
+impl Shared {
+    /// Admission of an operation: refused once shutdown has begun.
+    async fn enter(&self) -> Result<OwnedRwLockReadGuard<()>, SupervisorError> {
+        if self.shutting_down.load(Ordering::SeqCst) {
+            return Err(SupervisorError::ShuttingDown);
+        }
+        let guard = Arc::clone(&self.gate).read_owned().await;
+        if self.shutting_down.load(Ordering::SeqCst) {
+            return Err(SupervisorError::ShuttingDown);
+        }
+        Ok(guard)
+    }
+
+    fn publish(&self, kind: EventKind, guest: GuestInfo, detail: Option<String>) {
+        tracing::debug!(guest = %guest.guest, event = kind.as_str(), state = %guest.state, "event");
+        // No subscriber is fine.
+        let _ = self.events.send(Event {
+            kind,
+            guest,
+            detail,
+        });
+    }
+
+    /// Runs `f` (which derives keys) on a blocking thread while holding one
+    /// of the KDF permits.
+    async fn kdf<T, F>(&self, guest: GuestId, op: &'static str, f: F) -> Result<T, SupervisorError>
+    where
+        T: Send + 'static,
+        F: FnOnce() -> T + Send + 'static,
+    {
+        let permit = Arc::clone(&self.kdf_permits)
+            .acquire_owned()
+            .await
+            .map_err(|_| SupervisorError::ShuttingDown)?;
+        blocking(guest, op, move || {
+            let out = f();
+            drop(permit);
+            out
+        })
+        .await
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        let mut models = vec![TpmModel::Tis];
+        if self.host.supports(TpmVersion::V2_0) {
+            models.push(TpmModel::Crb);
+        }
+        Capabilities {
+            versions: self.host.versions.clone(),
+            models,
+            traits: self.host.traits().into_iter().map(str::to_owned).collect(),
+            swtpm_version: self.host.swtpm_version.clone(),
+        }
+    }
+}
+
+/// Runs blocking work (file system, fork/exec, fsync) off the async
+/// threads.
+async fn blocking<T, F>(guest: GuestId, op: &'static str, f: F) -> Result<T, SupervisorError>
+where
+    T: Send + 'static,
+    F: FnOnce() -> T + Send + 'static,
+{
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|source| SupervisorError::Task { guest, op, source })
+}
+
+/// Runs an operation in its own task: dropping the caller's future does not
+/// cancel it half-way.
+async fn detached<T, F>(guest: GuestId, op: &'static str, fut: F) -> Result<T, SupervisorError>
+where
+    T: Send + 'static,
+    F: std::future::Future<Output = Result<T, SupervisorError>> + Send + 'static,
+{
+    tokio::spawn(fut)
+        .await
+        .map_err(|source| SupervisorError::Task { guest, op, source })?
+}
+
+impl Supervisor {
+    /// Probes swtpm, lays out the directories, rebuilds the registry from
+    /// `<state_dir>/guests/*` and wipes what a crash left in the runtime
+    /// directory (never what a live swtpm still uses: that guest is marked
+    /// failed instead).
+    pub async fn start(config: SupervisorConfig) -> Result<Arc<Supervisor>, SupervisorError> {
+        if config.socket_mode & !0o777 != 0 {
+            return Err(SupervisorError::Config {
+                what: format!(
+                    "socket_mode {:#o} has bits outside 0o777",
+                    config.socket_mode
+                ),
+            });
+        }
+        let store = Store::new(&config.state_dir, &config.runtime_dir)
+            .map_err(SupervisorError::InitStore)?;
+        let bins = config.binaries.clone();
+        let for_setup = store.clone();
+        let (host, ca, guests) = tokio::task::spawn_blocking(move || {
+            let host = crate::swtpm::probe::probe(&bins).map_err(SupervisorError::ProbeSwtpm)?;
+            for_setup.init().map_err(SupervisorError::InitStore)?;
+            let ca = if host.can_create_certificates() {
+                Some(LocalCa::open(&for_setup.ca_dir()).map_err(SupervisorError::OpenLocalCa)?)
+            } else {
+                None
+            };
+            let guests = recover::recover(&for_setup)?;
+            Ok::<_, SupervisorError>((host, ca, guests))
+        })
+        .await
+        .map_err(|source| SupervisorError::Config {
+            what: format!("start-up task failed: {source}"),
+        })??;
+
+        let (events, _) = broadcast::channel(EVENT_CAPACITY);
+        let registry = Registry::default();
+        for info in guests {
+            registry.insert_recovered(Guest::new(info));
+        }
+        tracing::info!(
+            guests = registry.len(),
+            kdf_parallelism = config.kdf_parallelism,
+            state_dir = %config.state_dir.display(),
+            runtime_dir = %config.runtime_dir.display(),
+            "supervisor ready"
+        );
+        Ok(Arc::new(Supervisor {
+            shared: Arc::new(Shared {
+                kdf_permits: Arc::new(Semaphore::new(config.kdf_parallelism.max(1))),
+                config,
+                store,
+                host,
+                ca,
+                events,
+                shutting_down: AtomicBool::new(false),
+                gate: Arc::new(RwLock::new(())),
+                registry,
+            }),
+        }))
+    }
+
+    pub fn capabilities(&self) -> Capabilities {
+        self.shared.capabilities()
+    }
+
+    /// Provisions and seals a new TPM (generation 1); the guest is
+    /// `stopped`. A failure leaves nothing behind.
+    pub async fn create(
+        &self,
+        guest: GuestId,
+        spec: TpmSpec,
+        passphrase: SecretBuf,
+        ek_certificate: bool,
+    ) -> Result<GuestInfo, SupervisorError> {
+        let shared = Arc::clone(&self.shared);
+        detached(guest, "create", async move {
+            create::create(shared, guest, spec, passphrase, ek_certificate).await
+        })
+        .await
+    }
+
+    /// Unseals, spawns swtpm and answers once its control socket serves.
+    pub async fn start_guest(
+        &self,
+        guest: GuestId,
+        passphrase: SecretBuf,
+    ) -> Result<GuestInfo, SupervisorError> {
+        let shared = Arc::clone(&self.shared);
+        detached(guest, "start", async move {
+            start::start_guest(shared, guest, passphrase).await
+        })
+        .await
+    }
+
+    /// Stops swtpm gracefully, reseals a last time, wipes the plaintext.
+    pub async fn stop_guest(&self, guest: GuestId) -> Result<GuestInfo, SupervisorError> {
+        let shared = Arc::clone(&self.shared);
+        detached(guest, "stop", async move {
+            stop::stop_guest(shared, guest).await
+        })
+        .await
+    }
+
+    /// The guest's snapshot; never waits for an operation.
+    pub fn status(&self, guest: GuestId) -> Result<GuestInfo, SupervisorError> {
+        self.shared
+            .registry
+            .get(guest)
+            .map(|g| g.info())
+            .ok_or(SupervisorError::NoSuchGuest { guest })
+    }
+
+    /// Every guest, sorted by id; never waits for an operation.
+    pub fn list(&self) -> Vec<GuestInfo> {
+        self.shared
+            .registry
+            .all()
+            .iter()
+            .map(|g| g.info())
+            .collect()
+    }
+
+    /// Removes both sealed generations and the guest's directory.
+    pub async fn delete(&self, guest: GuestId) -> Result<(), SupervisorError> {
+        let shared = Arc::clone(&self.shared);
+        detached(guest, "delete", async move {
+            manage::delete(shared, guest).await
+        })
+        .await
+    }
+
+    /// Rewraps the guest's keyslot under `new_passphrase`; `passphrase`
+    /// must open it. Works stopped and running.
+    pub async fn rekey(
+        &self,
+        guest: GuestId,
+        passphrase: SecretBuf,
+        new_passphrase: SecretBuf,
+    ) -> Result<(), SupervisorError> {
+        let shared = Arc::clone(&self.shared);
+        detached(guest, "rekey", async move {
+            manage::rekey(shared, guest, passphrase, new_passphrase).await
+        })
+        .await
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.shared.events.subscribe()
+    }
+
+    /// The latest reseal latencies of a guest (seen write → durable), oldest
+    /// first, at most the last 1024. Empty for an unknown guest.
+    pub fn reseal_latencies(&self, guest: GuestId) -> Vec<Duration> {
+        self.shared
+            .registry
+            .get(guest)
+            .map(|g| g.latencies())
+            .unwrap_or_default()
+    }
+
+    /// The daemon's SIGTERM: refuse new operations, wait for those in
+    /// flight, stop every running guest with a final reseal and wipe.
+    pub async fn shutdown(&self) {
+        stop::shutdown(Arc::clone(&self.shared)).await;
+    }
+
+    /// The store's layout (paths of sealed files, sockets).
+    pub fn store(&self) -> &Store {
+        &self.shared.store
+    }
+}

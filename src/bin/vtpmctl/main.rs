@@ -1,21 +1,61 @@
 //! vtpmctl, the operator's client for vtpmd.
+//!
+//! One subcommand per method of `io.vtpmd.Manager` (capabilities, create,
+//! start, stop, status, list, delete, rekey, monitor), `attach-args` for
+//! the VMM side, and the offline `state inspect|verify`. Passphrases come
+//! from `--passphrase-file FILE` (`-`: stdin) or, on a terminal, from a
+//! prompt with echo off; never from argv or the environment.
+//!
+//! Exit codes of the online subcommands (scripts act on them, so they never
+//! change meaning):
+//!
+//! | exit | meaning |
+//! |---|---|
+//! | 0 | success |
+//! | 1 | vtpmd answered with an error: its Varlink name and a sentence go to stderr (with `--json`, also `{"error": NAME, "parameters": {…}}` on stdout); also `attach-args` refusing a guest that does not run, or a TPM the VMM cannot take (named `io.vtpmd.Manager.GuestNotRunning` / `InvalidTpmSpec` the same way) |
+//! | 2 | usage error (bad arguments, e.g. a guest id that is not a canonical UUID) |
+//! | 6 | local failure: cannot connect to the socket, permission denied on it, I/O error or timeout, an unreadable, empty or mismatched passphrase, a cancelled prompt |
+//!
+//! `state inspect|verify` keep their own codes (0, 1, 3, 4, 5, 6; 2 for
+//! usage), documented in `state.rs` and the README.
 
+use std::io::Write;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use vtpmd::error_chain::chain;
 
+mod attach;
+mod client;
+mod commands;
+mod message;
+mod output;
 mod passphrase;
 mod state;
+
+use client::ClientError;
+use commands::{Conn, Online};
+
+/// Exit code: vtpmd (or attach-args) refused.
+const EXIT_REMOTE: u8 = 1;
+/// Exit code: bad arguments (clap uses it too).
+const EXIT_USAGE: u8 = 2;
+/// Exit code: a local failure.
+const EXIT_LOCAL: u8 = 6;
 
 #[derive(Debug, Parser)]
 #[command(version, about = "Operate vtpmd and its sealed TPM state files")]
 struct Args {
+    #[command(flatten)]
+    conn: Conn,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    #[command(flatten)]
+    Online(Online),
     /// Offline tools for sealed state files (no daemon needed).
     #[command(subcommand)]
     State(state::StateCommand),
@@ -24,6 +64,242 @@ enum Command {
 fn main() -> ExitCode {
     let args = Args::parse();
     match args.command {
-        Command::State(command) => state::run(command),
+        Command::State(mut command) => {
+            // `vtpmctl --json state …` means what `state … --json` means.
+            if args.conn.json {
+                match &mut command {
+                    state::StateCommand::Inspect { json, .. }
+                    | state::StateCommand::Verify { json, .. } => *json = true,
+                }
+            }
+            state::run(command)
+        }
+        Command::Online(mut command) => {
+            let conn = std::mem::take(command.conn_mut()).or(&args.conn);
+            let json = conn.json;
+            *command.conn_mut() = conn;
+            match commands::run(command) {
+                Ok(Some(printed)) => {
+                    let text = if json {
+                        format!(
+                            "{}\n",
+                            serde_json::to_string_pretty(&printed.json).unwrap_or_default()
+                        )
+                    } else {
+                        printed.human
+                    };
+                    let _ = std::io::stdout().lock().write_all(text.as_bytes());
+                    ExitCode::SUCCESS
+                }
+                Ok(None) => ExitCode::SUCCESS,
+                Err(e) => report(&e, json),
+            }
+        }
+    }
+}
+
+/// Prints the error and picks the exit code.
+fn report(error: &ClientError, json: bool) -> ExitCode {
+    let (name, parameters) = match error {
+        ClientError::Remote { name, parameters } => (name.as_str(), parameters),
+        ClientError::Refused {
+            name, parameters, ..
+        } => (*name, parameters),
+        ClientError::Usage(_) => {
+            eprintln!("vtpmctl: {error}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+        _ => {
+            eprintln!("vtpmctl: {}", chain(error));
+            return ExitCode::from(EXIT_LOCAL);
+        }
+    };
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({ "error": name, "parameters": parameters })
+        );
+    }
+    eprintln!("vtpmctl: {error}");
+    ExitCode::from(EXIT_REMOTE)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use attach::Vmm;
+
+    const G: &str = "0f6a2d1e-8c4b-4e2a-9d3f-5b7c1a2e3f40";
+
+    fn parse(args: &[&str]) -> Result<Args, clap::Error> {
+        Args::try_parse_from(std::iter::once("vtpmctl").chain(args.iter().copied()))
+    }
+
+    fn online(args: &[&str]) -> Online {
+        match parse(args).unwrap().command {
+            Command::Online(o) => o,
+            Command::State(s) => panic!("{s:?}"),
+        }
+    }
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        use clap::CommandFactory;
+        Args::command().debug_assert();
+    }
+
+    #[test]
+    fn every_method_has_a_subcommand() {
+        assert!(matches!(
+            online(&["capabilities"]),
+            Online::Capabilities { .. }
+        ));
+        assert!(matches!(online(&["status", G]), Online::Status { .. }));
+        assert!(matches!(online(&["stop", G]), Online::Stop { .. }));
+        assert!(matches!(online(&["list"]), Online::List { .. }));
+        assert!(matches!(online(&["delete", G]), Online::Delete { .. }));
+        assert!(matches!(
+            online(&["start", G, "--passphrase-file", "-"]),
+            Online::Start { .. }
+        ));
+        assert!(matches!(
+            online(&["start", G]),
+            Online::Start {
+                passphrase_file: None,
+                ..
+            }
+        ));
+        assert!(matches!(
+            online(&[
+                "rekey",
+                G,
+                "--passphrase-file",
+                "a",
+                "--new-passphrase-file",
+                "b"
+            ]),
+            Online::Rekey { .. }
+        ));
+        match online(&["monitor", "--count", "3"]) {
+            Online::Monitor { count, .. } => assert_eq!(count, Some(3)),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn create_takes_a_spec_nova_properties_and_a_passphrase_file() {
+        match online(&[
+            "create",
+            G,
+            "--version",
+            "2.0",
+            "--model",
+            "tpm-crb",
+            "--flavor-extra-spec",
+            "hw:tpm_version=2.0",
+            "--flavor-extra-spec",
+            "hw:tpm_model=tpm-crb",
+            "--image-property",
+            "hw_tpm_model=tpm-crb",
+            "--ek-certificate",
+            "--passphrase-file",
+            "/dev/null",
+        ]) {
+            Online::Create {
+                guest,
+                tpm_version,
+                model,
+                flavor_extra_specs,
+                image_properties,
+                ek_certificate,
+                passphrase_file,
+                ..
+            } => {
+                assert_eq!(guest.to_string(), G);
+                assert_eq!(tpm_version.as_deref(), Some("2.0"));
+                assert_eq!(model.as_deref(), Some("tpm-crb"));
+                assert_eq!(flavor_extra_specs.len(), 2);
+                assert_eq!(image_properties[0].0, "hw_tpm_model");
+                assert!(ek_certificate);
+                assert_eq!(passphrase_file.unwrap().to_str(), Some("/dev/null"));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(parse(&["create", G, "--version", "3.0"]).is_err());
+        assert!(parse(&["create", G, "--model", "tpm-spapr"]).is_err());
+        assert!(parse(&["create", G, "--flavor-extra-spec", "novalue"]).is_err());
+    }
+
+    #[test]
+    fn bad_guest_ids_and_unknown_options_are_usage_errors() {
+        for args in [
+            &["status", "not-a-uuid"][..],
+            &["status", "0F6A2D1E-8C4B-4E2A-9D3F-5B7C1A2E3F40"],
+            &["status"],
+            &["start", G, "--passphrase", "hunter2"],
+            &["attach-args", G],
+            &["attach-args", G, "--for", "xen"],
+            &["attach-args", G, "--for", "qemu", "--id", "0bad"],
+            &["monitor", "--count", "0"],
+        ] {
+            let err = parse(args).unwrap_err();
+            assert_eq!(err.exit_code(), 2, "{args:?}");
+        }
+    }
+
+    #[test]
+    fn connection_options_go_before_or_after_the_subcommand() {
+        let args = parse(&["--socket", "/x.sock", "--json", "status", G]).unwrap();
+        assert_eq!(
+            args.conn.socket.as_deref(),
+            Some(std::path::Path::new("/x.sock"))
+        );
+        assert!(args.conn.json);
+        match online(&[
+            "status",
+            G,
+            "--socket",
+            "/y.sock",
+            "--json",
+            "--timeout",
+            "3",
+        ]) {
+            Online::Status { conn, .. } => {
+                assert_eq!(
+                    conn.socket.as_deref(),
+                    Some(std::path::Path::new("/y.sock"))
+                );
+                assert!(conn.json);
+                assert_eq!(conn.timeout, Some(3));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn attach_args_names_its_vmm() {
+        for (name, vmm) in [
+            ("qemu", Vmm::Qemu),
+            ("libvirt", Vmm::Libvirt),
+            ("cloud-hypervisor", Vmm::CloudHypervisor),
+        ] {
+            match online(&["attach-args", G, "--for", name]) {
+                Online::AttachArgs { vmm: v, id, .. } => {
+                    assert_eq!(v, vmm);
+                    assert_eq!(id, "tpm0");
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn state_commands_keep_their_own_json_flag() {
+        let args = parse(&["state", "inspect", "/f", "--json"]).unwrap();
+        assert!(matches!(
+            args.command,
+            Command::State(state::StateCommand::Inspect { json: true, .. })
+        ));
+        assert!(parse(&["--json", "state", "inspect", "/f"]).is_ok());
     }
 }

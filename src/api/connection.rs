@@ -1,0 +1,269 @@
+//! One client connection: receive, authorize, dispatch, answer; or stream
+//! events for Monitor. Every wait is bounded, so a client that stalls holds
+//! only its own connection.
+
+use std::sync::Arc;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixStream;
+use tokio::sync::broadcast::error::RecvError as EventRecvError;
+use tokio::time::timeout;
+
+use crate::protocol::manager::{
+    self, INTERFACE, INTERFACE_DESCRIPTION, ManagerError, MonitorReply, RequestError,
+};
+use crate::protocol::varlink::{Call, SERVICE_INTERFACE, ServiceError, ServiceInfo, encode_reply};
+
+use super::Context;
+use super::auth::{Access, Peer};
+use super::dispatch;
+use super::recv::{Receiver, RecvError};
+
+/// What to do after a message.
+enum Next {
+    Reply(Vec<u8>),
+    /// Reply, then close: the stream can no longer be trusted to be in step.
+    Close(Vec<u8>),
+    Monitor,
+    Silent,
+}
+
+pub(super) async fn serve(mut stream: UnixStream, ctx: Arc<Context>) {
+    let Some(peer) = peer_of(&stream) else {
+        return;
+    };
+    let access = ctx.groups.access(&peer);
+    let mut rx = match Receiver::new(ctx.limits.max_message) {
+        Ok(rx) => rx,
+        Err(e) => {
+            tracing::error!(error = %crate::error_chain::chain(&e), "no locked memory for a client connection");
+            return;
+        }
+    };
+    loop {
+        let next = match timeout(ctx.limits.idle, rx.next(&mut stream)).await {
+            Err(_) => {
+                tracing::debug!(uid = peer.uid.as_raw(), "client idle too long; closing");
+                return;
+            }
+            Ok(Ok(None)) => return,
+            Ok(Err(RecvError::TooLarge { limit })) => {
+                tracing::info!(
+                    uid = peer.uid.as_raw(),
+                    limit,
+                    "client message too large; closing"
+                );
+                Next::Close(invalid("message"))
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "client connection ended");
+                return;
+            }
+            Ok(Ok(Some(message))) => handle(message, access, &peer, &ctx).await,
+        };
+        match next {
+            Next::Reply(bytes) => {
+                if !send(&mut stream, &bytes, &ctx).await {
+                    return;
+                }
+            }
+            Next::Close(bytes) => {
+                send(&mut stream, &bytes, &ctx).await;
+                return;
+            }
+            Next::Monitor => {
+                monitor(&mut stream, &ctx).await;
+                return;
+            }
+            Next::Silent => {}
+        }
+    }
+}
+
+fn peer_of(stream: &UnixStream) -> Option<Peer> {
+    match stream.peer_cred() {
+        Ok(cred) => Some(Peer {
+            uid: nix::unistd::Uid::from_raw(cred.uid()),
+            gid: nix::unistd::Gid::from_raw(cred.gid()),
+            pid: cred.pid(),
+        }),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the peer's credentials; closing");
+            None
+        }
+    }
+}
+
+async fn handle(message: &[u8], access: Access, peer: &Peer, ctx: &Arc<Context>) -> Next {
+    let call = match Call::parse(message) {
+        Ok(call) => call,
+        Err(e) => {
+            tracing::debug!(error = %crate::error_chain::chain(&e), "malformed call");
+            return Next::Close(invalid("message"));
+        }
+    };
+    let reply = |bytes| {
+        if call.oneway {
+            Next::Silent
+        } else {
+            Next::Reply(bytes)
+        }
+    };
+    let Some((interface, member)) = call.split_method() else {
+        return reply(invalid("method"));
+    };
+    if interface == SERVICE_INTERFACE {
+        return reply(service(member, call.parameters_json()));
+    }
+    if interface != INTERFACE {
+        return reply(
+            ServiceError::InterfaceNotFound {
+                interface: interface.to_owned(),
+            }
+            .encode(),
+        );
+    }
+    let request = match manager::parse_request(member, call.parameters_json()) {
+        Ok(request) => request,
+        Err(RequestError::MethodNotFound { method }) => {
+            return reply(ServiceError::MethodNotFound { method }.encode());
+        }
+        Err(RequestError::InvalidParameter { parameter }) => return reply(invalid(&parameter)),
+        Err(RequestError::InvalidTpmSpec { reason }) => {
+            return reply(ManagerError::InvalidTpmSpec { reason }.encode());
+        }
+    };
+    let allowed = match access {
+        Access::Admin => true,
+        Access::ReadOnly => request.is_read_only(),
+        Access::Denied => false,
+    };
+    tracing::info!(method = request.method(), uid = peer.uid.as_raw(), pid = ?peer.pid, allowed, "call");
+    if !allowed {
+        return reply(
+            ManagerError::PermissionDenied {
+                method: format!("{INTERFACE}.{}", request.method()),
+            }
+            .encode(),
+        );
+    }
+    if matches!(request, manager::Request::Monitor) {
+        return if call.more {
+            Next::Monitor
+        } else {
+            reply(ServiceError::ExpectedMore.encode())
+        };
+    }
+    reply(dispatch::run(&ctx.supervisor, request, ctx.limits.request).await)
+}
+
+/// `org.varlink.service`: introspection, open to every peer.
+fn service(member: &str, parameters: &str) -> Vec<u8> {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct DescriptionParams {
+        interface: String,
+    }
+    match member {
+        "GetInfo" => encode_reply(
+            &ServiceInfo {
+                vendor: "vtpmd".to_owned(),
+                product: "vtpmd".to_owned(),
+                version: env!("CARGO_PKG_VERSION").to_owned(),
+                url: "https://varlink.org".to_owned(),
+                interfaces: vec![SERVICE_INTERFACE.to_owned(), INTERFACE.to_owned()],
+            },
+            false,
+        ),
+        "GetInterfaceDescription" => match serde_json::from_str::<DescriptionParams>(parameters) {
+            Ok(p) if p.interface == INTERFACE => encode_reply(
+                &serde_json::json!({ "description": INTERFACE_DESCRIPTION }),
+                false,
+            ),
+            Ok(p) if p.interface == SERVICE_INTERFACE => encode_reply(
+                &serde_json::json!({ "description": SERVICE_DESCRIPTION }),
+                false,
+            ),
+            Ok(p) => ServiceError::InterfaceNotFound {
+                interface: p.interface,
+            }
+            .encode(),
+            Err(_) => invalid("interface"),
+        },
+        other => ServiceError::MethodNotFound {
+            method: format!("{SERVICE_INTERFACE}.{other}"),
+        }
+        .encode(),
+    }
+}
+
+/// The standard description of `org.varlink.service` (varlink.org).
+const SERVICE_DESCRIPTION: &str = "# The Varlink Service Interface is provided by every varlink service.
+interface org.varlink.service
+
+method GetInfo() -> (vendor: string, product: string, version: string, url: string, interfaces: []string)
+
+method GetInterfaceDescription(interface: string) -> (description: string)
+
+error InterfaceNotFound (interface: string)
+error MethodNotFound (method: string)
+error MethodNotImplemented (method: string)
+error InvalidParameter (parameter: string)
+error PermissionDenied ()
+error ExpectedMore ()
+";
+
+fn invalid(parameter: &str) -> Vec<u8> {
+    ServiceError::InvalidParameter {
+        parameter: parameter.to_owned(),
+    }
+    .encode()
+}
+
+/// Writes a reply within the idle timeout; `false` when the client is gone
+/// or not reading.
+async fn send(stream: &mut UnixStream, bytes: &[u8], ctx: &Context) -> bool {
+    matches!(
+        timeout(ctx.limits.idle, stream.write_all(bytes)).await,
+        Ok(Ok(()))
+    )
+}
+
+/// Streams the existing guests, then every event, until the client leaves.
+async fn monitor(stream: &mut UnixStream, ctx: &Context) {
+    // Subscribe first, so no event falls between the snapshot and the stream.
+    let mut events = ctx.supervisor.subscribe();
+    for info in ctx.supervisor.list() {
+        let reply = MonitorReply {
+            event: "existing".to_owned(),
+            guest: dispatch::view(&info),
+        };
+        if !send(stream, &encode_reply(&reply, true), ctx).await {
+            return;
+        }
+    }
+    let (mut reader, mut writer) = stream.split();
+    let mut probe = [0u8; 1];
+    loop {
+        tokio::select! {
+            event = events.recv() => match event {
+                Ok(event) => {
+                    let reply = MonitorReply {
+                        event: event.kind.as_str().to_owned(),
+                        guest: dispatch::view(&event.guest),
+                    };
+                    let bytes = encode_reply(&reply, true);
+                    if !matches!(timeout(ctx.limits.idle, writer.write_all(&bytes)).await, Ok(Ok(()))) {
+                        return;
+                    }
+                }
+                Err(EventRecvError::Lagged(missed)) => {
+                    tracing::warn!(missed, "a Monitor client fell behind; events were dropped for it");
+                }
+                Err(EventRecvError::Closed) => return,
+            },
+            // A streaming connection takes no further calls: input or EOF ends it.
+            _ = reader.read(&mut probe) => return,
+        }
+    }
+}

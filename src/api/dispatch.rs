@@ -1,0 +1,225 @@
+//! One validated request → one supervisor action → one reply. The only
+//! place that maps the supervisor's errors to the wire.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::protocol::manager::{
+    CapabilitiesReply, GuestReply, GuestView, ListReply, ManagerError, Passphrase, Request,
+};
+use crate::protocol::varlink::{ServiceError, encode_reply};
+use crate::secret::SecretBuf;
+use crate::supervisor::{GuestInfo, Supervisor, SupervisorError};
+use crate::vault::MAX_PASSPHRASE_LEN;
+
+/// Runs a request that is not Monitor. Operations run in their own task:
+/// a client that goes away or times out never cancels one halfway.
+pub async fn run(supervisor: &Arc<Supervisor>, request: Request<'_>, timeout: Duration) -> Vec<u8> {
+    match request {
+        Request::GetCapabilities => {
+            let caps = supervisor.capabilities();
+            encode_reply(
+                &CapabilitiesReply {
+                    versions: caps
+                        .versions
+                        .iter()
+                        .map(|v| v.as_str().to_owned())
+                        .collect(),
+                    models: caps.models.iter().map(|m| m.as_str().to_owned()).collect(),
+                    traits: caps.traits.clone(),
+                    swtpm_version: caps.swtpm_version.clone(),
+                },
+                false,
+            )
+        }
+        Request::Status { guest } => guest_reply(supervisor.status(guest)),
+        Request::List => encode_reply(
+            &ListReply {
+                guests: supervisor.list().iter().map(view).collect(),
+            },
+            false,
+        ),
+        Request::Create {
+            guest,
+            spec,
+            passphrase,
+            ek_certificate,
+        } => {
+            let passphrase = match decode(passphrase, "passphrase") {
+                Ok(p) => p,
+                Err(reply) => return reply,
+            };
+            let sup = Arc::clone(supervisor);
+            detached(timeout, async move {
+                sup.create(guest, spec, passphrase, ek_certificate).await
+            })
+            .await
+            .map_or_else(|reply| reply, guest_reply)
+        }
+        Request::Start { guest, passphrase } => {
+            let passphrase = match decode(passphrase, "passphrase") {
+                Ok(p) => p,
+                Err(reply) => return reply,
+            };
+            let sup = Arc::clone(supervisor);
+            detached(
+                timeout,
+                async move { sup.start_guest(guest, passphrase).await },
+            )
+            .await
+            .map_or_else(|reply| reply, guest_reply)
+        }
+        Request::Stop { guest } => {
+            let sup = Arc::clone(supervisor);
+            detached(timeout, async move { sup.stop_guest(guest).await })
+                .await
+                .map_or_else(|reply| reply, guest_reply)
+        }
+        Request::Delete { guest } => {
+            let sup = Arc::clone(supervisor);
+            detached(timeout, async move { sup.delete(guest).await })
+                .await
+                .map_or_else(|reply| reply, empty_reply)
+        }
+        Request::Rekey {
+            guest,
+            passphrase,
+            new_passphrase,
+        } => {
+            let (old, new) = match (
+                decode(passphrase, "passphrase"),
+                decode(new_passphrase, "new_passphrase"),
+            ) {
+                (Ok(old), Ok(new)) => (old, new),
+                (Err(reply), _) | (_, Err(reply)) => return reply,
+            };
+            let sup = Arc::clone(supervisor);
+            detached(timeout, async move { sup.rekey(guest, old, new).await })
+                .await
+                .map_or_else(|reply| reply, empty_reply)
+        }
+        Request::Monitor => ServiceError::ExpectedMore.encode(),
+    }
+}
+
+/// Base64 text (still in the locked receive buffer) → locked memory.
+fn decode(passphrase: Passphrase<'_>, parameter: &str) -> Result<SecretBuf, Vec<u8>> {
+    SecretBuf::from_base64(passphrase.base64(), MAX_PASSPHRASE_LEN).map_err(|_| {
+        ServiceError::InvalidParameter {
+            parameter: parameter.to_owned(),
+        }
+        .encode()
+    })
+}
+
+/// Runs `op` on its own task and waits up to `timeout` for it; the error
+/// is the reply to send instead.
+async fn detached<T: Send + 'static>(
+    timeout: Duration,
+    op: impl Future<Output = T> + Send + 'static,
+) -> Result<T, Vec<u8>> {
+    let task = tokio::spawn(op);
+    match tokio::time::timeout(timeout, task).await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(join)) => Err(ManagerError::Internal {
+            reason: format!("the operation's task failed: {join}"),
+        }
+        .encode()),
+        Err(_) => Err(ManagerError::Internal {
+            reason: format!(
+                "no answer within {} s; the operation goes on",
+                timeout.as_secs()
+            ),
+        }
+        .encode()),
+    }
+}
+
+fn guest_reply(result: Result<GuestInfo, SupervisorError>) -> Vec<u8> {
+    result.map_or_else(|e| error(&e), |info| guest_ok(&info))
+}
+
+fn guest_ok(info: &GuestInfo) -> Vec<u8> {
+    encode_reply(&GuestReply { guest: view(info) }, false)
+}
+
+fn empty_reply(result: Result<(), SupervisorError>) -> Vec<u8> {
+    result.map_or_else(
+        |e| error(&e),
+        |()| encode_reply(&serde_json::json!({}), false),
+    )
+}
+
+/// The wire form of a guest.
+pub fn view(info: &GuestInfo) -> GuestView {
+    GuestView {
+        guest: info.guest.to_string(),
+        version: info.spec.version().as_str().to_owned(),
+        model: info.spec.model().as_str().to_owned(),
+        state: info.state.as_str().to_owned(),
+        pid: info.pid,
+        ctrl_socket: info.ctrl_socket.as_ref().map(|p| p.display().to_string()),
+        generation: info.generation,
+        failure: info.failure.clone(),
+    }
+}
+
+/// The one mapping from supervisor errors to Varlink errors.
+pub fn error(e: &SupervisorError) -> Vec<u8> {
+    wire_error(e).encode()
+}
+
+fn wire_error(e: &SupervisorError) -> ManagerError {
+    use SupervisorError as S;
+    match e {
+        S::NoSuchGuest { guest } => ManagerError::NoSuchGuest {
+            guest: guest.to_string(),
+        },
+        S::GuestExists { guest } => ManagerError::GuestExists {
+            guest: guest.to_string(),
+        },
+        S::GuestRunning { guest, state } => ManagerError::GuestRunning {
+            guest: guest.to_string(),
+            state: state.as_str().to_owned(),
+        },
+        S::GuestNotRunning { guest, state } => ManagerError::GuestNotRunning {
+            guest: guest.to_string(),
+            state: state.as_str().to_owned(),
+        },
+        // Only the transitional states refuse this way: another operation
+        // is under way.
+        S::NotAllowed { guest, .. } => ManagerError::Busy {
+            guest: guest.to_string(),
+        },
+        S::Busy { guest } => ManagerError::Busy {
+            guest: guest.to_string(),
+        },
+        S::ShuttingDown => ManagerError::Busy {
+            guest: String::new(),
+        },
+        S::WrongPassphrase { guest } => ManagerError::WrongPassphrase {
+            guest: guest.to_string(),
+        },
+        S::StateCorrupt { guest, what } => ManagerError::StateCorrupt {
+            guest: guest.to_string(),
+            reason: what.clone(),
+        },
+        S::SwtpmFailed {
+            guest,
+            message,
+            log_tail,
+        } => ManagerError::SwtpmFailed {
+            guest: guest.to_string(),
+            message: message.clone(),
+            log_tail: log_tail.clone(),
+        },
+        S::UnsupportedTpm { .. } | S::CertificatesUnavailable { .. } => {
+            ManagerError::InvalidTpmSpec {
+                reason: e.to_string(),
+            }
+        }
+        other => ManagerError::Internal {
+            reason: crate::error_chain::chain(other),
+        },
+    }
+}

@@ -1,0 +1,152 @@
+//! The local API: the `io.vtpmd.Manager` Varlink interface on a Unix
+//! socket.
+//!
+//! Decode, authorize (SO_PEERCRED), run the action on the supervisor,
+//! encode. This module knows nothing of swtpm or sealing. The framing is
+//! written here rather than taken from the zlink crate because zlink reads
+//! into its own growable buffers, and a call may carry a passphrase that
+//! must be in locked memory from the first byte received.
+
+#![forbid(unsafe_code)]
+
+mod auth;
+mod connection;
+mod dispatch;
+mod recv;
+
+use std::io;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::UnixListener;
+use tokio::sync::Semaphore;
+
+pub use auth::{Access, Groups, Peer};
+
+use crate::supervisor::Supervisor;
+
+/// Bounds on what one client may cost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// The largest message accepted, in bytes.
+    pub max_message: usize,
+    /// Connections served at once; more are closed at accept.
+    pub max_connections: usize,
+    /// How long a connection may be silent (or not read our reply).
+    pub idle: Duration,
+    /// How long a call waits for its operation before answering that it
+    /// is still going on.
+    pub request: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_message: 64 * 1024,
+            max_connections: 128,
+            idle: Duration::from_secs(30),
+            request: Duration::from_secs(120),
+        }
+    }
+}
+
+struct Context {
+    supervisor: Arc<Supervisor>,
+    groups: Groups,
+    limits: Limits,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{path} exists and is not a socket; refusing to replace it")]
+    PathOccupied { path: PathBuf },
+    #[error("another vtpmd already serves {path}")]
+    AlreadyServed { path: PathBuf },
+    #[error("cannot {op} the API socket {path}")]
+    Socket {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Binds the API socket at `path`: a stale socket left by a crash is
+/// replaced, a live one (another vtpmd answering) or any other file is not.
+/// Mode 0660, group `group` if given, so access is decided by the file's
+/// permissions first and by [`Groups`] after.
+pub fn bind(path: &Path, group: Option<nix::unistd::Gid>) -> Result<UnixListener, ApiError> {
+    let sock_err = |op, path: &Path| {
+        let path = path.to_owned();
+        move |source| ApiError::Socket { op, path, source }
+    };
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) => {
+            use std::os::unix::fs::FileTypeExt;
+            if !meta.file_type().is_socket() {
+                return Err(ApiError::PathOccupied {
+                    path: path.to_owned(),
+                });
+            }
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(ApiError::AlreadyServed {
+                    path: path.to_owned(),
+                });
+            }
+            std::fs::remove_file(path).map_err(sock_err("remove the stale", path))?;
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(sock_err("inspect", path)(e)),
+    }
+    let listener = UnixListener::bind(path).map_err(sock_err("bind", path))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
+        .map_err(sock_err("chmod", path))?;
+    if let Some(gid) = group {
+        nix::unistd::chown(path, None, Some(gid))
+            .map_err(|e| sock_err("chown", path)(io::Error::from(e)))?;
+    }
+    Ok(listener)
+}
+
+/// Serves clients until `shutdown` resolves; then stops accepting. Calls in
+/// progress finish on their own tasks.
+pub async fn serve(
+    listener: UnixListener,
+    supervisor: Arc<Supervisor>,
+    groups: Groups,
+    limits: Limits,
+    shutdown: impl Future<Output = ()>,
+) {
+    let ctx = Arc::new(Context {
+        supervisor,
+        groups,
+        limits,
+    });
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => return,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+                        tracing::warn!(limit = limits.max_connections, "connection limit reached; closing a new connection");
+                        continue;
+                    };
+                    let ctx = Arc::clone(&ctx);
+                    tokio::spawn(async move {
+                        connection::serve(stream, ctx).await;
+                        drop(slot);
+                    });
+                }
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+        }
+    }
+}

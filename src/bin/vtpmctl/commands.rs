@@ -1,0 +1,530 @@
+//! The online subcommands: one per method of `io.vtpmd.Manager`, plus
+//! `attach-args`.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::Subcommand;
+use serde_json::{Map, Value, json};
+use vtpmd::protocol::GuestId;
+use vtpmd::protocol::manager::{CapabilitiesReply, GuestView, MonitorReply};
+
+use crate::attach::{self, Vmm};
+use crate::client::{self, Client, ClientError};
+use crate::output;
+use crate::passphrase::{self, Want};
+
+/// How to reach vtpmd and how to print; accepted before or after the
+/// subcommand.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct Conn {
+    /// vtpmd's socket [default: /run/vtpmd/vtpmd.sock as root, else
+    /// $XDG_RUNTIME_DIR/vtpmd/vtpmd.sock, else /tmp/vtpmd-UID/vtpmd.sock].
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+    /// Machine output: the reply's parameters as JSON (errors as
+    /// {"error": NAME, "parameters": {…}} on stdout).
+    #[arg(long)]
+    pub json: bool,
+    /// Seconds to wait for an answer (0: no limit) [default: 120].
+    #[arg(long, value_name = "SECONDS")]
+    pub timeout: Option<u64>,
+}
+
+impl Conn {
+    /// These options, completed by the ones given before the subcommand.
+    pub fn or(self, outer: &Conn) -> Conn {
+        Conn {
+            socket: self.socket.or_else(|| outer.socket.clone()),
+            json: self.json || outer.json,
+            timeout: self.timeout.or(outer.timeout),
+        }
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.socket
+            .clone()
+            .unwrap_or_else(client::default_socket_path)
+    }
+
+    fn timeout(&self) -> Option<Duration> {
+        match self.timeout.unwrap_or(DEFAULT_TIMEOUT_SECS) {
+            0 => None,
+            secs => Some(Duration::from_secs(secs)),
+        }
+    }
+
+    fn connect(&self) -> Result<Client, ClientError> {
+        Client::connect(&self.socket(), self.timeout())
+    }
+}
+
+/// Create runs swtpm_setup and Argon2; a queue of them can take a while.
+const DEFAULT_TIMEOUT_SECS: u64 = 120;
+
+#[derive(Debug, Subcommand)]
+pub enum Online {
+    /// What this host can serve: TPM versions, models, Nova traits.
+    Capabilities {
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Provision a new TPM for a guest and seal it under a passphrase.
+    Create {
+        /// The guest's id: a canonical lowercase UUID.
+        guest: GuestId,
+        /// TPM version [default: 2.0 unless a flavor extra spec or image
+        /// property names one].
+        #[arg(long = "version", value_name = "VERSION", value_parser = ["1.2", "2.0"])]
+        tpm_version: Option<String>,
+        /// TPM interface [default: tpm-tis].
+        #[arg(long, value_parser = ["tpm-tis", "tpm-crb"])]
+        model: Option<String>,
+        /// A Nova flavor extra spec (hw:tpm_version, hw:tpm_model);
+        /// repeatable.
+        #[arg(long = "flavor-extra-spec", value_name = "KEY=VALUE", value_parser = parse_key_value)]
+        flavor_extra_specs: Vec<(String, String)>,
+        /// A Nova image property (hw_tpm_version, hw_tpm_model); repeatable.
+        #[arg(long = "image-property", value_name = "KEY=VALUE", value_parser = parse_key_value)]
+        image_properties: Vec<(String, String)>,
+        /// Provision an EK certificate (and a platform certificate).
+        #[arg(long)]
+        ek_certificate: bool,
+        /// File holding the new passphrase (`-`: stdin; one trailing
+        /// newline is ignored) [default: prompt twice on a terminal].
+        #[arg(long, value_name = "FILE")]
+        passphrase_file: Option<PathBuf>,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Unseal a guest's TPM and start its swtpm.
+    Start {
+        /// The guest's id: a canonical lowercase UUID.
+        guest: GuestId,
+        /// File holding the passphrase (`-`: stdin) [default: prompt on a
+        /// terminal].
+        #[arg(long, value_name = "FILE")]
+        passphrase_file: Option<PathBuf>,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Stop a guest's swtpm, reseal its state, wipe the plaintext.
+    Stop {
+        /// The guest's id: a canonical lowercase UUID.
+        guest: GuestId,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// One guest's state.
+    Status {
+        /// The guest's id: a canonical lowercase UUID.
+        guest: GuestId,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// All guests.
+    List {
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Remove a guest's sealed state for good (refused while it runs).
+    Delete {
+        /// The guest's id: a canonical lowercase UUID.
+        guest: GuestId,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Change a guest's passphrase.
+    Rekey {
+        /// The guest's id: a canonical lowercase UUID.
+        guest: GuestId,
+        /// File holding the current passphrase (`-`: stdin) [default:
+        /// prompt on a terminal].
+        #[arg(long, value_name = "FILE")]
+        passphrase_file: Option<PathBuf>,
+        /// File holding the new passphrase (`-`: stdin) [default: prompt
+        /// twice on a terminal].
+        #[arg(long, value_name = "FILE")]
+        new_passphrase_file: Option<PathBuf>,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Print guest events as they happen (first one "existing" event per
+    /// guest), until interrupted or vtpmd ends the stream.
+    Monitor {
+        /// Stop after this many events.
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+        count: Option<u64>,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Print what to give a VMM to attach it to a running guest's TPM.
+    AttachArgs {
+        /// The guest's id: a canonical lowercase UUID.
+        guest: GuestId,
+        /// The VMM.
+        #[arg(long = "for", value_name = "VMM", value_enum)]
+        vmm: Vmm,
+        /// QEMU's tpmdev id (the chardev is "chr" + ID); ignored for the
+        /// others.
+        #[arg(long, default_value = "tpm0", value_parser = attach::parse_id)]
+        id: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+}
+
+/// `KEY=VALUE`, split at the first `=`; the key must not be empty.
+pub fn parse_key_value(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((key, value)) if !key.is_empty() => Ok((key.to_owned(), value.to_owned())),
+        _ => Err(format!("expected KEY=VALUE, got {text:?}")),
+    }
+}
+
+/// What a finished command prints.
+#[derive(Debug)]
+pub struct Printed {
+    pub json: Value,
+    pub human: String,
+}
+
+impl Online {
+    pub fn conn_mut(&mut self) -> &mut Conn {
+        match self {
+            Self::Capabilities { conn }
+            | Self::Create { conn, .. }
+            | Self::Start { conn, .. }
+            | Self::Stop { conn, .. }
+            | Self::Status { conn, .. }
+            | Self::List { conn }
+            | Self::Delete { conn, .. }
+            | Self::Rekey { conn, .. }
+            | Self::Monitor { conn, .. }
+            | Self::AttachArgs { conn, .. } => conn,
+        }
+    }
+}
+
+/// Runs one online command; `conn` is already merged with the outer
+/// options. Monitor prints as it goes and returns `None`.
+pub fn run(command: Online) -> Result<Option<Printed>, ClientError> {
+    match command {
+        Online::Capabilities { conn } => {
+            let reply = conn.connect()?.call("GetCapabilities", &Map::new())?;
+            let caps: CapabilitiesReply = decode(&reply)?;
+            Ok(Some(Printed {
+                human: output::capabilities(&caps),
+                json: reply,
+            }))
+        }
+        Online::Create {
+            guest,
+            tpm_version,
+            model,
+            flavor_extra_specs,
+            image_properties,
+            ek_certificate,
+            passphrase_file,
+            conn,
+        } => {
+            let flavor: BTreeMap<String, String> = flavor_extra_specs.into_iter().collect();
+            let image: BTreeMap<String, String> = image_properties.into_iter().collect();
+            let mut params = guest_params(guest);
+            let version_elsewhere =
+                flavor.contains_key("hw:tpm_version") || image.contains_key("hw_tpm_version");
+            match tpm_version {
+                Some(v) => _ = params.insert("version".into(), v.into()),
+                None if !version_elsewhere => _ = params.insert("version".into(), "2.0".into()),
+                None => {}
+            }
+            if let Some(m) = model {
+                params.insert("model".into(), m.into());
+            }
+            if !flavor.is_empty() {
+                params.insert("flavor_extra_specs".into(), json!(flavor));
+            }
+            if !image.is_empty() {
+                params.insert("image_properties".into(), json!(image));
+            }
+            params.insert("ek_certificate".into(), ek_certificate.into());
+            let pass = passphrase::obtain(Want {
+                file: passphrase_file.as_deref(),
+                option: "passphrase-file",
+                prompt: "New passphrase: ",
+                confirm: true,
+            })?;
+            let reply =
+                conn.connect()?
+                    .call_with_secrets("Create", &params, &[("passphrase", &pass)])?;
+            drop(pass);
+            guest_reply(reply)
+        }
+        Online::Start {
+            guest,
+            passphrase_file,
+            conn,
+        } => {
+            let pass = passphrase::obtain(Want {
+                file: passphrase_file.as_deref(),
+                option: "passphrase-file",
+                prompt: "Passphrase: ",
+                confirm: false,
+            })?;
+            let reply = conn.connect()?.call_with_secrets(
+                "Start",
+                &guest_params(guest),
+                &[("passphrase", &pass)],
+            )?;
+            drop(pass);
+            guest_reply(reply)
+        }
+        Online::Stop { guest, conn } => {
+            guest_reply(conn.connect()?.call("Stop", &guest_params(guest))?)
+        }
+        Online::Status { guest, conn } => {
+            guest_reply(conn.connect()?.call("Status", &guest_params(guest))?)
+        }
+        Online::List { conn } => {
+            let reply = conn.connect()?.call("List", &Map::new())?;
+            let guests = reply
+                .get("guests")
+                .and_then(Value::as_array)
+                .ok_or_else(|| unexpected("no guests array"))?
+                .iter()
+                .map(guest_view)
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(Some(Printed {
+                human: output::guest_table(&guests),
+                json: reply,
+            }))
+        }
+        Online::Delete { guest, conn } => {
+            let reply = conn.connect()?.call("Delete", &guest_params(guest))?;
+            Ok(Some(Printed {
+                human: format!("deleted {guest}\n"),
+                json: reply,
+            }))
+        }
+        Online::Rekey {
+            guest,
+            passphrase_file,
+            new_passphrase_file,
+            conn,
+        } => {
+            let stdin = Path::new("-");
+            if passphrase_file.as_deref() == Some(stdin)
+                && new_passphrase_file.as_deref() == Some(stdin)
+            {
+                return Err(ClientError::Usage(
+                    "only one of --passphrase-file and --new-passphrase-file can be `-` (stdin)"
+                        .to_owned(),
+                ));
+            }
+            let old = passphrase::obtain(Want {
+                file: passphrase_file.as_deref(),
+                option: "passphrase-file",
+                prompt: "Current passphrase: ",
+                confirm: false,
+            })?;
+            let new = passphrase::obtain(Want {
+                file: new_passphrase_file.as_deref(),
+                option: "new-passphrase-file",
+                prompt: "New passphrase: ",
+                confirm: true,
+            })?;
+            let reply = conn.connect()?.call_with_secrets(
+                "Rekey",
+                &guest_params(guest),
+                &[("passphrase", &old), ("new_passphrase", &new)],
+            )?;
+            drop((old, new));
+            Ok(Some(Printed {
+                human: format!("rekeyed {guest}\n"),
+                json: reply,
+            }))
+        }
+        Online::Monitor { count, conn } => {
+            monitor(&conn, count)?;
+            Ok(None)
+        }
+        Online::AttachArgs {
+            guest,
+            vmm,
+            id,
+            conn,
+        } => {
+            let reply = conn.connect()?.call("Status", &guest_params(guest))?;
+            let view = reply
+                .get("guest")
+                .ok_or_else(|| unexpected("no guest"))
+                .and_then(guest_view)?;
+            let attach =
+                attach::attach_args(&view, vmm, &id).map_err(|r| ClientError::Refused {
+                    name: r.name,
+                    parameters: r.parameters,
+                    message: r.message,
+                })?;
+            Ok(Some(Printed {
+                human: attach.human(),
+                json: attach.json(),
+            }))
+        }
+    }
+}
+
+fn monitor(conn: &Conn, count: Option<u64>) -> Result<(), ClientError> {
+    // Events come whenever they happen: no reply timeout.
+    let mut client = Client::connect(&conn.socket(), None)?;
+    client.start_stream("Monitor", &Map::new())?;
+    let mut seen = 0u64;
+    let stdout = std::io::stdout();
+    loop {
+        if count.is_some_and(|n| seen >= n) {
+            return Ok(());
+        }
+        let (reply, more) = match client.next_reply() {
+            Ok(r) => r,
+            Err(ClientError::Closed) if count.is_none() => {
+                eprintln!("vtpmctl: vtpmd ended the event stream");
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        };
+        let line = if conn.json {
+            reply.to_string()
+        } else {
+            let event = reply
+                .get("event")
+                .and_then(Value::as_str)
+                .ok_or_else(|| unexpected("no event"))?
+                .to_owned();
+            let guest = reply
+                .get("guest")
+                .ok_or_else(|| unexpected("no guest"))
+                .and_then(guest_view)?;
+            output::event(&MonitorReply { event, guest })
+        };
+        let mut out = stdout.lock();
+        if writeln!(out, "{line}").and_then(|()| out.flush()).is_err() {
+            // The reader went away (e.g. `| head -1`): nothing to report.
+            return Ok(());
+        }
+        seen += 1;
+        if !more {
+            return Ok(());
+        }
+    }
+}
+
+fn guest_params(guest: GuestId) -> Map<String, Value> {
+    let mut m = Map::new();
+    m.insert("guest".into(), guest.to_string().into());
+    m
+}
+
+fn guest_reply(reply: Value) -> Result<Option<Printed>, ClientError> {
+    let view = reply
+        .get("guest")
+        .ok_or_else(|| unexpected("no guest"))
+        .and_then(guest_view)?;
+    Ok(Some(Printed {
+        human: output::guest(&view),
+        json: reply,
+    }))
+}
+
+/// The fields of `type Guest` this client knows; a newer daemon may add
+/// more (the interface only grows), which are kept in `--json` output and
+/// left out of the human one.
+const GUEST_FIELDS: [&str; 8] = [
+    "guest",
+    "version",
+    "model",
+    "state",
+    "pid",
+    "ctrl_socket",
+    "generation",
+    "failure",
+];
+
+pub fn guest_view(value: &Value) -> Result<GuestView, ClientError> {
+    let Value::Object(fields) = value else {
+        return Err(unexpected("guest is not an object"));
+    };
+    let known: Map<String, Value> = fields
+        .iter()
+        .filter(|(k, v)| GUEST_FIELDS.contains(&k.as_str()) && !v.is_null())
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    serde_json::from_value(Value::Object(known)).map_err(ClientError::UnexpectedReply)
+}
+
+fn decode<T: serde::de::DeserializeOwned>(reply: &Value) -> Result<T, ClientError> {
+    serde_json::from_value(reply.clone()).map_err(ClientError::UnexpectedReply)
+}
+
+fn unexpected(what: &str) -> ClientError {
+    ClientError::UnexpectedReply(serde::de::Error::custom(what))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_values_split_at_the_first_equals_sign() {
+        assert_eq!(
+            parse_key_value("hw:tpm_version=2.0").unwrap(),
+            ("hw:tpm_version".to_owned(), "2.0".to_owned())
+        );
+        assert_eq!(
+            parse_key_value("k=a=b").unwrap(),
+            ("k".to_owned(), "a=b".to_owned())
+        );
+        assert_eq!(
+            parse_key_value("k=").unwrap(),
+            ("k".to_owned(), String::new())
+        );
+        assert!(parse_key_value("=v").is_err());
+        assert!(parse_key_value("novalue").is_err());
+    }
+
+    #[test]
+    fn guests_from_a_newer_daemon_still_parse() {
+        let v = json!({"guest": "g", "version": "2.0", "model": "tpm-tis", "state": "stopped",
+                       "generation": 1, "pid": null, "shiny_new_field": [1, 2]});
+        let g = guest_view(&v).unwrap();
+        assert_eq!(g.state, "stopped");
+        assert_eq!(g.pid, None);
+        assert!(guest_view(&json!({"guest": "g"})).is_err());
+        assert!(guest_view(&json!("g")).is_err());
+    }
+
+    #[test]
+    fn outer_options_fill_in_missing_inner_ones() {
+        let outer = Conn {
+            socket: Some("/outer.sock".into()),
+            json: true,
+            timeout: Some(5),
+        };
+        let merged = Conn::default().or(&outer);
+        assert_eq!(merged.socket(), Path::new("/outer.sock"));
+        assert!(merged.json);
+        assert_eq!(merged.timeout(), Some(Duration::from_secs(5)));
+        let inner = Conn {
+            socket: Some("/inner.sock".into()),
+            json: false,
+            timeout: Some(0),
+        };
+        let merged = inner.or(&outer);
+        assert_eq!(merged.socket(), Path::new("/inner.sock"));
+        assert_eq!(merged.timeout(), None, "0 means no limit");
+        assert_eq!(
+            Conn::default().timeout(),
+            Some(Duration::from_secs(DEFAULT_TIMEOUT_SECS))
+        );
+    }
+}

@@ -1,0 +1,375 @@
+//! Human output: replies as `key: value` lines or a short table, and
+//! Varlink errors as sentences.
+
+use std::fmt::Write;
+
+use serde_json::Value;
+use vtpmd::protocol::manager::{CapabilitiesReply, GuestView, MonitorReply};
+
+/// `name: sentence` for an error reply, e.g.
+/// `io.vtpmd.Manager.WrongPassphrase: guest 0f6a…: wrong passphrase`.
+/// SwtpmFailed is followed by swtpm's log lines, indented.
+pub fn describe_remote(name: &str, parameters: &Value) -> String {
+    let p = |key: &str| -> String {
+        match parameters.get(key) {
+            Some(Value::String(s)) => s.clone(),
+            Some(other) => other.to_string(),
+            None => "?".to_owned(),
+        }
+    };
+    let short = name.rsplit('.').next().unwrap_or(name);
+    let sentence = match (name.strip_suffix(short), short) {
+        (Some("io.vtpmd.Manager."), "NoSuchGuest") => {
+            format!("guest {}: no such guest", p("guest"))
+        }
+        (Some("io.vtpmd.Manager."), "GuestExists") => {
+            format!("guest {}: already exists", p("guest"))
+        }
+        (Some("io.vtpmd.Manager."), "GuestRunning") => {
+            format!("guest {}: is {}; stop it first", p("guest"), p("state"))
+        }
+        (Some("io.vtpmd.Manager."), "GuestNotRunning") => {
+            format!("guest {}: not running (state: {})", p("guest"), p("state"))
+        }
+        (Some("io.vtpmd.Manager."), "InvalidTpmSpec") => {
+            format!("invalid TPM spec: {}", p("reason"))
+        }
+        (Some("io.vtpmd.Manager."), "WrongPassphrase") => {
+            format!("guest {}: wrong passphrase", p("guest"))
+        }
+        (Some("io.vtpmd.Manager."), "StateCorrupt") => format!(
+            "guest {}: the sealed state is damaged and no earlier generation opens ({}); restore it from a backup",
+            p("guest"),
+            p("reason")
+        ),
+        (Some("io.vtpmd.Manager."), "SwtpmFailed") => {
+            let mut text = format!("guest {}: swtpm failed: {}", p("guest"), p("message"));
+            let lines: Vec<&str> = parameters
+                .get("log_tail")
+                .and_then(Value::as_array)
+                .map(|a| a.iter().filter_map(Value::as_str).collect())
+                .unwrap_or_default();
+            if !lines.is_empty() {
+                text.push_str("\nswtpm's log (last lines):");
+                for line in lines {
+                    let _ = write!(text, "\n  {line}");
+                }
+            }
+            text
+        }
+        (Some("io.vtpmd.Manager."), "PermissionDenied") => format!(
+            "permission denied for {}: this needs vtpmd's (read-write) group or root",
+            p("method")
+        ),
+        (Some("io.vtpmd.Manager."), "Busy") => format!(
+            "guest {}: busy (another operation on it is in progress, or vtpmd is shutting down); try again",
+            p("guest")
+        ),
+        (Some("io.vtpmd.Manager."), "Internal") => {
+            format!("vtpmd failed: {} (its log has the details)", p("reason"))
+        }
+        (Some("org.varlink.service."), "InvalidParameter") => {
+            format!("vtpmd refused the parameter {}", p("parameter"))
+        }
+        (Some("org.varlink.service."), "MethodNotFound") => format!(
+            "vtpmd does not know the method {} (an older vtpmd?)",
+            p("method")
+        ),
+        (Some("org.varlink.service."), "MethodNotImplemented") => {
+            format!("vtpmd does not implement the method {}", p("method"))
+        }
+        (Some("org.varlink.service."), "InterfaceNotFound") => {
+            format!("vtpmd does not offer the interface {}", p("interface"))
+        }
+        (Some("org.varlink.service."), "ExpectedMore") => {
+            "vtpmd expected a streaming call (\"more\")".to_owned()
+        }
+        _ => {
+            let params = match parameters {
+                Value::Object(m) if m.is_empty() => String::new(),
+                other => format!(" {other}"),
+            };
+            format!("error reply{params}")
+        }
+    };
+    format!("{name}: {sentence}")
+}
+
+/// `key: value` lines for one guest.
+pub fn guest(g: &GuestView) -> String {
+    let mut rows: Vec<(&str, String)> = vec![
+        ("guest", g.guest.clone()),
+        ("state", g.state.clone()),
+        ("version", g.version.clone()),
+        ("model", g.model.clone()),
+        ("generation", g.generation.to_string()),
+    ];
+    if let Some(pid) = g.pid {
+        rows.push(("pid", pid.to_string()));
+    }
+    if let Some(sock) = &g.ctrl_socket {
+        rows.push(("ctrl_socket", sock.clone()));
+    }
+    if let Some(failure) = &g.failure {
+        rows.push(("failure", failure.clone()));
+    }
+    key_values(&rows)
+}
+
+/// What this host serves.
+pub fn capabilities(c: &CapabilitiesReply) -> String {
+    key_values(&[
+        ("swtpm_version", c.swtpm_version.clone()),
+        ("versions", c.versions.join(", ")),
+        ("models", c.models.join(", ")),
+        ("traits", c.traits.join(", ")),
+    ])
+}
+
+fn key_values(rows: &[(&str, String)]) -> String {
+    let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0) + 1;
+    let mut out = String::new();
+    for (key, value) in rows {
+        let _ = writeln!(out, "{:<width$} {value}", format!("{key}:"));
+    }
+    out
+}
+
+/// A table of guests, one line each; "no guests" for none.
+pub fn guest_table(guests: &[GuestView]) -> String {
+    if guests.is_empty() {
+        return "no guests\n".to_owned();
+    }
+    let header = ["GUEST", "STATE", "TPM", "MODEL", "GENERATION", "PID"];
+    let mut rows: Vec<[String; 6]> = vec![header.map(str::to_owned)];
+    for g in guests {
+        rows.push([
+            g.guest.clone(),
+            g.state.clone(),
+            g.version.clone(),
+            g.model.clone(),
+            g.generation.to_string(),
+            g.pid.map_or_else(|| "-".to_owned(), |p| p.to_string()),
+        ]);
+    }
+    let mut widths = [0usize; 6];
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for row in &rows {
+        let mut line = String::new();
+        for (i, (cell, w)) in row.iter().zip(widths).enumerate() {
+            if i + 1 == row.len() {
+                line.push_str(cell);
+            } else {
+                let _ = write!(line, "{cell:<w$}  ");
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    for g in guests.iter().filter(|g| g.failure.is_some()) {
+        let _ = writeln!(
+            out,
+            "{} failed: {}",
+            g.guest,
+            g.failure.as_deref().unwrap_or_default()
+        );
+    }
+    out
+}
+
+/// One line per Monitor event.
+pub fn event(e: &MonitorReply) -> String {
+    let g = &e.guest;
+    let mut line = format!(
+        "{} {} state={} tpm={} model={} generation={}",
+        e.event, g.guest, g.state, g.version, g.model, g.generation
+    );
+    if let Some(pid) = g.pid {
+        let _ = write!(line, " pid={pid}");
+    }
+    if let Some(failure) = &g.failure {
+        let _ = write!(line, " failure={failure:?}");
+    }
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    const G: &str = "0f6a2d1e-8c4b-4e2a-9d3f-5b7c1a2e3f40";
+
+    fn running() -> GuestView {
+        GuestView {
+            guest: G.into(),
+            version: "2.0".into(),
+            model: "tpm-crb".into(),
+            state: "running".into(),
+            pid: Some(4242),
+            ctrl_socket: Some(format!("/run/vtpmd/guests/{G}/ctrl.sock")),
+            generation: 7,
+            failure: None,
+        }
+    }
+
+    #[test]
+    fn every_manager_error_reads_as_a_sentence() {
+        let cases = [
+            ("NoSuchGuest", json!({"guest": G}), "no such guest"),
+            ("GuestExists", json!({"guest": G}), "already exists"),
+            (
+                "GuestRunning",
+                json!({"guest": G, "state": "running"}),
+                "is running; stop it first",
+            ),
+            (
+                "GuestNotRunning",
+                json!({"guest": G, "state": "stopped"}),
+                "not running (state: stopped)",
+            ),
+            (
+                "InvalidTpmSpec",
+                json!({"reason": "tpm-crb needs 2.0"}),
+                "invalid TPM spec: tpm-crb needs 2.0",
+            ),
+            ("WrongPassphrase", json!({"guest": G}), "wrong passphrase"),
+            (
+                "StateCorrupt",
+                json!({"guest": G, "reason": "bad tag"}),
+                "restore it from a backup",
+            ),
+            (
+                "PermissionDenied",
+                json!({"method": "Start"}),
+                "permission denied for Start",
+            ),
+            ("Busy", json!({"guest": G}), "busy"),
+            (
+                "Internal",
+                json!({"reason": "disk full"}),
+                "vtpmd failed: disk full",
+            ),
+        ];
+        for (short, params, expect) in cases {
+            let name = format!("io.vtpmd.Manager.{short}");
+            let text = describe_remote(&name, &params);
+            assert!(text.starts_with(&format!("{name}: ")), "{text}");
+            assert!(text.contains(expect), "{text}");
+        }
+        assert_eq!(
+            describe_remote("io.vtpmd.Manager.WrongPassphrase", &json!({"guest": G})),
+            format!("io.vtpmd.Manager.WrongPassphrase: guest {G}: wrong passphrase")
+        );
+    }
+
+    #[test]
+    fn swtpm_failures_show_the_log_tail() {
+        let text = describe_remote(
+            "io.vtpmd.Manager.SwtpmFailed",
+            &json!({"guest": G, "message": "exited with status 1",
+                    "log_tail": ["libtpms: error", "Verification of HMAC failed"]}),
+        );
+        assert_eq!(
+            text,
+            format!(
+                "io.vtpmd.Manager.SwtpmFailed: guest {G}: swtpm failed: exited with status 1\n\
+                 swtpm's log (last lines):\n  libtpms: error\n  Verification of HMAC failed"
+            )
+        );
+    }
+
+    #[test]
+    fn service_and_unknown_errors_are_readable() {
+        for (name, params, expect) in [
+            (
+                "org.varlink.service.InvalidParameter",
+                json!({"parameter": "guest"}),
+                "refused the parameter guest",
+            ),
+            (
+                "org.varlink.service.MethodNotFound",
+                json!({"method": "io.vtpmd.Manager.X"}),
+                "does not know the method io.vtpmd.Manager.X",
+            ),
+            (
+                "org.varlink.service.MethodNotImplemented",
+                json!({"method": "m"}),
+                "does not implement",
+            ),
+            (
+                "org.varlink.service.InterfaceNotFound",
+                json!({"interface": "x.y"}),
+                "does not offer the interface x.y",
+            ),
+            ("org.varlink.service.ExpectedMore", json!({}), "streaming"),
+            ("com.example.Odd", json!({"x": 1}), r#"error reply {"x":1}"#),
+            ("io.vtpmd.Manager.Future", json!({}), "error reply"),
+        ] {
+            let text = describe_remote(name, &params);
+            assert!(text.starts_with(name), "{text}");
+            assert!(text.contains(expect), "{text}");
+        }
+        // Missing parameters do not break the sentence.
+        assert!(describe_remote("io.vtpmd.Manager.NoSuchGuest", &json!({})).contains("guest ?"));
+    }
+
+    #[test]
+    fn a_guest_is_key_value_lines() {
+        let text = guest(&running());
+        assert_eq!(
+            text,
+            format!(
+                "guest:       {G}\nstate:       running\nversion:     2.0\nmodel:       tpm-crb\n\
+                 generation:  7\npid:         4242\nctrl_socket: /run/vtpmd/guests/{G}/ctrl.sock\n"
+            )
+        );
+        let mut failed = running();
+        failed.state = "failed".into();
+        failed.pid = None;
+        failed.ctrl_socket = None;
+        failed.failure = Some("swtpm was killed by signal 9".into());
+        let text = guest(&failed);
+        assert!(
+            text.contains("failure:    swtpm was killed by signal 9"),
+            "{text}"
+        );
+        assert!(!text.contains("pid"));
+    }
+
+    #[test]
+    fn the_list_is_a_table() {
+        let mut stopped = running();
+        stopped.guest = "11111111-2222-4333-8444-555555555555".into();
+        stopped.state = "stopped".into();
+        stopped.pid = None;
+        let text = guest_table(&[running(), stopped]);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 3, "{text}");
+        assert!(lines[0].starts_with("GUEST"));
+        assert!(
+            lines[1].starts_with(G) && lines[1].contains("running") && lines[1].ends_with("4242")
+        );
+        assert!(lines[2].contains("stopped") && lines[2].ends_with('-'));
+        let col = lines[0].find("STATE").unwrap();
+        assert_eq!(lines[1].find("running"), Some(col), "aligned:\n{text}");
+        assert_eq!(guest_table(&[]), "no guests\n");
+    }
+
+    #[test]
+    fn events_are_one_line() {
+        let e = MonitorReply {
+            event: "running".into(),
+            guest: running(),
+        };
+        assert_eq!(
+            event(&e),
+            format!("running {G} state=running tpm=2.0 model=tpm-crb generation=7 pid=4242")
+        );
+    }
+}

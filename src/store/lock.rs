@@ -1,0 +1,107 @@
+//! Is a runtime directory still used by a live swtpm?
+//!
+//! swtpm holds a POSIX write lock on `<dir>/.lock` from CMD_INIT until it
+//! exits, and serves its control socket while it lives. Either sign means
+//! the directory must not be wiped (a swtpm outliving an earlier vtpmd).
+
+use std::fs::OpenOptions;
+use std::io::ErrorKind;
+use std::os::fd::AsFd;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::path::Path;
+use std::time::Duration;
+
+use nix::fcntl::{FcntlArg, fcntl};
+use nix::libc;
+
+use crate::swtpm::ctrl::CtrlClient;
+
+/// How long the liveness probe of a control socket may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_millis(200);
+
+/// The answer of [`in_use`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InUse {
+    No,
+    /// A live process holds the lock (its pid, when the kernel says) or
+    /// accepts connections on the socket.
+    Yes {
+        holder: Option<i32>,
+    },
+}
+
+/// Whether `dir` (swtpm's state directory) or `socket` (its control
+/// socket) is in use by a live process.
+pub fn in_use(dir: &Path, socket: Option<&Path>) -> InUse {
+    if let Some(holder) = lock_holder(&dir.join(".lock")) {
+        return InUse::Yes {
+            holder: Some(holder),
+        };
+    }
+    if let Some(socket) = socket {
+        let is_socket = std::fs::symlink_metadata(socket).is_ok_and(|m| m.file_type().is_socket());
+        // A stale socket refuses connections; a live swtpm's accepts them
+        // (even while it serves another client: the backlog takes it).
+        if is_socket && CtrlClient::connect(socket, CONNECT_TIMEOUT).is_ok() {
+            return InUse::Yes { holder: None };
+        }
+    }
+    InUse::No
+}
+
+/// The pid holding a write-conflicting POSIX lock on `path`, if any.
+fn lock_holder(path: &Path) -> Option<i32> {
+    let file = match OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+    {
+        Ok(file) => file,
+        Err(e) if e.kind() == ErrorKind::NotFound => return None,
+        Err(e) => {
+            tracing::warn!(path = %path.display(), "cannot check swtpm's lock: {e}");
+            return None;
+        }
+    };
+    let mut lock = libc::flock {
+        l_type: libc::c_short::try_from(libc::F_WRLCK).ok()?,
+        l_whence: libc::c_short::try_from(libc::SEEK_SET).ok()?,
+        l_start: 0,
+        l_len: 0,
+        l_pid: 0,
+    };
+    match fcntl(file.as_fd(), FcntlArg::F_GETLK(&mut lock)) {
+        Ok(_) if i32::from(lock.l_type) == libc::F_UNLCK => None,
+        Ok(_) => Some(lock.l_pid),
+        Err(e) => {
+            tracing::warn!(path = %path.display(), "cannot check swtpm's lock: {e}");
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn an_empty_dir_and_a_stale_socket_are_not_in_use() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("s.sock");
+        drop(std::os::unix::net::UnixListener::bind(&socket).unwrap());
+        assert_eq!(in_use(dir.path(), Some(&socket)), InUse::No);
+    }
+
+    #[test]
+    fn a_listening_socket_is_in_use() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("s.sock");
+        let _listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+        assert_eq!(
+            in_use(dir.path(), Some(&socket)),
+            InUse::Yes { holder: None }
+        );
+    }
+}

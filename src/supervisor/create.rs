@@ -1,0 +1,189 @@
+//! Create: a fresh TPM, provisioned by swtpm_setup under the guest's swtpm
+//! state key in a private directory, sealed as generation 1. A failure at
+//! any step leaves nothing behind: no sealed file, no guest directory, no
+//! provisioning directory.
+
+use std::sync::Arc;
+
+use crate::error_chain::chain;
+use crate::protocol::{GuestId, TpmSpec};
+use crate::secret::SecretBuf;
+use crate::store::{self, Store, StoreError};
+use crate::swtpm::provision::{ProvisionSpec, provision};
+use crate::vault::{SealedState, StateArchive, VaultError};
+
+use super::guest::Guest;
+use super::registry::Taken;
+use super::reseal::is_state_file;
+use super::state::{Action, GuestState, decide};
+use super::{EventKind, GuestInfo, Shared, SupervisorError, blocking};
+
+pub(super) async fn create(
+    shared: Arc<Shared>,
+    id: GuestId,
+    spec: TpmSpec,
+    passphrase: SecretBuf,
+    ek_certificate: bool,
+) -> Result<GuestInfo, SupervisorError> {
+    let _admitted = shared.enter().await?;
+    // Validate everything first.
+    if !shared.host.supports(spec.version()) {
+        return Err(SupervisorError::UnsupportedTpm {
+            version: spec.version(),
+        });
+    }
+    if ek_certificate && !shared.host.can_create_certificates() {
+        return Err(SupervisorError::CertificatesUnavailable {
+            guest: id,
+            missing: shared.host.missing_cert_tools.clone(),
+        });
+    }
+    let reservation = shared.registry.reserve(id).map_err(|taken| match taken {
+        Taken::Exists(state) => match decide(state, Action::Create) {
+            Err(why) => SupervisorError::refused(id, state, Action::Create, why),
+            Ok(_) => SupervisorError::GuestExists { guest: id },
+        },
+        Taken::BeingCreated => SupervisorError::Busy { guest: id },
+    })?;
+
+    // Then act; the guard undoes whatever was done if we return early.
+    let store = shared.store.clone();
+    let made = blocking(id, "create the guest directory", {
+        let store = store.clone();
+        move || store.create_guest_dir(id)
+    })
+    .await?;
+    match made {
+        Ok(_) => {}
+        Err(StoreError::Unexpected { .. }) => {
+            return Err(SupervisorError::GuestExists { guest: id });
+        }
+        Err(source) => {
+            return Err(SupervisorError::Store {
+                guest: id,
+                op: "create the guest directory",
+                source,
+            });
+        }
+    }
+    let mut undo = Undo {
+        store: store.clone(),
+        id,
+        armed: true,
+    };
+
+    let paths = store.sealed_paths(id);
+    let policy = shared.config.kdf;
+    let prepared = shared
+        .kdf(id, "derive the key for", move || {
+            let prepared = SealedState::prepare(paths, id, spec, &passphrase, &policy);
+            drop(passphrase);
+            prepared
+        })
+        .await?
+        .map_err(|e| match e {
+            VaultError::AlreadyExists { .. } => SupervisorError::GuestExists { guest: id },
+            other => SupervisorError::from_vault(id, "prepare", other),
+        })?;
+
+    let worker = Arc::clone(&shared);
+    let provision_spec = ProvisionSpec {
+        version: spec.version(),
+        pcr_banks: shared.config.pcr_banks.clone(),
+        ek_certificate,
+    };
+    let generation = blocking(id, "provision", move || {
+        provision_and_seal(&worker, id, prepared, &provision_spec)
+    })
+    .await??;
+
+    undo.armed = false;
+    let info = GuestInfo {
+        guest: id,
+        spec,
+        state: GuestState::Stopped,
+        pid: None,
+        ctrl_socket: None,
+        generation,
+        failure: None,
+    };
+    reservation.commit(Guest::new(info.clone()));
+    tracing::info!(guest = %id, %spec, ek_certificate, "guest created");
+    shared.publish(EventKind::Created, info.clone(), None);
+    Ok(info)
+}
+
+/// swtpm_setup into `<runtime_dir>/<uuid>.create/` under the state key,
+/// then generation 1; the directory is wiped either way and the key is
+/// dropped with `state`.
+fn provision_and_seal(
+    shared: &Shared,
+    id: GuestId,
+    mut state: SealedState,
+    spec: &ProvisionSpec,
+) -> Result<u64, SupervisorError> {
+    let store = &shared.store;
+    let work = store.create_dir(id);
+    store
+        .fresh_private_dir(&work, None, None)
+        .map_err(|source| SupervisorError::Store {
+            guest: id,
+            op: "create the provisioning directory",
+            source,
+        })?;
+    let result = (|| {
+        let key = state
+            .swtpm_state_key()
+            .map_err(|e| SupervisorError::from_vault(id, "derive the swtpm key for", e))?;
+        provision(
+            &shared.config.binaries,
+            &work,
+            &key,
+            spec,
+            shared.ca.as_ref(),
+        )
+        .map_err(|source| SupervisorError::Provision { guest: id, source })?;
+        drop(key);
+        let archive = StateArchive::from_dir_matching(&work, is_state_file).map_err(|e| {
+            SupervisorError::Vault {
+                guest: id,
+                op: "archive",
+                source: VaultError::Archive(e),
+            }
+        })?;
+        state
+            .seal(&archive)
+            .map_err(|e| SupervisorError::from_vault(id, "seal", e))
+    })();
+    if let Err(e) = store::wipe_dir(&work) {
+        tracing::error!(guest = %id, "cannot wipe the provisioning directory: {}", chain(&e));
+    }
+    result
+}
+
+/// Undoes a half-done Create.
+struct Undo {
+    store: Store,
+    id: GuestId,
+    armed: bool,
+}
+
+impl Drop for Undo {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        // The guest directory was new or empty when Create began, so
+        // whatever is in it now is ours.
+        let paths = self.store.sealed_paths(self.id);
+        if let Err(e) = SealedState::delete(&paths) {
+            tracing::error!(guest = %self.id, "cannot remove a half-created sealed state: {}", chain(&e));
+        }
+        if let Err(e) = store::wipe_dir(&self.store.create_dir(self.id)) {
+            tracing::error!(guest = %self.id, "cannot wipe the provisioning directory: {}", chain(&e));
+        }
+        if let Err(e) = self.store.remove_guest_dir(self.id) {
+            tracing::error!(guest = %self.id, "cannot remove the guest directory: {}", chain(&e));
+        }
+    }
+}

@@ -1,0 +1,146 @@
+//! The supervisor's error: user-caused refusals first (each maps to one
+//! API error), then internal failures, each named for the operation and
+//! carrying its cause as a `#[source]`. No variant carries a secret.
+
+use std::path::PathBuf;
+
+use crate::protocol::{GuestId, TpmVersion};
+use crate::store::StoreError;
+use crate::swtpm::probe::ProbeError;
+use crate::swtpm::provision::ProvisionError;
+use crate::swtpm::spawn::SpawnError;
+use crate::vault::VaultError;
+
+use super::state::{Action, GuestState, Refused};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SupervisorError {
+    #[error("there is no guest {guest}")]
+    NoSuchGuest { guest: GuestId },
+    #[error("guest {guest} exists already")]
+    GuestExists { guest: GuestId },
+    #[error("guest {guest} is {state}")]
+    GuestRunning { guest: GuestId, state: GuestState },
+    #[error("guest {guest} is {state}, not running")]
+    GuestNotRunning { guest: GuestId, state: GuestState },
+    #[error("guest {guest} is busy with another operation")]
+    Busy { guest: GuestId },
+    #[error("wrong passphrase for guest {guest}")]
+    WrongPassphrase { guest: GuestId },
+    #[error("the sealed state of guest {guest} is unusable: {what}")]
+    StateCorrupt { guest: GuestId, what: String },
+    #[error("swtpm of guest {guest} failed: {message}")]
+    SwtpmFailed {
+        guest: GuestId,
+        message: String,
+        /// swtpm's last log lines, oldest first.
+        log_tail: Vec<String>,
+    },
+    #[error("this host's swtpm cannot serve TPM {version}")]
+    UnsupportedTpm { version: TpmVersion },
+    #[error(
+        "EK certificates for guest {guest} cannot be created on this host; missing: {}",
+        missing.join(", ")
+    )]
+    CertificatesUnavailable {
+        guest: GuestId,
+        missing: Vec<String>,
+    },
+    #[error("guest {guest} is {state}: {action} is not allowed now")]
+    NotAllowed {
+        guest: GuestId,
+        state: GuestState,
+        action: Action,
+    },
+    #[error(
+        "the runtime directory {path} of guest {guest} is still used by a swtpm{}; stop that process first",
+        holder.map(|p| format!(" (pid {p})")).unwrap_or_default()
+    )]
+    RuntimeInUse {
+        guest: GuestId,
+        path: PathBuf,
+        holder: Option<i32>,
+    },
+    #[error("vtpmd is shutting down")]
+    ShuttingDown,
+
+    #[error("invalid supervisor configuration: {what}")]
+    Config { what: String },
+    #[error("swtpm cannot be used on this host")]
+    ProbeSwtpm(#[source] ProbeError),
+    #[error("cannot set up vtpmd's directories")]
+    InitStore(#[source] StoreError),
+    #[error("cannot read the guest registry from the state directory")]
+    ScanStore(#[source] StoreError),
+    #[error("cannot open the local CA")]
+    OpenLocalCa(#[source] ProvisionError),
+    #[error("cannot provision a TPM for guest {guest}")]
+    Provision {
+        guest: GuestId,
+        #[source]
+        source: ProvisionError,
+    },
+    #[error("cannot {op} the sealed state of guest {guest}")]
+    Vault {
+        guest: GuestId,
+        op: &'static str,
+        #[source]
+        source: VaultError,
+    },
+    #[error("cannot {op} for guest {guest}")]
+    Store {
+        guest: GuestId,
+        op: &'static str,
+        #[source]
+        source: StoreError,
+    },
+    #[error("cannot spawn swtpm for guest {guest}")]
+    Spawn {
+        guest: GuestId,
+        #[source]
+        source: SpawnError,
+    },
+    #[error("cannot {op} for guest {guest}")]
+    Task {
+        guest: GuestId,
+        op: &'static str,
+        #[source]
+        source: tokio::task::JoinError,
+    },
+}
+
+impl SupervisorError {
+    /// The API error for a refused state transition.
+    pub(crate) fn refused(guest: GuestId, state: GuestState, action: Action, why: Refused) -> Self {
+        match why {
+            Refused::GuestExists => Self::GuestExists { guest },
+            Refused::GuestRunning => Self::GuestRunning { guest, state },
+            Refused::GuestNotRunning => Self::GuestNotRunning { guest, state },
+            Refused::NotAllowed => Self::NotAllowed {
+                guest,
+                state,
+                action,
+            },
+        }
+    }
+
+    /// Sorts a vault error into what the API must tell apart: a wrong
+    /// passphrase, an unusable file, or an internal failure of `op`.
+    pub(crate) fn from_vault(guest: GuestId, op: &'static str, e: VaultError) -> Self {
+        match e {
+            VaultError::WrongPassphrase { .. } => Self::WrongPassphrase { guest },
+            VaultError::Corrupt { .. }
+            | VaultError::Missing { .. }
+            | VaultError::UnsupportedVersion { .. }
+            | VaultError::GuestMismatch { .. } => Self::StateCorrupt {
+                guest,
+                what: crate::error_chain::chain(&e),
+            },
+            other => Self::Vault {
+                guest,
+                op,
+                source: other,
+            },
+        }
+    }
+}

@@ -1,0 +1,203 @@
+//! The one way a run ends, whoever ends it (Stop, shutdown, or swtpm
+//! exiting by itself): stop the resealer, reap swtpm, reseal a last time,
+//! wipe the plaintext directory and the socket, drop the key, and settle in
+//! `stopped` or `failed` with the reason.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::error_chain::chain;
+use crate::store;
+use crate::swtpm::spawn::{ExitReason, Swtpm};
+
+use super::guest::{Guest, Run, Sealer};
+use super::reseal::reseal_now;
+use super::state::GuestState;
+use super::{EventKind, GuestInfo, Shared};
+
+/// How long to wait for a swtpm whose pidfd said it exited to be reaped.
+const REAP_WAIT: Duration = Duration::from_secs(1);
+
+/// Who ends the run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Ending {
+    /// swtpm exited on its own (VMM gone with `--terminate`, CMD_SHUTDOWN,
+    /// a crash, a kill).
+    Exited,
+    /// Stop or daemon shutdown: SIGTERM, grace, SIGKILL.
+    Stop,
+}
+
+/// What winding down found.
+#[derive(Debug)]
+struct Outcome {
+    exit: Result<Option<ExitReason>, String>,
+    log_tail: Vec<String>,
+    resealed: Result<u64, String>,
+    wiped: Result<(), String>,
+}
+
+/// Ends `run`; call with the guest's operation lock held. Updates the
+/// snapshot and publishes Stopped or Failed.
+pub(super) async fn finish(
+    shared: &Shared,
+    guest: &Arc<Guest>,
+    mut run: Run,
+    ending: Ending,
+) -> GuestInfo {
+    // No reseal may race the final one: wait for the resealer to be gone
+    // (one in flight on a blocking thread finishes first, under the
+    // sealer's mutex).
+    run.resealer.abort();
+    let _ = (&mut run.resealer).await;
+    if ending == Ending::Stop {
+        if let Some(watcher) = run.watcher.take() {
+            watcher.abort();
+            let _ = watcher.await;
+        }
+    }
+    let grace = shared.config.stop_grace;
+    let Run {
+        swtpm,
+        sealer,
+        dir,
+        socket,
+        ..
+    } = run;
+    let outcome =
+        tokio::task::spawn_blocking(move || wind_down(swtpm, sealer, &dir, &socket, ending, grace))
+            .await
+            .unwrap_or_else(|e| Outcome {
+                exit: Err(format!("the task ending swtpm failed: {e}")),
+                log_tail: Vec::new(),
+                resealed: Err("not attempted".to_owned()),
+                wiped: Err("not attempted".to_owned()),
+            });
+
+    let (state, failure) = settle(ending, &outcome);
+    let info = guest.update(|i| {
+        i.state = state;
+        i.pid = None;
+        i.ctrl_socket = None;
+        if let Ok(generation) = outcome.resealed {
+            i.generation = i.generation.max(generation);
+        }
+        i.failure.clone_from(&failure);
+    });
+    match state {
+        GuestState::Failed => {
+            tracing::warn!(guest = %guest.id, reason = failure.as_deref().unwrap_or(""), "guest failed")
+        }
+        _ => tracing::info!(guest = %guest.id, generation = info.generation, "guest stopped"),
+    }
+    shared.publish(EventKind::settled(state), info.clone(), failure);
+    info
+}
+
+/// The blocking part: reap, final reseal, wipe. The key goes with the last
+/// handle on `sealer`, dropped here.
+fn wind_down(
+    mut swtpm: Swtpm,
+    sealer: Sealer,
+    dir: &Path,
+    socket: &Path,
+    ending: Ending,
+    grace: Duration,
+) -> Outcome {
+    let exit = match ending {
+        Ending::Exited => swtpm.wait_exit(REAP_WAIT),
+        Ending::Stop => swtpm.stop(grace).map(Some),
+    }
+    .map_err(|e| chain(&e));
+    let log_tail = swtpm.log_tail();
+    // Reaps (and if need be kills) whatever is left; removes the socket
+    // and `.lock`.
+    drop(swtpm);
+    let resealed = reseal_now(&sealer, dir).map_err(|e| chain(&e));
+    drop(sealer);
+    let wiped = store::wipe_dir(dir)
+        .and_then(|()| store::remove_socket(socket))
+        .map_err(|e| chain(&e));
+    Outcome {
+        exit,
+        log_tail,
+        resealed,
+        wiped,
+    }
+}
+
+/// The state a run ends in, and the reason when that is `failed`.
+fn settle(ending: Ending, outcome: &Outcome) -> (GuestState, Option<String>) {
+    let mut reasons = Vec::new();
+    match (&outcome.exit, ending) {
+        (Err(e), _) => reasons.push(format!("swtpm could not be reaped: {e}")),
+        (Ok(Some(ExitReason::Exited(0))), _) | (Ok(_), Ending::Stop) => {}
+        (Ok(Some(reason)), Ending::Exited) => {
+            let last = outcome
+                .log_tail
+                .last()
+                .map(|l| format!("; its last words: {l}"))
+                .unwrap_or_default();
+            reasons.push(format!("swtpm {reason}{last}"));
+        }
+        (Ok(None), Ending::Exited) => reasons.push("swtpm did not exit".to_owned()),
+    }
+    if let Err(e) = &outcome.resealed {
+        reasons.push(format!(
+            "the final reseal failed ({e}); the last sealed generation is kept"
+        ));
+    }
+    if let Err(e) = &outcome.wiped {
+        reasons.push(format!("the plaintext directory could not be wiped: {e}"));
+    }
+    if reasons.is_empty() {
+        (GuestState::Stopped, None)
+    } else {
+        (GuestState::Failed, Some(reasons.join("; ")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nix::sys::signal::Signal;
+
+    fn outcome(exit: Result<Option<ExitReason>, String>) -> Outcome {
+        Outcome {
+            exit,
+            log_tail: vec!["last line".to_owned()],
+            resealed: Ok(3),
+            wiped: Ok(()),
+        }
+    }
+
+    #[test]
+    fn a_clean_exit_or_a_stop_settles_stopped() {
+        let clean = outcome(Ok(Some(ExitReason::Exited(0))));
+        assert_eq!(settle(Ending::Exited, &clean), (GuestState::Stopped, None));
+        let killed = outcome(Ok(Some(ExitReason::Signaled(Signal::SIGKILL))));
+        assert_eq!(settle(Ending::Stop, &killed), (GuestState::Stopped, None));
+    }
+
+    #[test]
+    fn a_crash_fails_with_the_signal_and_swtpms_last_words() {
+        let killed = outcome(Ok(Some(ExitReason::Signaled(Signal::SIGKILL))));
+        let (state, reason) = settle(Ending::Exited, &killed);
+        assert_eq!(state, GuestState::Failed);
+        let reason = reason.unwrap_or_default();
+        assert!(
+            reason.contains("SIGKILL") && reason.contains("last line"),
+            "{reason}"
+        );
+    }
+
+    #[test]
+    fn a_failed_final_reseal_fails_the_guest() {
+        let mut o = outcome(Ok(Some(ExitReason::Exited(0))));
+        o.resealed = Err("disk full".to_owned());
+        let (state, reason) = settle(Ending::Stop, &o);
+        assert_eq!(state, GuestState::Failed);
+        assert!(reason.unwrap_or_default().contains("disk full"));
+    }
+}

@@ -1,0 +1,125 @@
+//! Delete and Rekey.
+
+use std::sync::{Arc, PoisonError};
+
+use crate::error_chain::chain;
+use crate::protocol::GuestId;
+use crate::secret::SecretBuf;
+use crate::store::{self, InUse};
+use crate::vault::SealedState;
+
+use super::state::{Action, Allowed, decide};
+use super::{EventKind, Shared, SupervisorError, blocking};
+
+/// Removes both generations and the guest's directory. Refused while the
+/// guest runs.
+pub(super) async fn delete(shared: Arc<Shared>, id: GuestId) -> Result<(), SupervisorError> {
+    let _admitted = shared.enter().await?;
+    let guest = shared
+        .registry
+        .get(id)
+        .ok_or(SupervisorError::NoSuchGuest { guest: id })?;
+    let mut slot = guest.lock(shared.config.lock_wait).await?;
+    let state = guest.state();
+    if let Err(why) = decide(state, Action::Delete) {
+        return Err(SupervisorError::refused(id, state, Action::Delete, why));
+    }
+    let store = shared.store.clone();
+    blocking(id, "delete", move || {
+        SealedState::delete(&store.sealed_paths(id))
+            .map_err(|e| SupervisorError::from_vault(id, "delete", e))?;
+        store
+            .remove_guest_dir(id)
+            .map_err(|source| SupervisorError::Store {
+                guest: id,
+                op: "remove the guest directory",
+                source,
+            })?;
+        // A failed guest may have left a runtime directory that a live
+        // swtpm of an earlier vtpmd still uses: that one stays.
+        let dir = store.runtime_state_dir(id);
+        let socket = store.ctrl_socket(id);
+        if store::in_use(&dir, Some(&socket)) == InUse::No {
+            for result in [store::wipe_dir(&dir), store::remove_socket(&socket)] {
+                if let Err(e) = result {
+                    tracing::warn!(guest = %id, "cleaning the runtime directory: {}", chain(&e));
+                }
+            }
+        }
+        Ok::<_, SupervisorError>(())
+    })
+    .await??;
+    slot.deleted = true;
+    shared.registry.remove(id);
+    let info = guest.info();
+    drop(slot);
+    tracing::info!(guest = %id, "guest deleted");
+    shared.publish(EventKind::Deleted, info, None);
+    Ok(())
+}
+
+/// Rewraps the keyslot `passphrase` opens under `new_passphrase`.
+pub(super) async fn rekey(
+    shared: Arc<Shared>,
+    id: GuestId,
+    passphrase: SecretBuf,
+    new_passphrase: SecretBuf,
+) -> Result<(), SupervisorError> {
+    let _admitted = shared.enter().await?;
+    let guest = shared
+        .registry
+        .get(id)
+        .ok_or(SupervisorError::NoSuchGuest { guest: id })?;
+    let slot = guest.lock(shared.config.lock_wait).await?;
+    let state = guest.state();
+    let allowed = decide(state, Action::Rekey)
+        .map_err(|why| SupervisorError::refused(id, state, Action::Rekey, why))?;
+    let paths = shared.store.sealed_paths(id);
+    let policy = shared.config.kdf;
+    match allowed {
+        Allowed::RekeyRunning => {
+            let Some(run) = slot.run.as_ref() else {
+                return Err(SupervisorError::GuestNotRunning { guest: id, state });
+            };
+            let sealer = Arc::clone(&run.sealer);
+            shared
+                .kdf(id, "rekey", move || {
+                    // The old passphrase must open the file: holding the
+                    // key in memory is no licence to change it.
+                    let opened = SealedState::open(paths, id, &passphrase, &policy);
+                    drop(passphrase);
+                    drop(opened.map_err(|e| SupervisorError::from_vault(id, "open", e))?);
+                    // Rewrap through the running guest's own state, so its
+                    // next reseal writes the new keyslot, not the old one.
+                    let mut held = sealer.lock().unwrap_or_else(PoisonError::into_inner);
+                    held.change_passphrase(&new_passphrase, &policy)
+                        .map_err(|e| SupervisorError::from_vault(id, "rekey", e))
+                })
+                .await??;
+        }
+        Allowed::RekeyAtRest => {
+            shared
+                .kdf(id, "rekey", move || {
+                    let opened = SealedState::open(paths, id, &passphrase, &policy);
+                    drop(passphrase);
+                    let mut state = opened
+                        .map_err(|e| SupervisorError::from_vault(id, "open", e))?
+                        .state;
+                    state
+                        .change_passphrase(&new_passphrase, &policy)
+                        .map_err(|e| SupervisorError::from_vault(id, "rekey", e))
+                })
+                .await??;
+        }
+        Allowed::Start | Allowed::Stop | Allowed::Delete => {
+            return Err(SupervisorError::NotAllowed {
+                guest: id,
+                state,
+                action: Action::Rekey,
+            });
+        }
+    }
+    drop(slot);
+    tracing::info!(guest = %id, "passphrase changed");
+    Ok(())
+}

@@ -1,0 +1,333 @@
+//! Start: unseal (Argon2 under the semaphore), unpack into a fresh private
+//! runtime directory, watch it, spawn swtpm, check that it serves its
+//! control socket, then answer. Any failure undoes every step: no
+//! directory, no socket, no process, and the sealed files untouched.
+
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use nix::unistd::{Gid, Uid};
+
+use crate::error_chain::chain;
+use crate::protocol::GuestId;
+use crate::secret::SecretBuf;
+use crate::store::{self, StoreError};
+use crate::swtpm::ctrl::CtrlClient;
+use crate::swtpm::spawn::{self, SpawnError, SpawnSpec, Swtpm};
+use crate::vault::{Opened, SealedState, VaultError};
+
+use super::guest::{Guest, Run, Slot};
+use super::state::{Action, Allowed, GuestState, decide};
+use super::{EventKind, GuestInfo, Shared, SupervisorError, blocking, exit, reseal};
+
+/// How long swtpm has to answer CMD_GET_CAPABILITY on its control socket.
+const READY_TIMEOUT: Duration = Duration::from_secs(2);
+
+pub(super) async fn start_guest(
+    shared: Arc<Shared>,
+    id: GuestId,
+    passphrase: SecretBuf,
+) -> Result<GuestInfo, SupervisorError> {
+    let _admitted = shared.enter().await?;
+    let guest = shared
+        .registry
+        .get(id)
+        .ok_or(SupervisorError::NoSuchGuest { guest: id })?;
+    let mut slot = guest.lock(shared.config.lock_wait).await?;
+    let before = guest.info();
+    match decide(before.state, Action::Start) {
+        // Start is the only thing the table allows for Action::Start.
+        Ok(
+            Allowed::Start
+            | Allowed::Stop
+            | Allowed::Delete
+            | Allowed::RekeyAtRest
+            | Allowed::RekeyRunning,
+        ) => {}
+        Err(why) => {
+            return Err(SupervisorError::refused(
+                id,
+                before.state,
+                Action::Start,
+                why,
+            ));
+        }
+    }
+    let starting = guest.update(|i| i.state = GuestState::Starting);
+    shared.publish(EventKind::Starting, starting, None);
+
+    match launch(&shared, &guest, &mut slot, passphrase).await {
+        Ok((info, detail)) => {
+            shared.publish(EventKind::Running, info.clone(), detail);
+            Ok(info)
+        }
+        Err(e) => {
+            // Nothing changed: back to where the guest was.
+            let restored = guest.update(|i| *i = before.clone());
+            shared.publish(
+                EventKind::settled(restored.state),
+                restored,
+                Some(format!("start failed: {}", chain(&e))),
+            );
+            Err(e)
+        }
+    }
+}
+
+/// Removes the runtime directory unless disarmed (every early return of
+/// `launch`).
+struct DirGuard {
+    dir: PathBuf,
+    armed: bool,
+}
+
+impl Drop for DirGuard {
+    fn drop(&mut self) {
+        if self.armed {
+            if let Err(e) = store::wipe_dir(&self.dir) {
+                tracing::error!(
+                    "cannot wipe {} after a failed start: {}",
+                    self.dir.display(),
+                    chain(&e)
+                );
+            }
+        }
+    }
+}
+
+async fn launch(
+    shared: &Arc<Shared>,
+    guest: &Arc<Guest>,
+    slot: &mut Slot,
+    passphrase: SecretBuf,
+) -> Result<(GuestInfo, Option<String>), SupervisorError> {
+    let id = guest.id;
+    let store = &shared.store;
+
+    // 1. Unseal. The passphrase is gone once the key is derived.
+    let paths = store.sealed_paths(id);
+    let policy = shared.config.kdf;
+    let opened = shared
+        .kdf(id, "unseal", move || {
+            let opened = SealedState::open(paths, id, &passphrase, &policy);
+            drop(passphrase);
+            opened
+        })
+        .await?
+        .map_err(|e| SupervisorError::from_vault(id, "open", e))?;
+    let Opened {
+        state,
+        archive,
+        fell_back,
+    } = opened;
+    let detail = fell_back.map(|f| {
+        tracing::warn!(guest = %id, problem = %f.current_problem, "started from the previous sealed generation");
+        format!(
+            "the current sealed file is damaged ({}); started from the previous generation",
+            f.current_problem
+        )
+    });
+    let spec = state.spec();
+    if !shared.host.supports(spec.version()) {
+        return Err(SupervisorError::UnsupportedTpm {
+            version: spec.version(),
+        });
+    }
+
+    // 2. A fresh private directory with the state files in it.
+    let dir = store.runtime_state_dir(id);
+    let socket = store.ctrl_socket(id);
+    let owner = shared.config.swtpm_user;
+    let (store2, dir2, socket2) = (store.clone(), dir.clone(), socket.clone());
+    let prepared = blocking(id, "prepare the runtime directory", move || {
+        unpack(&store2, &dir2, &socket2, owner, &archive)
+    })
+    .await?;
+    let mut dir_guard = DirGuard {
+        dir: dir.clone(),
+        armed: true,
+    };
+    prepared.map_err(|e| match e {
+        Unpack::Store(StoreError::InUse { path, holder }) => SupervisorError::RuntimeInUse {
+            guest: id,
+            path,
+            holder,
+        },
+        Unpack::Store(source) => SupervisorError::Store {
+            guest: id,
+            op: "prepare the runtime directory",
+            source,
+        },
+        Unpack::Vault(source) => SupervisorError::Vault {
+            guest: id,
+            op: "unpack",
+            source,
+        },
+    })?;
+
+    // 3. Watch before swtpm can write anything.
+    let watch = reseal::Watch::new(&dir).map_err(|e| SupervisorError::Store {
+        guest: id,
+        op: "watch the runtime directory",
+        source: StoreError::ReadDir {
+            path: dir.clone(),
+            source: e,
+        },
+    })?;
+
+    // 4. Spawn, and make sure it serves before answering.
+    let key = state
+        .swtpm_state_key()
+        .map_err(|e| SupervisorError::from_vault(id, "derive the swtpm key for", e))?;
+    let settings = SpawnSettings {
+        swtpm: shared.config.binaries.swtpm.clone(),
+        socket_mode: shared.config.socket_mode,
+        socket_owner: shared
+            .config
+            .socket_group
+            .map(|gid| (nix::unistd::geteuid(), gid)),
+        run_as: owner,
+        seccomp: shared.host.seccomp,
+        grace: shared.config.stop_grace,
+    };
+    let (dir2, socket2) = (dir.clone(), socket.clone());
+    let version = spec.version();
+    let (swtpm, pidfd) = blocking(id, "spawn swtpm", move || {
+        let spawned = spawn_ready(&settings, version, id, &dir2, &socket2, &key);
+        drop(key);
+        spawned
+    })
+    .await??;
+
+    // 5. Running: the resealer and the exit watcher take over.
+    let generation = state.generation();
+    let sealer = Arc::new(Mutex::new(state));
+    let epoch = slot.next_epoch();
+    let resealer = reseal::spawn(
+        Arc::clone(shared),
+        Arc::clone(guest),
+        Arc::clone(&sealer),
+        dir.clone(),
+        watch,
+    );
+    let watcher = exit::spawn(Arc::clone(shared), Arc::clone(guest), epoch, pidfd);
+    let pid = swtpm.pid();
+    slot.run = Some(Run {
+        epoch,
+        swtpm,
+        sealer,
+        resealer,
+        watcher: Some(watcher),
+        dir,
+        socket: socket.clone(),
+    });
+    dir_guard.armed = false;
+    let info = guest.update(|i| {
+        i.state = GuestState::Running;
+        i.pid = Some(pid);
+        i.ctrl_socket = Some(socket);
+        i.generation = generation;
+        i.failure = None;
+    });
+    tracing::info!(guest = %id, pid, generation, "guest running");
+    Ok((info, detail))
+}
+
+enum Unpack {
+    Store(StoreError),
+    Vault(VaultError),
+}
+
+fn unpack(
+    store: &store::Store,
+    dir: &Path,
+    socket: &Path,
+    owner: Option<(Uid, Gid)>,
+    archive: &crate::vault::StateArchive,
+) -> Result<(), Unpack> {
+    store
+        .fresh_private_dir(dir, Some(socket), owner)
+        .map_err(Unpack::Store)?;
+    archive
+        .write_to_dir(dir)
+        .map_err(|e| Unpack::Vault(VaultError::Archive(e)))?;
+    if let Some((uid, gid)) = owner {
+        store::chown_entries(dir, uid, gid).map_err(Unpack::Store)?;
+    }
+    Ok(())
+}
+
+struct SpawnSettings {
+    swtpm: PathBuf,
+    socket_mode: u32,
+    socket_owner: Option<(Uid, Gid)>,
+    run_as: Option<(Uid, Gid)>,
+    seccomp: bool,
+    grace: Duration,
+}
+
+/// Spawns swtpm and checks that it answers on its control socket (then
+/// closes that connection: swtpm serves one client at a time, and the VMM
+/// comes next). Returns it with a duplicate of its pidfd.
+fn spawn_ready(
+    s: &SpawnSettings,
+    version: crate::protocol::TpmVersion,
+    id: GuestId,
+    dir: &Path,
+    socket: &Path,
+    key: &SecretBuf,
+) -> Result<(Swtpm, OwnedFd), SupervisorError> {
+    let mut spec = SpawnSpec::new(&s.swtpm, version, id, dir, socket, key);
+    spec.socket_mode = s.socket_mode;
+    spec.socket_owner = s.socket_owner;
+    spec.run_as = s.run_as;
+    spec.seccomp = s.seccomp;
+    spec.terminate = true;
+    spec.early_exit_window = Duration::ZERO;
+    let mut swtpm = match spawn::spawn(&spec) {
+        Ok(swtpm) => swtpm,
+        Err(SpawnError::Exited {
+            reason, log_tail, ..
+        }) => {
+            return Err(SupervisorError::SwtpmFailed {
+                guest: id,
+                message: format!("swtpm {reason} right after start"),
+                log_tail,
+            });
+        }
+        Err(source) => return Err(SupervisorError::Spawn { guest: id, source }),
+    };
+    let ready =
+        CtrlClient::connect(socket, READY_TIMEOUT).and_then(|mut ctrl| ctrl.get_capability());
+    let pidfd = swtpm.pidfd().try_clone_to_owned();
+    match (ready, pidfd) {
+        (Ok(_caps), Ok(pidfd)) => Ok((swtpm, pidfd)),
+        (Err(e), _) => {
+            let exit = swtpm.stop(s.grace);
+            let ended = match exit {
+                Ok(reason) => format!("; swtpm {reason}"),
+                Err(e) => format!("; stopping it failed: {}", chain(&e)),
+            };
+            Err(SupervisorError::SwtpmFailed {
+                guest: id,
+                message: format!(
+                    "swtpm does not serve its control socket: {}{ended}",
+                    chain(&e)
+                ),
+                log_tail: swtpm.log_tail(),
+            })
+        }
+        (Ok(_), Err(e)) => {
+            let _ = swtpm.stop(s.grace);
+            Err(SupervisorError::Spawn {
+                guest: id,
+                source: SpawnError::PidfdOpen {
+                    pid: swtpm.pid(),
+                    source: e,
+                },
+            })
+        }
+    }
+}

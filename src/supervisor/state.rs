@@ -1,0 +1,194 @@
+//! The per-guest state machine: which action is allowed in which state.
+//!
+//! `stopped → starting → running → stopping → stopped`, and `failed` when
+//! swtpm dies on its own or a final reseal fails. `starting` and
+//! `stopping` exist only while an operation holds the guest's lock, so
+//! another operation, which must take that lock first, normally meets
+//! `stopped`, `running` or `failed`; the table still says what happens in
+//! every state, with no wildcard.
+
+use std::fmt;
+
+/// A guest's lifecycle state, as the API reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum GuestState {
+    Stopped,
+    Starting,
+    Running,
+    Stopping,
+    Failed,
+}
+
+impl GuestState {
+    pub const ALL: [GuestState; 5] = [
+        GuestState::Stopped,
+        GuestState::Starting,
+        GuestState::Running,
+        GuestState::Stopping,
+        GuestState::Failed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GuestState::Stopped => "stopped",
+            GuestState::Starting => "starting",
+            GuestState::Running => "running",
+            GuestState::Stopping => "stopping",
+            GuestState::Failed => "failed",
+        }
+    }
+}
+
+impl fmt::Display for GuestState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// An operation on an existing guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Action {
+    Create,
+    Start,
+    Stop,
+    Delete,
+    Rekey,
+}
+
+impl Action {
+    pub const ALL: [Action; 5] = [
+        Action::Create,
+        Action::Start,
+        Action::Stop,
+        Action::Delete,
+        Action::Rekey,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Create => "create",
+            Action::Start => "start",
+            Action::Stop => "stop",
+            Action::Delete => "delete",
+            Action::Rekey => "rekey",
+        }
+    }
+}
+
+impl fmt::Display for Action {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What an allowed action does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Allowed {
+    /// Unseal and spawn (from stopped, or to recover from failed).
+    Start,
+    /// Stop swtpm, final reseal, wipe.
+    Stop,
+    /// Remove both generations.
+    Delete,
+    /// Rewrap the keyslot in the files (guest not running).
+    RekeyAtRest,
+    /// Rewrap through the state held by the running guest, so its next
+    /// reseal keeps the new keyslot.
+    RekeyRunning,
+}
+
+/// Why an action is refused in a state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    GuestExists,
+    GuestRunning,
+    GuestNotRunning,
+    NotAllowed,
+}
+
+/// The whole table.
+pub fn decide(state: GuestState, action: Action) -> Result<Allowed, Refused> {
+    use Action as A;
+    use GuestState as S;
+    match (state, action) {
+        (S::Stopped | S::Starting | S::Running | S::Stopping | S::Failed, A::Create) => {
+            Err(Refused::GuestExists)
+        }
+        (S::Stopped | S::Failed, A::Start) => Ok(Allowed::Start),
+        (S::Running, A::Start) => Err(Refused::GuestRunning),
+        (S::Starting | S::Stopping, A::Start) => Err(Refused::NotAllowed),
+        (S::Running, A::Stop) => Ok(Allowed::Stop),
+        (S::Stopped | S::Failed, A::Stop) => Err(Refused::GuestNotRunning),
+        (S::Starting | S::Stopping, A::Stop) => Err(Refused::NotAllowed),
+        (S::Stopped | S::Failed, A::Delete) => Ok(Allowed::Delete),
+        (S::Running, A::Delete) => Err(Refused::GuestRunning),
+        (S::Starting | S::Stopping, A::Delete) => Err(Refused::NotAllowed),
+        (S::Stopped | S::Failed, A::Rekey) => Ok(Allowed::RekeyAtRest),
+        (S::Running, A::Rekey) => Ok(Allowed::RekeyRunning),
+        (S::Starting | S::Stopping, A::Rekey) => Err(Refused::NotAllowed),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use Action as A;
+    use GuestState as S;
+
+    /// Every (state, action) pair, written out once more by hand.
+    const TABLE: [(GuestState, Action, Result<Allowed, Refused>); 25] = [
+        (S::Stopped, A::Create, Err(Refused::GuestExists)),
+        (S::Stopped, A::Start, Ok(Allowed::Start)),
+        (S::Stopped, A::Stop, Err(Refused::GuestNotRunning)),
+        (S::Stopped, A::Delete, Ok(Allowed::Delete)),
+        (S::Stopped, A::Rekey, Ok(Allowed::RekeyAtRest)),
+        (S::Starting, A::Create, Err(Refused::GuestExists)),
+        (S::Starting, A::Start, Err(Refused::NotAllowed)),
+        (S::Starting, A::Stop, Err(Refused::NotAllowed)),
+        (S::Starting, A::Delete, Err(Refused::NotAllowed)),
+        (S::Starting, A::Rekey, Err(Refused::NotAllowed)),
+        (S::Running, A::Create, Err(Refused::GuestExists)),
+        (S::Running, A::Start, Err(Refused::GuestRunning)),
+        (S::Running, A::Stop, Ok(Allowed::Stop)),
+        (S::Running, A::Delete, Err(Refused::GuestRunning)),
+        (S::Running, A::Rekey, Ok(Allowed::RekeyRunning)),
+        (S::Stopping, A::Create, Err(Refused::GuestExists)),
+        (S::Stopping, A::Start, Err(Refused::NotAllowed)),
+        (S::Stopping, A::Stop, Err(Refused::NotAllowed)),
+        (S::Stopping, A::Delete, Err(Refused::NotAllowed)),
+        (S::Stopping, A::Rekey, Err(Refused::NotAllowed)),
+        (S::Failed, A::Create, Err(Refused::GuestExists)),
+        (S::Failed, A::Start, Ok(Allowed::Start)),
+        (S::Failed, A::Stop, Err(Refused::GuestNotRunning)),
+        (S::Failed, A::Delete, Ok(Allowed::Delete)),
+        (S::Failed, A::Rekey, Ok(Allowed::RekeyAtRest)),
+    ];
+
+    #[test]
+    fn every_state_action_pair_has_the_documented_outcome() {
+        for (state, action, expected) in TABLE {
+            assert_eq!(decide(state, action), expected, "({state}, {action})");
+        }
+    }
+
+    #[test]
+    fn the_table_covers_every_pair() {
+        for state in GuestState::ALL {
+            for action in Action::ALL {
+                assert!(
+                    TABLE.iter().any(|(s, a, _)| *s == state && *a == action),
+                    "({state}, {action}) untested"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn state_names_are_the_api_names() {
+        let names: Vec<&str> = GuestState::ALL.iter().map(|s| s.as_str()).collect();
+        assert_eq!(
+            names,
+            ["stopped", "starting", "running", "stopping", "failed"]
+        );
+    }
+}

@@ -1,0 +1,209 @@
+//! A real vtpmd for tests: the binary started on private directories, and
+//! a plain Varlink client that speaks to its socket the way any client
+//! would (raw NUL-terminated JSON).
+
+#![allow(clippy::unwrap_used, dead_code)] // shared by several test files; each uses a part
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use base64ct::{Base64, Encoding};
+use serde_json::{Value, json};
+
+/// Argon2 parameters cheap enough for tests, allowed explicitly.
+pub const TEST_CONFIG: &str = "[vault]\nargon2_memory_kib = 64\nargon2_iterations = 1\nargon2_lanes = 1\nallow_weak_kdf = true\n";
+
+pub struct Daemon {
+    pub child: Option<Child>,
+    pub root: tempfile::TempDir,
+    pub state_dir: PathBuf,
+    pub runtime_dir: PathBuf,
+    pub socket: PathBuf,
+    pub config: PathBuf,
+}
+
+impl Daemon {
+    /// Starts vtpmd on fresh directories and waits until it answers.
+    pub fn start() -> Self {
+        let root = tempfile::Builder::new()
+            .prefix("vt")
+            .tempdir_in("/tmp")
+            .unwrap();
+        let config = root.path().join("vtpmd.toml");
+        std::fs::write(&config, TEST_CONFIG).unwrap();
+        let mut daemon = Self {
+            child: None,
+            state_dir: root.path().join("state"),
+            runtime_dir: root.path().join("run"),
+            socket: root.path().join("api.sock"),
+            config,
+            root,
+        };
+        daemon.restart();
+        daemon
+    }
+
+    /// (Re)starts the binary on the same directories.
+    pub fn restart(&mut self) {
+        self.stop();
+        let child = Command::new(env!("CARGO_BIN_EXE_vtpmd"))
+            .arg("--config")
+            .arg(&self.config)
+            .arg("--state-dir")
+            .arg(&self.state_dir)
+            .arg("--runtime-dir")
+            .arg(&self.runtime_dir)
+            .arg("--socket")
+            .arg(&self.socket)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(mut c) = Client::try_connect(&self.socket) {
+                if c.call("org.varlink.service.GetInfo", json!({})).is_ok() {
+                    return;
+                }
+            }
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("vtpmd exited during start-up: {status}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "vtpmd did not answer within 20 s"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        i32::try_from(self.child.as_ref().unwrap().id()).unwrap()
+    }
+
+    /// SIGTERM and wait; returns the exit status code.
+    pub fn stop(&mut self) -> Option<i32> {
+        let mut child = self.child.take()?;
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap());
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status.code();
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("vtpmd did not exit within 30 s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn client(&self) -> Client {
+        Client::try_connect(&self.socket).unwrap()
+    }
+
+    pub fn sealed_file(&self, guest: &str) -> PathBuf {
+        self.state_dir.join("guests").join(guest).join("tpm.sealed")
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+pub struct Client {
+    stream: UnixStream,
+}
+
+/// An error reply: its Varlink name and parameters.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Remote {
+    pub name: String,
+    pub parameters: Value,
+}
+
+impl Client {
+    pub fn try_connect(path: &Path) -> std::io::Result<Self> {
+        let stream = UnixStream::connect(path)?;
+        stream.set_read_timeout(Some(Duration::from_secs(60)))?;
+        Ok(Self { stream })
+    }
+
+    pub fn send_raw(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).unwrap();
+    }
+
+    /// Reads one NUL-terminated reply.
+    pub fn read_reply(&mut self) -> Value {
+        let mut bytes = Vec::new();
+        let mut byte = [0u8; 1];
+        loop {
+            let n = self.stream.read(&mut byte).unwrap();
+            assert!(n == 1, "connection closed before a reply");
+            if byte[0] == 0 {
+                break;
+            }
+            bytes.push(byte[0]);
+        }
+        serde_json::from_slice(&bytes).unwrap()
+    }
+
+    pub fn call_with(
+        &mut self,
+        method: &str,
+        parameters: Value,
+        more: bool,
+    ) -> Result<Value, Remote> {
+        let mut msg = serde_json::to_vec(
+            &json!({ "method": method, "parameters": parameters, "more": more }),
+        )
+        .unwrap();
+        msg.push(0);
+        self.send_raw(&msg);
+        let reply = self.read_reply();
+        match reply.get("error") {
+            Some(name) => Err(Remote {
+                name: name.as_str().unwrap().to_owned(),
+                parameters: reply["parameters"].clone(),
+            }),
+            None => Ok(reply["parameters"].clone()),
+        }
+    }
+
+    pub fn call(&mut self, method: &str, parameters: Value) -> Result<Value, Remote> {
+        self.call_with(method, parameters, false)
+    }
+
+    pub fn manager(&mut self, member: &str, parameters: Value) -> Result<Value, Remote> {
+        self.call(&format!("io.vtpmd.Manager.{member}"), parameters)
+    }
+}
+
+pub fn b64(secret: &str) -> String {
+    Base64::encode_string(secret.as_bytes())
+}
+
+/// Asserts an error reply's name (short form, e.g. "NoSuchGuest").
+pub fn assert_error(result: Result<Value, Remote>, name: &str) -> Remote {
+    match result {
+        Err(remote) => {
+            assert!(
+                remote.name.ends_with(&format!(".{name}")),
+                "expected {name}, got {} {}",
+                remote.name,
+                remote.parameters
+            );
+            remote
+        }
+        Ok(v) => panic!("expected {name}, got success {v}"),
+    }
+}

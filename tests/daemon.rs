@@ -1,0 +1,433 @@
+//! The daemon as its clients see it: the real vtpmd binary, its real
+//! socket, real swtpm; the test plays the hypervisor layer and the VMM.
+
+#![allow(clippy::unwrap_used)] // a test that cannot set up should fail loudly
+
+mod common;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::{Daemon, assert_error, b64};
+use serde_json::{Value, json};
+use vtpmd::swtpm::ctrl::client::Vmm;
+use vtpmd::swtpm::ctrl::tpm::{self, nv_attr};
+
+const G1: &str = "0f6a2d1e-8c4b-4e2a-9d3f-5b7c1a2e3f40";
+const G2: &str = "7d0a9d43-41d4-4c3e-8a5e-2f61b3c0d7aa";
+const PASS: &str = "correct horse battery staple";
+const NV_INDEX: u32 = 0x0150_0016;
+const TIMEOUT: Duration = Duration::from_secs(10);
+
+fn create(d: &Daemon, guest: &str, version: &str, model: &str) -> Value {
+    d.client()
+        .manager(
+            "Create",
+            json!({"guest": guest, "version": version, "model": model, "passphrase": b64(PASS)}),
+        )
+        .unwrap()["guest"]
+        .clone()
+}
+
+fn start(d: &Daemon, guest: &str) -> Value {
+    d.client()
+        .manager("Start", json!({"guest": guest, "passphrase": b64(PASS)}))
+        .unwrap()["guest"]
+        .clone()
+}
+
+fn status(d: &Daemon, guest: &str) -> Value {
+    d.client()
+        .manager("Status", json!({"guest": guest}))
+        .unwrap()["guest"]
+        .clone()
+}
+
+fn ctrl_of(guest: &Value) -> &Path {
+    Path::new(guest["ctrl_socket"].as_str().unwrap())
+}
+
+/// As a VMM: attach, Startup, write `data` into a fresh NV index, quit.
+fn write_nv(ctrl: &Path, data: &[u8]) {
+    let mut vmm = Vmm::attach(ctrl, TIMEOUT).unwrap();
+    assert_eq!(vmm.transact(&tpm::tpm2_startup_clear()).unwrap().rc, 0);
+    let attrs = nv_attr::OWNERREAD | nv_attr::OWNERWRITE | nv_attr::AUTHREAD | nv_attr::AUTHWRITE;
+    let len = u16::try_from(data.len()).unwrap();
+    assert_eq!(
+        vmm.transact(&tpm::tpm2_nv_define_space(NV_INDEX, attrs, len))
+            .unwrap()
+            .rc,
+        0
+    );
+    assert_eq!(
+        vmm.transact(&tpm::tpm2_nv_write(NV_INDEX, data, 0).unwrap())
+            .unwrap()
+            .rc,
+        0
+    );
+    vmm.shutdown().unwrap();
+}
+
+fn read_nv(ctrl: &Path, len: usize) -> Vec<u8> {
+    let mut vmm = Vmm::attach(ctrl, TIMEOUT).unwrap();
+    assert_eq!(vmm.transact(&tpm::tpm2_startup_clear()).unwrap().rc, 0);
+    let read = vmm
+        .transact(&tpm::tpm2_nv_read(NV_INDEX, u16::try_from(len).unwrap(), 0))
+        .unwrap();
+    assert_eq!(read.rc, 0, "NV_Read");
+    let data = read.tpm2_nv_data().unwrap().to_vec();
+    vmm.shutdown().unwrap();
+    data
+}
+
+/// Waits (on Status, briefly) until the guest reaches `state`.
+fn wait_state(d: &Daemon, guest: &str, state: &str) -> Value {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let s = status(d, guest);
+        if s["state"] == state {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "{guest} stuck in {s}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn tpm2_nv_data_survives_stop_start_and_a_daemon_restart() {
+    for model in ["tpm-tis", "tpm-crb"] {
+        let mut d = Daemon::start();
+        let created = create(&d, G1, "2.0", model);
+        assert_eq!(
+            (created["state"].as_str(), created["model"].as_str()),
+            (Some("stopped"), Some(model))
+        );
+        assert_eq!(created["generation"], 1);
+
+        let running = start(&d, G1);
+        assert_eq!(running["state"], "running");
+        write_nv(ctrl_of(&running), b"survives everything");
+        // The VMM quit: swtpm ends (--terminate) and vtpmd reseals.
+        let stopped = wait_state(&d, G1, "stopped");
+        assert!(stopped["generation"].as_u64().unwrap() > 1, "{stopped}");
+        assert!(!ctrl_of(&running).exists(), "control socket left behind");
+        assert!(
+            !d.runtime_dir.join(G1).exists(),
+            "plaintext directory left behind"
+        );
+
+        let again = start(&d, G1);
+        assert_eq!(read_nv(ctrl_of(&again), 19), b"survives everything");
+        wait_state(&d, G1, "stopped");
+
+        assert_eq!(d.stop(), Some(0), "SIGTERM exit status");
+        d.restart();
+        let listed = d.client().manager("List", json!({})).unwrap();
+        assert_eq!(listed["guests"][0]["guest"], G1);
+        assert_eq!(listed["guests"][0]["state"], "stopped");
+        let after_restart = start(&d, G1);
+        assert_eq!(read_nv(ctrl_of(&after_restart), 19), b"survives everything");
+    }
+}
+
+#[test]
+fn tpm12_tis_goes_through_the_whole_lifecycle() {
+    let d = Daemon::start();
+    create(&d, G1, "1.2", "tpm-tis");
+    let running = start(&d, G1);
+    let mut vmm = Vmm::attach(ctrl_of(&running), TIMEOUT).unwrap();
+    assert_eq!(vmm.transact(&tpm::tpm12_startup_clear()).unwrap().rc, 0);
+    let random = vmm.transact(&tpm::tpm12_get_random(8)).unwrap();
+    assert_eq!(random.tpm12_random_bytes().unwrap().len(), 8);
+    let stopped = d.client().manager("Stop", json!({"guest": G1})).unwrap()["guest"].clone();
+    assert_eq!(stopped["state"], "stopped");
+    drop(vmm);
+    d.client().manager("Delete", json!({"guest": G1})).unwrap();
+    assert_error(
+        d.client().manager("Status", json!({"guest": G1})),
+        "NoSuchGuest",
+    );
+    assert!(!d.sealed_file(G1).exists());
+}
+
+#[test]
+fn every_refusal_is_typed_and_changes_nothing() {
+    let d = Daemon::start();
+    create(&d, G1, "2.0", "tpm-crb");
+    let sealed = std::fs::read(d.sealed_file(G1)).unwrap();
+    let mut c = d.client();
+
+    assert_error(
+        c.manager(
+            "Create",
+            json!({"guest": G1, "version": "2.0", "passphrase": b64(PASS)}),
+        ),
+        "GuestExists",
+    );
+    assert_error(
+        c.manager("Start", json!({"guest": G2, "passphrase": b64(PASS)})),
+        "NoSuchGuest",
+    );
+    assert_error(
+        c.manager("Start", json!({"guest": G1, "passphrase": b64("wrong")})),
+        "WrongPassphrase",
+    );
+    assert_error(c.manager("Stop", json!({"guest": G1})), "GuestNotRunning");
+    let spec = assert_error(
+        c.manager(
+            "Create",
+            json!({"guest": G2, "version": "1.2", "model": "tpm-crb", "passphrase": b64(PASS)}),
+        ),
+        "InvalidTpmSpec",
+    );
+    assert!(spec.parameters["reason"].as_str().unwrap().contains("2.0"));
+    assert_error(
+        c.manager(
+            "Create",
+            json!({"guest": G2, "flavor_extra_specs": {"hw:tpm_version": "2.0"},
+                   "image_properties": {"hw_tpm_version": "1.2"}, "passphrase": b64(PASS)}),
+        ),
+        "InvalidTpmSpec",
+    );
+    let bad = assert_error(
+        c.manager("Status", json!({"guest": "../../etc"})),
+        "InvalidParameter",
+    );
+    assert_eq!(bad.parameters["parameter"], "guest");
+    let bad = assert_error(
+        c.manager("Start", json!({"guest": G1, "passphrase": ""})),
+        "InvalidParameter",
+    );
+    assert_eq!(bad.parameters["parameter"], "passphrase");
+    let unknown = assert_error(
+        c.manager("Status", json!({"guest": G1, "extra": 1})),
+        "InvalidParameter",
+    );
+    assert_eq!(unknown.parameters["parameter"], "extra");
+    assert_error(c.manager("Explode", json!({})), "MethodNotFound");
+    // None of that touched the sealed state or the registry.
+    assert_eq!(std::fs::read(d.sealed_file(G1)).unwrap(), sealed);
+    assert_eq!(
+        d.client().manager("List", json!({})).unwrap()["guests"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+
+    let running = start(&d, G1);
+    assert_error(
+        d.client()
+            .manager("Start", json!({"guest": G1, "passphrase": b64(PASS)})),
+        "GuestRunning",
+    );
+    assert_error(
+        d.client().manager("Delete", json!({"guest": G1})),
+        "GuestRunning",
+    );
+    let still = status(&d, G1);
+    assert_eq!(
+        (still["state"].clone(), still["pid"].clone()),
+        (json!("running"), running["pid"].clone())
+    );
+    d.client().manager("Stop", json!({"guest": G1})).unwrap();
+}
+
+#[test]
+fn rekey_moves_the_guest_to_the_new_passphrase() {
+    let d = Daemon::start();
+    create(&d, G1, "2.0", "tpm-tis");
+    let mut c = d.client();
+
+    assert_error(
+        c.manager(
+            "Rekey",
+            json!({"guest": G1, "passphrase": b64("wrong"), "new_passphrase": b64("new one")}),
+        ),
+        "WrongPassphrase",
+    );
+    c.manager(
+        "Rekey",
+        json!({"guest": G1, "passphrase": b64(PASS), "new_passphrase": b64("new one")}),
+    )
+    .unwrap();
+
+    assert_error(
+        c.manager("Start", json!({"guest": G1, "passphrase": b64(PASS)})),
+        "WrongPassphrase",
+    );
+    let running = c
+        .manager("Start", json!({"guest": G1, "passphrase": b64("new one")}))
+        .unwrap();
+    assert_eq!(running["guest"]["state"], "running");
+}
+
+#[test]
+fn a_killed_swtpm_is_reported_failed_at_once_and_starts_again_with_its_data() {
+    let d = Daemon::start();
+    create(&d, G1, "2.0", "tpm-tis");
+    let running = start(&d, G1);
+    write_nv_keep_running(ctrl_of(&running), b"last words");
+    wait_generation_above(&d, G1, 1);
+
+    let mut monitor = d.client();
+    let first = monitor
+        .call_with("io.vtpmd.Manager.Monitor", json!({}), true)
+        .unwrap();
+    assert_eq!(first["event"], "existing");
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(running["pid"].as_u64().unwrap()).unwrap());
+    let killed = Instant::now();
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).unwrap();
+    let failed = loop {
+        let event = monitor.read_reply();
+        if event["parameters"]["event"] == "failed" {
+            break event["parameters"]["guest"].clone();
+        }
+    };
+    eprintln!(
+        "SIGKILL of swtpm -> Monitor 'failed' in {:?}",
+        killed.elapsed()
+    );
+    assert_eq!(failed["guest"], G1);
+    assert!(
+        failed["failure"].as_str().unwrap().contains("SIGKILL"),
+        "{failed}"
+    );
+    assert_eq!(status(&d, G1)["state"], "failed");
+    assert!(
+        !d.runtime_dir.join(G1).exists(),
+        "plaintext left after the crash"
+    );
+
+    let again = start(&d, G1);
+    assert_eq!(read_nv(ctrl_of(&again), 10), b"last words");
+}
+
+/// Writes NV data and leaves the VMM attached (the guest keeps running).
+fn write_nv_keep_running(ctrl: &Path, data: &[u8]) {
+    let mut vmm = Vmm::attach(ctrl, TIMEOUT).unwrap();
+    assert_eq!(vmm.transact(&tpm::tpm2_startup_clear()).unwrap().rc, 0);
+    let attrs = nv_attr::OWNERREAD | nv_attr::OWNERWRITE | nv_attr::AUTHREAD | nv_attr::AUTHWRITE;
+    let len = u16::try_from(data.len()).unwrap();
+    assert_eq!(
+        vmm.transact(&tpm::tpm2_nv_define_space(NV_INDEX, attrs, len))
+            .unwrap()
+            .rc,
+        0
+    );
+    assert_eq!(
+        vmm.transact(&tpm::tpm2_nv_write(NV_INDEX, data, 0).unwrap())
+            .unwrap()
+            .rc,
+        0
+    );
+    std::mem::forget(vmm); // keep the data channel open: QEMU still attached
+}
+
+fn wait_generation_above(d: &Daemon, guest: &str, generation: u64) {
+    let deadline = Instant::now() + TIMEOUT;
+    while status(d, guest)["generation"].as_u64().unwrap() <= generation {
+        assert!(Instant::now() < deadline, "no reseal");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn fifty_guests_start_in_parallel_answer_and_stop_clean() {
+    let d = Daemon::start();
+    let guests: Vec<String> = (0..50)
+        .map(|i| format!("00000000-0000-4000-8000-{i:012x}"))
+        .collect();
+    std::thread::scope(|s| {
+        for g in &guests {
+            let d = &d;
+            s.spawn(move || create(d, g, "2.0", "tpm-tis"));
+        }
+    });
+    let started = Instant::now();
+    let infos: Vec<Value> = std::thread::scope(|s| {
+        let handles: Vec<_> = guests.iter().map(|g| s.spawn(|| start(&d, g))).collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    eprintln!("50 parallel starts took {:?}", started.elapsed());
+    std::thread::scope(|s| {
+        for info in &infos {
+            s.spawn(move || {
+                let mut vmm = Vmm::attach(ctrl_of(info), TIMEOUT).unwrap();
+                assert_eq!(vmm.transact(&tpm::tpm2_startup_clear()).unwrap().rc, 0);
+                let r = vmm.transact(&tpm::tpm2_get_random(8)).unwrap();
+                assert_eq!(r.tpm2_random_bytes().unwrap().len(), 8);
+                vmm.shutdown().unwrap();
+            });
+        }
+    });
+    for g in &guests {
+        wait_state(&d, g, "stopped");
+    }
+    let children = std::fs::read_to_string(format!("/proc/{}/task/{}/children", d.pid(), d.pid()))
+        .unwrap_or_default();
+    assert!(
+        children.trim().is_empty(),
+        "swtpm children left: {children}"
+    );
+    assert_eq!(
+        std::fs::read_dir(&d.runtime_dir)
+            .unwrap()
+            .filter(|e| {
+                let name = e.as_ref().unwrap().file_name();
+                name != "api.sock"
+            })
+            .count(),
+        0,
+        "runtime leftovers"
+    );
+}
+
+#[test]
+fn sigterm_reseals_running_guests_and_leaves_nothing_behind() {
+    let mut d = Daemon::start();
+    create(&d, G1, "2.0", "tpm-tis");
+    let running = start(&d, G1);
+    write_nv_keep_running(ctrl_of(&running), b"at shutdown");
+    let swtpm_pid = running["pid"].as_u64().unwrap();
+
+    assert_eq!(d.stop(), Some(0));
+
+    assert!(
+        !Path::new(&format!("/proc/{swtpm_pid}")).exists(),
+        "swtpm outlived the daemon"
+    );
+    assert!(!ctrl_of(&running).exists());
+    assert!(!d.runtime_dir.join(G1).exists());
+    d.restart();
+    let again = start(&d, G1);
+    assert_eq!(read_nv(ctrl_of(&again), 11), b"at shutdown");
+}
+
+#[test]
+fn introspection_describes_the_interface() {
+    let d = Daemon::start();
+    let mut c = d.client();
+    let info = c.call("org.varlink.service.GetInfo", json!({})).unwrap();
+    assert!(
+        info["interfaces"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("io.vtpmd.Manager"))
+    );
+    let idl = c
+        .call(
+            "org.varlink.service.GetInterfaceDescription",
+            json!({"interface": "io.vtpmd.Manager"}),
+        )
+        .unwrap();
+    assert!(idl["description"].as_str().unwrap().starts_with("# vtpmd"));
+    let caps = c.manager("GetCapabilities", json!({})).unwrap();
+    assert_eq!(caps["versions"], json!(["1.2", "2.0"]));
+    assert!(
+        caps["traits"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("COMPUTE_SECURITY_TPM_2_0"))
+    );
+}
