@@ -138,7 +138,13 @@ async fn handle(message: &[u8], access: Access, peer: &Peer, ctx: &Arc<Context>)
         Access::ReadOnly => request.is_read_only(),
         Access::Denied => false,
     };
-    tracing::info!(method = request.method(), uid = peer.uid.as_raw(), pid = ?peer.pid, allowed, "call");
+    // Every call that changes something is on record; reads are not worth
+    // the noise.
+    if request.is_read_only() {
+        tracing::debug!(method = request.method(), uid = peer.uid.as_raw(), pid = ?peer.pid, allowed, "call");
+    } else {
+        tracing::info!(method = request.method(), uid = peer.uid.as_raw(), pid = ?peer.pid, allowed, "call");
+    }
     if !allowed {
         return reply(
             ManagerError::PermissionDenied {

@@ -166,6 +166,7 @@ pub fn view(info: &GuestInfo) -> GuestView {
 
 /// The one mapping from supervisor errors to Varlink errors.
 pub fn error(e: &SupervisorError) -> Vec<u8> {
+    tracing::info!(error = %crate::error_chain::chain(e), "call refused or failed");
     wire_error(e).encode()
 }
 
