@@ -431,3 +431,54 @@ fn introspection_describes_the_interface() {
             .contains(&json!("COMPUTE_SECURITY_TPM_2_0"))
     );
 }
+
+/// Runs vtpmctl as another user (root only: setpriv switches identity).
+fn vtpmctl_as(uid: &str, gid: &str, socket: &Path, args: &[&str]) -> std::process::Output {
+    std::process::Command::new("setpriv")
+        .args(["--reuid", uid, "--regid", gid, "--clear-groups", "--"])
+        .arg(env!("CARGO_BIN_EXE_vtpmctl"))
+        .arg("--socket")
+        .arg(socket)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn peers_are_authorized_by_their_credentials() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: switching users needs root");
+        return;
+    }
+    // nobody's primary group is the read-only group; daemon (uid 1) is in
+    // no configured group.
+    let d = Daemon::start_with("[api]\nreadonly_group = \"nogroup\"\n");
+    create(&d, G1, "2.0", "tpm-tis");
+    // The stranger must be able to reach the socket to be told no.
+    std::fs::set_permissions(
+        d.root.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+
+    let read_only_status = vtpmctl_as("nobody", "nogroup", &d.socket, &["--json", "status", G1]);
+    let read_only_stop = vtpmctl_as("nobody", "nogroup", &d.socket, &["stop", G1]);
+    let stranger = vtpmctl_as("daemon", "daemon", &d.socket, &["list"]);
+
+    assert_eq!(
+        read_only_status.status.code(),
+        Some(0),
+        "{read_only_status:?}"
+    );
+    assert!(String::from_utf8_lossy(&read_only_status.stdout).contains(G1));
+    assert_eq!(read_only_stop.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&read_only_stop.stderr).contains("PermissionDenied"),
+        "{read_only_stop:?}"
+    );
+    assert_eq!(stranger.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&stranger.stderr).contains("PermissionDenied"),
+        "{stranger:?}"
+    );
+}

@@ -32,15 +32,17 @@ pub struct Peer {
 }
 
 impl Groups {
-    /// Root is trusted (threat model); otherwise the peer's primary group
-    /// or, read from `/proc/<pid>/status` and only believed while that
-    /// process still has the peer's uid, a supplementary group.
+    /// Root is trusted (threat model), and so is vtpmd's own user (who
+    /// owns its state anyway: a daemon run by hand serves its user);
+    /// otherwise the peer's primary group or, read from `/proc/<pid>/status`
+    /// and only believed while that process still has the peer's uid, a
+    /// supplementary group.
     pub fn access(&self, peer: &Peer) -> Access {
-        self.access_with(peer, Path::new("/proc"))
+        self.access_with(peer, Path::new("/proc"), nix::unistd::geteuid())
     }
 
-    fn access_with(&self, peer: &Peer, proc_root: &Path) -> Access {
-        if peer.uid.is_root() {
+    fn access_with(&self, peer: &Peer, proc_root: &Path, own_uid: Uid) -> Access {
+        if peer.uid.is_root() || peer.uid == own_uid {
             return Access::Admin;
         }
         let groups = supplementary_groups(peer, proc_root);
@@ -106,6 +108,8 @@ mod tests {
         }
     }
 
+    const DAEMON: Uid = Uid::from_raw(0);
+
     const GROUPS: Groups = Groups {
         admin: Some(Gid::from_raw(990)),
         read_only: Some(Gid::from_raw(991)),
@@ -114,13 +118,30 @@ mod tests {
     #[test]
     fn root_is_admin_and_strangers_are_denied() {
         let proc = fake_proc(4242, 1000, "100");
-        assert_eq!(GROUPS.access_with(&peer(0, 0), proc.path()), Access::Admin);
         assert_eq!(
-            GROUPS.access_with(&peer(1000, 100), proc.path()),
+            GROUPS.access_with(&peer(0, 0), proc.path(), DAEMON),
+            Access::Admin
+        );
+        assert_eq!(
+            GROUPS.access_with(&peer(1000, 100), proc.path(), DAEMON),
             Access::Denied
         );
         assert_eq!(
-            Groups::default().access_with(&peer(1000, 990), proc.path()),
+            Groups::default().access_with(&peer(1000, 990), proc.path(), DAEMON),
+            Access::Denied
+        );
+    }
+
+    #[test]
+    fn the_daemons_own_user_is_admin() {
+        let proc = fake_proc(4242, 1000, "100");
+        let own = Uid::from_raw(1000);
+        assert_eq!(
+            Groups::default().access_with(&peer(1000, 100), proc.path(), own),
+            Access::Admin
+        );
+        assert_eq!(
+            Groups::default().access_with(&peer(1001, 100), proc.path(), own),
             Access::Denied
         );
     }
@@ -129,11 +150,11 @@ mod tests {
     fn primary_or_supplementary_groups_grant_access() {
         let proc = fake_proc(4242, 1000, "100 991");
         assert_eq!(
-            GROUPS.access_with(&peer(1000, 990), proc.path()),
+            GROUPS.access_with(&peer(1000, 990), proc.path(), DAEMON),
             Access::Admin
         );
         assert_eq!(
-            GROUPS.access_with(&peer(1000, 100), proc.path()),
+            GROUPS.access_with(&peer(1000, 100), proc.path(), DAEMON),
             Access::ReadOnly
         );
     }
@@ -142,7 +163,7 @@ mod tests {
     fn a_recycled_pid_of_another_user_lends_no_groups() {
         let proc = fake_proc(4242, 2000, "990");
         assert_eq!(
-            GROUPS.access_with(&peer(1000, 100), proc.path()),
+            GROUPS.access_with(&peer(1000, 100), proc.path(), DAEMON),
             Access::Denied
         );
     }

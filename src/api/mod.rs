@@ -75,9 +75,12 @@ pub enum ApiError {
 
 /// Binds the API socket at `path`: a stale socket left by a crash is
 /// replaced, a live one (another vtpmd answering) or any other file is not.
-/// Mode 0660, group `group` if given, so access is decided by the file's
-/// permissions first and by [`Groups`] after.
-pub fn bind(path: &Path, group: Option<nix::unistd::Gid>) -> Result<UnixListener, ApiError> {
+///
+/// Mode 0666: anyone may connect, and every call is authorized from the
+/// peer's kernel credentials ([`Groups`]), so a stranger gets a clear
+/// PermissionDenied rather than a bare EACCES, and the read-only and admin
+/// groups need no common group on the file.
+pub fn bind(path: &Path) -> Result<UnixListener, ApiError> {
     let sock_err = |op, path: &Path| {
         let path = path.to_owned();
         move |source| ApiError::Socket { op, path, source }
@@ -101,12 +104,8 @@ pub fn bind(path: &Path, group: Option<nix::unistd::Gid>) -> Result<UnixListener
         Err(e) => return Err(sock_err("inspect", path)(e)),
     }
     let listener = UnixListener::bind(path).map_err(sock_err("bind", path))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))
         .map_err(sock_err("chmod", path))?;
-    if let Some(gid) = group {
-        nix::unistd::chown(path, None, Some(gid))
-            .map_err(|e| sock_err("chown", path)(io::Error::from(e)))?;
-    }
     Ok(listener)
 }
 

@@ -68,8 +68,8 @@ fn main() -> ExitCode {
     match run(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
+            // The log goes to stderr: one line says it all.
             tracing::error!("{}", chain(&e));
-            eprintln!("vtpmd: {}", chain(&e));
             ExitCode::FAILURE
         }
     }
@@ -157,7 +157,7 @@ async fn serve(
         signal(SignalKind::terminate()).map_err(|e| MainError::Signal("SIGTERM", e))?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(|e| MainError::Signal("SIGINT", e))?;
     let supervisor: Arc<Supervisor> = Supervisor::start(config).await?;
-    let listener = match api::bind(&socket, groups.admin) {
+    let listener = match api::bind(&socket) {
         Ok(listener) => listener,
         Err(e) => {
             supervisor.shutdown().await;

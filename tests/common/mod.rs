@@ -28,12 +28,17 @@ pub struct Daemon {
 impl Daemon {
     /// Starts vtpmd on fresh directories and waits until it answers.
     pub fn start() -> Self {
+        Self::start_with("")
+    }
+
+    /// Like [`start`](Self::start), with more TOML appended to the config.
+    pub fn start_with(extra_config: &str) -> Self {
         let root = tempfile::Builder::new()
             .prefix("vt")
             .tempdir_in("/tmp")
             .unwrap();
         let config = root.path().join("vtpmd.toml");
-        std::fs::write(&config, TEST_CONFIG).unwrap();
+        std::fs::write(&config, format!("{TEST_CONFIG}{extra_config}")).unwrap();
         let mut daemon = Self {
             child: None,
             state_dir: root.path().join("state"),
