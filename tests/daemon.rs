@@ -482,3 +482,106 @@ fn peers_are_authorized_by_their_credentials() {
         "{stranger:?}"
     );
 }
+
+fn vtpmctl(d: &Daemon, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_vtpmctl"))
+        .arg("--socket")
+        .arg(&d.socket)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn vtpmctl_drives_the_real_daemon() {
+    let d = Daemon::start();
+    let pass = d.root.path().join("pass");
+    std::fs::write(&pass, format!("{PASS}\n")).unwrap();
+    let pass = pass.to_str().unwrap();
+
+    let created = vtpmctl(
+        &d,
+        &[
+            "create",
+            G1,
+            "--flavor-extra-spec",
+            "hw:tpm_version=2.0",
+            "--image-property",
+            "hw_tpm_model=tpm-crb",
+            "--passphrase-file",
+            pass,
+        ],
+    );
+    let started = vtpmctl(&d, &["--json", "start", G1, "--passphrase-file", pass]);
+    let args = vtpmctl(&d, &["attach-args", G1, "--for", "qemu"]);
+    let listed = vtpmctl(&d, &["list"]);
+    let stopped = vtpmctl(&d, &["stop", G1]);
+    let again = vtpmctl(&d, &["stop", G1]);
+
+    assert_eq!(created.status.code(), Some(0), "{created:?}");
+    assert_eq!(started.status.code(), Some(0), "{started:?}");
+    let started: Value = serde_json::from_slice(&started.stdout).unwrap();
+    let ctrl = started["guest"]["ctrl_socket"].as_str().unwrap();
+    let args = String::from_utf8(args.stdout).unwrap();
+    assert!(
+        args.contains(&format!("path={ctrl}")) && args.contains("-device tpm-crb,tpmdev=tpm0"),
+        "{args}"
+    );
+    assert!(String::from_utf8_lossy(&listed.stdout).contains("running"));
+    assert_eq!(stopped.status.code(), Some(0));
+    assert_eq!(again.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains("GuestNotRunning"),
+        "{again:?}"
+    );
+}
+
+#[test]
+fn a_misbehaving_client_is_cut_off_and_others_are_served() {
+    let d = Daemon::start_with(
+        "[api]\nmax_message_bytes = 8192\nidle_timeout_ms = 300\nmax_connections = 3\n",
+    );
+    // Too large: answered with InvalidParameter(message), then closed.
+    let mut big = d.client();
+    big.send_raw(&vec![b'{'; 10_000]);
+    let reply = big.read_reply();
+    assert_eq!(reply["error"], "org.varlink.service.InvalidParameter");
+    assert_eq!(reply["parameters"]["parameter"], "message");
+
+    // Silent: dropped after the idle timeout.
+    let silent = std::os::unix::net::UnixStream::connect(&d.socket).unwrap();
+    let started = Instant::now();
+    let mut byte = [0u8; 1];
+    let n = std::io::Read::read(&mut &silent, &mut byte).unwrap();
+    assert_eq!(n, 0, "an idle connection was not closed");
+    eprintln!("idle connection closed after {:?}", started.elapsed());
+
+    // A message that never ends is dropped the same way.
+    let mut never = std::os::unix::net::UnixStream::connect(&d.socket).unwrap();
+    never
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    std::io::Write::write_all(&mut never, b"{\"method\":\"io.vtpmd.Manager.List\"").unwrap();
+    assert_eq!(
+        std::io::Read::read(&mut never, &mut byte).unwrap(),
+        0,
+        "a half message was kept open"
+    );
+
+    // Over the connection cap: the extra connection is closed at once; once
+    // a slot frees, a well-behaved client is served.
+    let held: Vec<_> = (0..3).map(|_| d.client()).collect();
+    std::thread::sleep(Duration::from_millis(50));
+    let extra = std::os::unix::net::UnixStream::connect(&d.socket).unwrap();
+    extra
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    assert_eq!(
+        std::io::Read::read(&mut &extra, &mut byte).unwrap(),
+        0,
+        "over the cap but served"
+    );
+    drop(held);
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(d.client().manager("List", json!({})).is_ok());
+}
