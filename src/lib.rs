@@ -2,6 +2,7 @@
 //! encrypted at rest. See `README.md` and `docs/` for the design.
 
 pub mod api;
+mod be;
 pub mod config;
 pub mod error_chain;
 pub mod paths;

@@ -17,6 +17,8 @@ use std::fmt;
 
 use zeroize::Zeroize;
 
+use crate::be::Reader;
+
 /// The largest state blob (or chunk of one) a decoder accepts. A TPM 2.0
 /// permanent state is a few KiB; the volatile state about 9 KiB.
 pub const MAX_STATE_BLOB: u32 = 1024 * 1024;
@@ -584,8 +586,8 @@ pub fn decode(cmd: Cmd, bytes: &[u8]) -> Result<Response, CodecError> {
             }
         }
     };
-    let expected = bytes.len() - r.rest.len();
-    r.finish(expected)?;
+    let expected = bytes.len() - r.remaining();
+    finish(&r, expected)?;
     Ok(response)
 }
 
@@ -677,47 +679,14 @@ pub fn fuzz_decode(bytes: &[u8]) {
     let _ = info_text(bytes);
 }
 
-/// Reads big-endian fields front to back; every read is bounds-checked.
-struct Reader<'a> {
-    rest: &'a [u8],
-}
-
-impl<'a> Reader<'a> {
-    fn new(bytes: &'a [u8]) -> Self {
-        Self { rest: bytes }
-    }
-
-    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
-        if self.rest.len() < n {
-            return None;
-        }
-        let (head, tail) = self.rest.split_at(n);
-        self.rest = tail;
-        Some(head)
-    }
-
-    fn array<const N: usize>(&mut self) -> Option<[u8; N]> {
-        self.take(N).and_then(|b| b.try_into().ok())
-    }
-
-    fn u32(&mut self) -> Option<u32> {
-        self.array().map(u32::from_be_bytes)
-    }
-
-    fn u64(&mut self) -> Option<u64> {
-        self.array().map(u64::from_be_bytes)
-    }
-
-    /// Nothing may follow the last field.
-    fn finish(&self, expected: usize) -> Result<(), CodecError> {
-        if self.rest.is_empty() {
-            Ok(())
-        } else {
-            Err(CodecError::TrailingBytes {
-                len: expected + self.rest.len(),
-                expected,
-            })
-        }
+/// Nothing may follow the last field.
+fn finish(r: &Reader<'_>, expected: usize) -> Result<(), CodecError> {
+    match r.remaining() {
+        0 => Ok(()),
+        extra => Err(CodecError::TrailingBytes {
+            len: expected + extra,
+            expected,
+        }),
     }
 }
 
