@@ -8,22 +8,16 @@ use crate::secret::SecretBuf;
 use crate::store::{self, InUse};
 use crate::vault::SealedState;
 
-use super::state::{Action, Allowed, decide};
+use super::state::{Action, Allowed, permit};
 use super::{EventKind, Shared, SupervisorError, blocking};
 
 /// Removes both generations and the guest's directory. Refused while the
 /// guest runs.
 pub(super) async fn delete(shared: Arc<Shared>, id: GuestId) -> Result<(), SupervisorError> {
     let _admitted = shared.enter().await?;
-    let guest = shared
-        .registry
-        .get(id)
-        .ok_or(SupervisorError::NoSuchGuest { guest: id })?;
+    let guest = shared.guest(id)?;
     let mut slot = guest.lock(shared.config.lock_wait).await?;
-    let state = guest.state();
-    if let Err(why) = decide(state, Action::Delete) {
-        return Err(SupervisorError::refused(id, state, Action::Delete, why));
-    }
+    permit(id, guest.state(), Action::Delete)?;
     let store = shared.store.clone();
     blocking(id, "delete", move || {
         SealedState::delete(&store.sealed_paths(id))
@@ -66,14 +60,10 @@ pub(super) async fn rekey(
     new_passphrase: SecretBuf,
 ) -> Result<(), SupervisorError> {
     let _admitted = shared.enter().await?;
-    let guest = shared
-        .registry
-        .get(id)
-        .ok_or(SupervisorError::NoSuchGuest { guest: id })?;
+    let guest = shared.guest(id)?;
     let slot = guest.lock(shared.config.lock_wait).await?;
     let state = guest.state();
-    let allowed = decide(state, Action::Rekey)
-        .map_err(|why| SupervisorError::refused(id, state, Action::Rekey, why))?;
+    let allowed = permit(id, state, Action::Rekey)?;
     let paths = shared.store.sealed_paths(id);
     let policy = shared.config.kdf;
     match allowed {

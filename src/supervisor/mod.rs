@@ -179,6 +179,13 @@ impl Shared {
         Ok(guard)
     }
 
+    /// The registered guest `id`, or NoSuchGuest.
+    fn guest(&self, id: GuestId) -> Result<Arc<guest::Guest>, SupervisorError> {
+        self.registry
+            .get(id)
+            .ok_or(SupervisorError::NoSuchGuest { guest: id })
+    }
+
     fn publish(&self, kind: EventKind, guest: GuestInfo, detail: Option<String>) {
         tracing::debug!(guest = %guest.guest, event = kind.as_str(), state = %guest.state, "event");
         // No subscriber is fine.

@@ -19,7 +19,7 @@ use crate::swtpm::spawn::{self, SpawnError, SpawnSpec, Swtpm};
 use crate::vault::{Opened, SealedState, VaultError};
 
 use super::guest::{Guest, Run, Slot};
-use super::state::{Action, Allowed, GuestState, decide};
+use super::state::{Action, GuestState, permit};
 use super::{EventKind, GuestInfo, Shared, SupervisorError, blocking, exit, reseal};
 
 /// How long swtpm has to answer CMD_GET_CAPABILITY on its control socket.
@@ -31,30 +31,11 @@ pub(super) async fn start_guest(
     passphrase: SecretBuf,
 ) -> Result<GuestInfo, SupervisorError> {
     let _admitted = shared.enter().await?;
-    let guest = shared
-        .registry
-        .get(id)
-        .ok_or(SupervisorError::NoSuchGuest { guest: id })?;
+    let guest = shared.guest(id)?;
     let mut slot = guest.lock(shared.config.lock_wait).await?;
     let before = guest.info();
-    match decide(before.state, Action::Start) {
-        // Start is the only thing the table allows for Action::Start.
-        Ok(
-            Allowed::Start
-            | Allowed::Stop
-            | Allowed::Delete
-            | Allowed::RekeyAtRest
-            | Allowed::RekeyRunning,
-        ) => {}
-        Err(why) => {
-            return Err(SupervisorError::refused(
-                id,
-                before.state,
-                Action::Start,
-                why,
-            ));
-        }
-    }
+    // Start is the only thing the table allows for Action::Start.
+    permit(id, before.state, Action::Start)?;
     let starting = guest.update(|i| i.state = GuestState::Starting);
     shared.publish(EventKind::Starting, starting, None);
 

@@ -106,6 +106,15 @@ pub enum Refused {
     NotAllowed,
 }
 
+/// [`decide`] for guest `guest`, refusals as the supervisor's errors.
+pub(super) fn permit(
+    guest: crate::protocol::GuestId,
+    state: GuestState,
+    action: Action,
+) -> Result<Allowed, super::SupervisorError> {
+    decide(state, action).map_err(|why| super::SupervisorError::refused(guest, state, action, why))
+}
+
 /// The whole table.
 pub fn decide(state: GuestState, action: Action) -> Result<Allowed, Refused> {
     use Action as A;

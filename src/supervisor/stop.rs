@@ -9,7 +9,7 @@ use crate::protocol::GuestId;
 
 use super::finish::{Ending, finish};
 use super::guest::Guest;
-use super::state::{Action, GuestState, decide};
+use super::state::{Action, GuestState, permit};
 use super::{EventKind, GuestInfo, Shared, SupervisorError};
 
 pub(super) async fn stop_guest(
@@ -17,15 +17,9 @@ pub(super) async fn stop_guest(
     id: GuestId,
 ) -> Result<GuestInfo, SupervisorError> {
     let _admitted = shared.enter().await?;
-    let guest = shared
-        .registry
-        .get(id)
-        .ok_or(SupervisorError::NoSuchGuest { guest: id })?;
+    let guest = shared.guest(id)?;
     let mut slot = guest.lock(shared.config.lock_wait).await?;
-    let state = guest.state();
-    if let Err(why) = decide(state, Action::Stop) {
-        return Err(SupervisorError::refused(id, state, Action::Stop, why));
-    }
+    permit(id, guest.state(), Action::Stop)?;
     let Some(run) = slot.run.take() else {
         // `running` without a run cannot happen; say so rather than panic.
         let info = guest.update(|i| {
