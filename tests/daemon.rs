@@ -49,6 +49,11 @@ fn ctrl_of(guest: &Value) -> &Path {
 
 /// As a VMM: attach, Startup, write `data` into a fresh NV index, quit.
 fn write_nv(ctrl: &Path, data: &[u8]) {
+    attach_and_write_nv(ctrl, data).shutdown().unwrap();
+}
+
+/// Attach, Startup and write `data` into a fresh NV index; the VMM stays.
+fn attach_and_write_nv(ctrl: &Path, data: &[u8]) -> Vmm {
     let mut vmm = Vmm::attach(ctrl, TIMEOUT).unwrap();
     assert_eq!(vmm.transact(&tpm::tpm2_startup_clear()).unwrap().rc, 0);
     let attrs = nv_attr::OWNERREAD | nv_attr::OWNERWRITE | nv_attr::AUTHREAD | nv_attr::AUTHWRITE;
@@ -65,7 +70,7 @@ fn write_nv(ctrl: &Path, data: &[u8]) {
             .rc,
         0
     );
-    vmm.shutdown().unwrap();
+    vmm
 }
 
 fn read_nv(ctrl: &Path, len: usize) -> Vec<u8> {
@@ -305,23 +310,8 @@ fn a_killed_swtpm_is_reported_failed_at_once_and_starts_again_with_its_data() {
 
 /// Writes NV data and leaves the VMM attached (the guest keeps running).
 fn write_nv_keep_running(ctrl: &Path, data: &[u8]) {
-    let mut vmm = Vmm::attach(ctrl, TIMEOUT).unwrap();
-    assert_eq!(vmm.transact(&tpm::tpm2_startup_clear()).unwrap().rc, 0);
-    let attrs = nv_attr::OWNERREAD | nv_attr::OWNERWRITE | nv_attr::AUTHREAD | nv_attr::AUTHWRITE;
-    let len = u16::try_from(data.len()).unwrap();
-    assert_eq!(
-        vmm.transact(&tpm::tpm2_nv_define_space(NV_INDEX, attrs, len))
-            .unwrap()
-            .rc,
-        0
-    );
-    assert_eq!(
-        vmm.transact(&tpm::tpm2_nv_write(NV_INDEX, data, 0).unwrap())
-            .unwrap()
-            .rc,
-        0
-    );
-    std::mem::forget(vmm); // keep the data channel open: QEMU still attached
+    // Keep the data channel open: QEMU still attached.
+    std::mem::forget(attach_and_write_nv(ctrl, data));
 }
 
 fn wait_generation_above(d: &Daemon, guest: &str, generation: u64) {
