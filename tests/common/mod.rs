@@ -4,6 +4,8 @@
 
 #![allow(clippy::unwrap_used, dead_code)] // shared by several test files; each uses a part
 
+pub mod qemu;
+
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -116,6 +118,136 @@ impl Daemon {
 
     pub fn sealed_file(&self, guest: &str) -> PathBuf {
         self.state_dir.join("guests").join(guest).join("tpm.sealed")
+    }
+
+    /// Runs the real vtpmctl against this daemon; panics unless it exits 0.
+    pub fn vtpmctl(&self, args: &[&str]) -> String {
+        let out = Command::new(env!("CARGO_BIN_EXE_vtpmctl"))
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "vtpmctl {args:?}: {}\n{}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// The `args` array of `vtpmctl attach-args GUEST --for qemu --json`.
+    pub fn qemu_attach_args(&self, guest: &str) -> Vec<String> {
+        let out = self.vtpmctl(&["attach-args", guest, "--for", "qemu", "--json"]);
+        let v: Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(v["for"], "qemu", "{v}");
+        serde_json::from_value(v["args"].clone()).unwrap()
+    }
+
+    /// A `Monitor` stream read in the background.
+    pub fn events(&self) -> Events {
+        Events::subscribe(&self.socket)
+    }
+}
+
+/// vtpmd's `Monitor` events, each with the instant the test read it.
+pub struct Events {
+    rx: std::sync::mpsc::Receiver<(Instant, Value)>,
+    seen: Vec<(Instant, Value)>,
+}
+
+impl Events {
+    /// Subscribes and returns once the "existing" events of the guests
+    /// that `List` reports are read (vtpmd sends them before any change,
+    /// so with at least one guest nothing later is missed).
+    pub fn subscribe(socket: &Path) -> Self {
+        let existing = Client::try_connect(socket)
+            .unwrap()
+            .manager("List", json!({}))
+            .unwrap()["guests"]
+            .as_array()
+            .map_or(0, Vec::len);
+        let mut stream = UnixStream::connect(socket).unwrap();
+        let mut msg =
+            serde_json::to_vec(&json!({"method": "io.vtpmd.Manager.Monitor", "more": true}))
+                .unwrap();
+        msg.push(0);
+        stream.write_all(&msg).unwrap();
+        let mut reader = std::io::BufReader::new(stream);
+        let read_one = |reader: &mut std::io::BufReader<UnixStream>| -> Option<Value> {
+            let mut bytes = Vec::new();
+            match std::io::BufRead::read_until(reader, 0, &mut bytes) {
+                Ok(n) if n > 0 && bytes.ends_with(&[0]) => {}
+                _ => return None, // vtpmd closed the stream
+            }
+            bytes.pop();
+            let reply: Value = serde_json::from_slice(&bytes).ok()?;
+            Some(reply["parameters"].clone())
+        };
+        let (tx, rx) = std::sync::mpsc::channel();
+        for _ in 0..existing {
+            let event = read_one(&mut reader).unwrap();
+            tx.send((Instant::now(), event)).unwrap();
+        }
+        std::thread::spawn(move || {
+            while let Some(event) = read_one(&mut reader) {
+                if tx.send((Instant::now(), event)).is_err() {
+                    return;
+                }
+            }
+        });
+        Self {
+            rx,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Waits for the next event (after those already returned) for which
+    /// `pred` holds; the skipped ones are kept in [`seen`](Self::seen).
+    pub fn wait(
+        &mut self,
+        timeout: Duration,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Option<(Instant, Value)> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let (at, event) = self.rx.recv_timeout(left).ok()?;
+            self.seen.push((at, event.clone()));
+            if pred(&event) {
+                return Some((at, event));
+            }
+        }
+    }
+
+    /// The next event named `name` for `guest`.
+    pub fn wait_for(
+        &mut self,
+        guest: &str,
+        name: &str,
+        timeout: Duration,
+    ) -> Option<(Instant, Value)> {
+        self.wait(timeout, |e| {
+            e["event"] == name && e["guest"]["guest"] == guest
+        })
+    }
+
+    /// Every event read so far, in order.
+    pub fn seen(&self) -> &[(Instant, Value)] {
+        &self.seen
+    }
+
+    /// Reads what has arrived without waiting; returns the events read now.
+    pub fn drain(&mut self) -> Vec<Value> {
+        let mut out = Vec::new();
+        while let Ok((at, event)) = self.rx.try_recv() {
+            self.seen.push((at, event.clone()));
+            out.push(event);
+        }
+        out
     }
 }
 

@@ -1,0 +1,475 @@
+//! A Linux guest under a real QEMU sees vtpmd's TPM: real vtpmd, real
+//! swtpm, QEMU started with what `vtpmctl attach-args --for qemu --json`
+//! prints, a Debian kernel and an initramfs (busybox + tpm2-tools) built by
+//! `tests/guest/build-image` once and cached under the target directory.
+//! The guest's `/init` (`tests/guest/init`) reports on the serial console
+//! with `VTPMD-GUEST: key=value` lines and powers off.
+//!
+//! Each boot is a few seconds under TCG; QEMU runs at most two at once
+//! (CI has two cores).
+
+#![allow(clippy::unwrap_used)] // a test that cannot set up should fail loudly
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Condvar, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use common::qemu::Qemu;
+use common::{Daemon, b64};
+use serde_json::{Value, json};
+
+const G1: &str = "0f6a2d1e-8c4b-4e2a-9d3f-5b7c1a2e3f40";
+const PASS: &str = "correct horse battery staple";
+/// What the guest's init writes into its NV index (tests/guest/init).
+const NV_DATA: &str = "vtpmd-guest-nv-ok";
+/// One boot, from QEMU's start to the guest's last marker; generous for a
+/// loaded two-core machine under TCG.
+const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
+const STATE_TIMEOUT: Duration = Duration::from_secs(20);
+/// QEMUs running at once.
+const MAX_VMS: usize = 2;
+
+struct Image {
+    kernel: PathBuf,
+    initrd: PathBuf,
+}
+
+/// Builds (or finds in the cache) the guest kernel and initramfs, once per
+/// test binary; the script itself locks the cache against other processes.
+fn image() -> &'static Image {
+    static IMAGE: OnceLock<Image> = OnceLock::new();
+    IMAGE.get_or_init(|| {
+        let cache = Path::new(env!("CARGO_TARGET_TMPDIR")).join("guest-cache");
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/guest/build-image");
+        let started = Instant::now();
+        let out = Command::new("bash")
+            .arg(&script)
+            .arg(&cache)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{} failed ({}):\n{}{}",
+            script.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        eprintln!(
+            "{}({:?})",
+            String::from_utf8_lossy(&out.stdout),
+            started.elapsed()
+        );
+        Image {
+            kernel: cache.join("vmlinuz"),
+            initrd: cache.join("initramfs.cpio.gz"),
+        }
+    })
+}
+
+/// At most [`MAX_VMS`] QEMUs at once, across the test threads.
+struct VmSlot;
+
+static SLOTS: (Mutex<usize>, Condvar) = (Mutex::new(0), Condvar::new());
+
+impl VmSlot {
+    fn take() -> Self {
+        let (lock, cond) = &SLOTS;
+        let mut used = lock
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        while *used >= MAX_VMS {
+            used = cond
+                .wait(used)
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
+        *used += 1;
+        Self
+    }
+}
+
+impl Drop for VmSlot {
+    fn drop(&mut self) {
+        let (lock, cond) = &SLOTS;
+        *lock
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) -= 1;
+        cond.notify_one();
+    }
+}
+
+fn create(d: &Daemon, version: &str, model: &str) -> Value {
+    d.client()
+        .manager(
+            "Create",
+            json!({"guest": G1, "version": version, "model": model, "passphrase": b64(PASS)}),
+        )
+        .unwrap()["guest"]
+        .clone()
+}
+
+fn start(d: &Daemon) -> Value {
+    let running = d
+        .client()
+        .manager("Start", json!({"guest": G1, "passphrase": b64(PASS)}))
+        .unwrap()["guest"]
+        .clone();
+    assert_eq!(running["state"], "running", "{running}");
+    running
+}
+
+fn status(d: &Daemon) -> Value {
+    d.client().manager("Status", json!({"guest": G1})).unwrap()["guest"].clone()
+}
+
+fn generation(guest: &Value) -> u64 {
+    guest["generation"].as_u64().unwrap()
+}
+
+/// Polls Status until the guest is in `state`.
+fn wait_state(d: &Daemon, state: &str) -> Value {
+    let deadline = Instant::now() + STATE_TIMEOUT;
+    loop {
+        let s = status(d);
+        if s["state"] == state {
+            return s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "guest stuck in {s}, expected {state}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Polls Status until the generation is above `generation` (a reseal).
+fn wait_generation_above(d: &Daemon, generation_before: u64) -> Value {
+    let deadline = Instant::now() + STATE_TIMEOUT;
+    loop {
+        let s = status(d);
+        if generation(&s) > generation_before {
+            return s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no reseal after {generation_before}: {s}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// What `vtpmctl attach-args G1 --for qemu --json` prints: its `args`.
+fn attach_args(d: &Daemon) -> Vec<String> {
+    let out = Command::new(env!("CARGO_BIN_EXE_vtpmctl"))
+        .arg("--socket")
+        .arg(&d.socket)
+        .args(["attach-args", G1, "--for", "qemu", "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "vtpmctl attach-args: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let printed: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(printed["for"], "qemu");
+    printed["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// A booting guest: QEMU and its slot.
+struct Vm {
+    qemu: Qemu,
+    _slot: VmSlot,
+}
+
+/// Starts QEMU with vtpmd's attach arguments and the test kernel; `step`
+/// goes to the guest's init. `no_reboot`: a guest reset ends QEMU.
+fn boot(attach: &[String], step: &str, no_reboot: bool) -> Vm {
+    let image = image();
+    let slot = VmSlot::take();
+    let mut builder = Qemu::builder()
+        .memory_mib(256)
+        .args(attach.iter().cloned())
+        .arg("-kernel")
+        .arg(image.kernel.to_str().unwrap())
+        .arg("-initrd")
+        .arg(image.initrd.to_str().unwrap())
+        .arg("-append")
+        .arg(format!("console=ttyS0 quiet panic=-1 vtpmd.step={step}"));
+    if no_reboot {
+        builder = builder.arg("-no-reboot");
+    }
+    Vm {
+        qemu: builder.start(),
+        _slot: slot,
+    }
+}
+
+impl Vm {
+    /// Waits for `VTPMD-GUEST: key=` and returns the value after it;
+    /// panics with the console and QEMU's stderr if the guest failed or
+    /// stopped first.
+    fn value(&mut self, key: &str) -> String {
+        let marker = format!("VTPMD-GUEST: {key}=");
+        // The marker, then the end of its line (the line may arrive in pieces).
+        let line = self
+            .qemu
+            .serial()
+            .wait_for(&marker, BOOT_TIMEOUT)
+            .and_then(|_| self.qemu.serial().wait_for("\n", BOOT_TIMEOUT));
+        match line {
+            Ok(line) => {
+                let at = line.find(&marker).unwrap() + marker.len();
+                line[at..].trim().to_owned()
+            }
+            Err(e) => panic!("{e}\n{}", self.qemu.diagnostics()),
+        }
+    }
+
+    /// Waits for a bare marker (`VTPMD-GUEST: waiting-for-reset`).
+    fn marker(&mut self, text: &str) {
+        let marker = format!("VTPMD-GUEST: {text}");
+        if let Err(e) = self.qemu.serial().wait_for(&marker, BOOT_TIMEOUT) {
+            panic!("{e}\n{}", self.qemu.diagnostics());
+        }
+    }
+
+    /// Waits for the init's last line; returns the guest's uptime then, in
+    /// seconds (kernel boot plus init).
+    fn done(&mut self) -> String {
+        self.value("done uptime")
+    }
+
+    /// The guest powered off: QEMU exits on its own, successfully.
+    fn wait_poweroff(&mut self) -> Duration {
+        match self.qemu.wait_exit(Duration::from_secs(30)) {
+            Some(status) => assert!(
+                status.success(),
+                "QEMU: {status}\n{}",
+                self.qemu.diagnostics()
+            ),
+            None => panic!(
+                "QEMU did not exit after poweroff\n{}",
+                self.qemu.diagnostics()
+            ),
+        }
+        self.qemu.started.elapsed()
+    }
+}
+
+/// The TPM as every boot must see it: `/dev/tpm0` (and `/dev/tpmrm0` for
+/// 2.0), the version, the driver for the model, and an answer.
+fn check_tpm(vm: &mut Vm, version: &str, model: &str) {
+    let major = &version[..1];
+    assert_eq!(vm.value("tpm0"), "present");
+    assert_eq!(vm.value("version-major"), major);
+    let driver = if model == "tpm-crb" {
+        "tpm_crb"
+    } else {
+        "tpm_tis"
+    };
+    assert_eq!(vm.value("driver"), driver);
+    if major == "2" {
+        assert_eq!(vm.value("tpmrm0"), "present");
+        let random = vm.value("random");
+        assert!(
+            is_hex(&random, 16),
+            "tpm2_getrandom 8 --hex printed {random:?}"
+        );
+        let pcr0 = vm.value("pcr0-sha256");
+        assert!(is_hex(&pcr0, 64), "tpm2_pcrread sha256:0 printed {pcr0:?}");
+        assert_ne!(pcr0, "0".repeat(64), "SeaBIOS measured nothing into PCR 0");
+    }
+}
+
+fn is_hex(text: &str, len: usize) -> bool {
+    text.len() == len && text.chars().all(|c| c.is_ascii_hexdigit())
+}
+
+/// After QEMU went away: vtpmd stopped the guest, sealed at least
+/// `min_generation` and left no plaintext, socket or swtpm behind.
+fn check_stopped_and_sealed(d: &Daemon, running: &Value, min_generation: u64) -> Value {
+    let stopped = wait_state(d, "stopped");
+    assert!(
+        generation(&stopped) >= min_generation,
+        "not resealed: {stopped} (expected generation {min_generation} or later)"
+    );
+    assert!(stopped["pid"].is_null(), "{stopped}");
+    let ctrl = Path::new(running["ctrl_socket"].as_str().unwrap());
+    assert!(!ctrl.exists(), "control socket left behind");
+    assert!(
+        !d.runtime_dir.join(G1).exists(),
+        "plaintext runtime directory left behind"
+    );
+    let swtpm = running["pid"].as_u64().unwrap();
+    assert!(
+        !Path::new(&format!("/proc/{swtpm}")).exists(),
+        "swtpm {swtpm} still running"
+    );
+    let children = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", d.pid()))
+        .unwrap_or_default();
+    assert!(
+        children.trim().is_empty(),
+        "vtpmd's children left: {children}"
+    );
+    assert!(d.sealed_file(G1).exists());
+    stopped
+}
+
+/// Boot 1 writes an NV index and powers off; vtpmd reseals and wipes;
+/// Start again; boot 2 reads the index back.
+fn nv_survives_a_shutdown_and_a_new_start(model: &str) {
+    let d = Daemon::start();
+    let created = create(&d, "2.0", model);
+    let running = start(&d);
+
+    let mut vm = boot(&attach_args(&d), "write", true);
+    check_tpm(&mut vm, "2.0", model);
+    assert_eq!(vm.value("nv-written"), NV_DATA);
+    let first_uptime = vm.done();
+    let first = vm.wait_poweroff();
+    let stopped = check_stopped_and_sealed(&d, &running, generation(&created) + 1);
+
+    let running = start(&d);
+    let mut vm = boot(&attach_args(&d), "read", true);
+    check_tpm(&mut vm, "2.0", model);
+    assert_eq!(vm.value("nv-read"), NV_DATA);
+    let second_uptime = vm.done();
+    let second = vm.wait_poweroff();
+    check_stopped_and_sealed(&d, &running, generation(&stopped));
+    eprintln!(
+        "{model}: write boot {first:?} (guest uptime {first_uptime} s), \
+         read boot {second:?} (guest uptime {second_uptime} s)"
+    );
+}
+
+#[test]
+fn tpm2_tis_nv_written_in_one_boot_is_read_in_the_next() {
+    nv_survives_a_shutdown_and_a_new_start("tpm-tis");
+}
+
+#[test]
+fn tpm2_crb_nv_written_in_one_boot_is_read_in_the_next() {
+    nv_survives_a_shutdown_and_a_new_start("tpm-crb");
+}
+
+/// TPM 1.2: tpm2-tools cannot talk to it and vtpmd locks its NVRAM at
+/// provisioning (no NV without an owner), so the guest shows it answers
+/// through the kernel's TPM 1.2 sysfs files (PCRs, capabilities, the EK),
+/// and the EK, created at Create and sealed since, is the same next boot.
+#[test]
+fn tpm12_tis_answers_in_the_guest_and_keeps_its_ek_across_starts() {
+    let d = Daemon::start();
+    let created = create(&d, "1.2", "tpm-tis");
+    let mut ek = Vec::new();
+    let mut sealed_generation = generation(&created);
+    for round in 0..2 {
+        let running = start(&d);
+        let mut vm = boot(&attach_args(&d), "probe", true);
+        check_tpm(&mut vm, "1.2", "tpm-tis");
+        let pcr0 = vm.value("pcr0");
+        assert!(is_hex(&pcr0, 40), "PCR-00 {pcr0:?}");
+        assert_ne!(pcr0, "0".repeat(40), "SeaBIOS measured nothing into PCR 0");
+        assert_eq!(vm.value("pcr-count"), "24");
+        let caps = vm.value("caps");
+        assert!(caps.contains("Manufacturer"), "{caps}");
+        ek.push(vm.value("pubek-sha256"));
+        let uptime = vm.done();
+        let took = vm.wait_poweroff();
+        eprintln!("tpm 1.2 boot {round}: {took:?} (guest uptime {uptime} s)");
+        let stopped = wait_state(&d, "stopped");
+        assert!(generation(&stopped) >= sealed_generation, "{stopped}");
+        eprintln!(
+            "tpm 1.2 boot {round}: generation {} -> {}",
+            sealed_generation,
+            generation(&stopped)
+        );
+        sealed_generation = generation(&stopped);
+        assert!(!d.runtime_dir.join(G1).exists(), "plaintext left behind");
+        let swtpm = running["pid"].as_u64().unwrap();
+        assert!(!Path::new(&format!("/proc/{swtpm}")).exists(), "swtpm left");
+    }
+    assert_eq!(ek[0].len(), 64, "{ek:?}");
+    assert_eq!(ek[0], ek[1], "the EK changed between starts");
+}
+
+/// A guest reset (QMP `system_reset`) keeps the same swtpm attached and
+/// its state: the guest writes NV, QEMU resets it, the same kernel boots
+/// again on the same TPM and reads it back.
+#[test]
+fn tpm2_crb_system_reset_keeps_the_tpm_and_its_state() {
+    let d = Daemon::start();
+    let created = create(&d, "2.0", "tpm-crb");
+    let running = start(&d);
+
+    let mut vm = boot(&attach_args(&d), "auto", false);
+    check_tpm(&mut vm, "2.0", "tpm-crb");
+    assert_eq!(vm.value("auto-step"), "write");
+    assert_eq!(vm.value("nv-written"), NV_DATA);
+    vm.marker("waiting-for-reset");
+    // The write was resealed while the VM runs.
+    let written = wait_generation_above(&d, generation(&created));
+    assert_eq!(written["state"], "running");
+
+    let reset_at = Instant::now();
+    vm.qemu.qmp().system_reset().unwrap();
+    vm.qemu
+        .qmp()
+        .wait_event("RESET", Duration::from_secs(10))
+        .unwrap();
+    vm.value("init step");
+    check_tpm(&mut vm, "2.0", "tpm-crb");
+    assert_eq!(vm.value("auto-step"), "read");
+    assert_eq!(vm.value("nv-read"), NV_DATA);
+    let uptime = vm.done();
+    eprintln!(
+        "reset -> second boot read the NV index in {:?} (guest uptime {uptime} s)",
+        reset_at.elapsed()
+    );
+    // Same swtpm all along: the reset did not restart or detach it.
+    let after = status(&d);
+    assert_eq!(
+        (after["state"].clone(), after["pid"].clone()),
+        (json!("running"), running["pid"].clone()),
+        "{after}"
+    );
+    let total = vm.wait_poweroff();
+    eprintln!("reset run, two boots: {total:?}");
+    check_stopped_and_sealed(&d, &running, generation(&written));
+}
+
+/// QEMU killed with SIGKILL while the guest runs: the guest's NV write was
+/// already resealed, vtpmd ends up `stopped` with nothing left behind, and
+/// the next start boots with the data.
+#[test]
+fn tpm2_tis_qemu_killed_leaves_the_guest_stopped_sealed_and_startable() {
+    let d = Daemon::start();
+    let created = create(&d, "2.0", "tpm-tis");
+    let running = start(&d);
+
+    let mut vm = boot(&attach_args(&d), "auto", false);
+    check_tpm(&mut vm, "2.0", "tpm-tis");
+    assert_eq!(vm.value("nv-written"), NV_DATA);
+    vm.marker("waiting-for-reset");
+    let written = wait_generation_above(&d, generation(&created));
+    let status = vm.qemu.kill();
+    assert!(!status.success());
+    drop(vm);
+    check_stopped_and_sealed(&d, &running, generation(&written));
+
+    start(&d);
+    let mut vm = boot(&attach_args(&d), "read", true);
+    check_tpm(&mut vm, "2.0", "tpm-tis");
+    assert_eq!(vm.value("nv-read"), NV_DATA);
+    vm.done();
+    vm.wait_poweroff();
+}
