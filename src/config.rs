@@ -37,9 +37,12 @@ pub struct SupervisorSection {
     /// Default: vtpmd's own group.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub socket_group: Option<String>,
-    /// User swtpm runs as (its primary group too). Default: vtpmd's user.
+    /// The uids each guest's swtpm gets one of (gid = uid), `"N-M"`.
+    /// Default when vtpmd runs as root: `"1879048192-1879113727"`
+    /// (0x70000000 + 64 Ki, a range nothing else hands out); ignored
+    /// otherwise (swtpm then runs as vtpmd's user).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub swtpm_user: Option<String>,
+    pub swtpm_uid_range: Option<String>,
     /// SIGTERM to SIGKILL on Stop, milliseconds (default 5000).
     pub stop_grace_ms: u64,
     /// How long swtpm's writes are gathered into one reseal, milliseconds
@@ -62,7 +65,7 @@ impl Default for SupervisorSection {
             runtime_dir: crate::paths::Env::current().runtime_dir(),
             socket_mode: "0660".to_owned(),
             socket_group: None,
-            swtpm_user: None,
+            swtpm_uid_range: None,
             stop_grace_ms: 5000,
             reseal_coalesce_ms: 5,
             kdf_parallelism: 0,
@@ -242,6 +245,10 @@ impl Config {
             }
         }
         s.socket_mode_bits()?;
+        if let Some(range) = &s.swtpm_uid_range {
+            crate::supervisor::UidRange::parse(range)
+                .map_err(|why| invalid("supervisor", "swtpm_uid_range", &why))?;
+        }
         crate::swtpm::provision::PcrBanks::parse(&s.pcr_banks)
             .map_err(|e| invalid("supervisor", "pcr_banks", &e.to_string()))?;
         let w = &self.swtpm;
@@ -276,6 +283,23 @@ impl Config {
     pub fn to_toml(&self) -> String {
         toml::to_string(self).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
     }
+}
+
+/// For the fuzzer: `bytes` as a config file. Never panics; a config that
+/// parses renders (as `--check-config` prints it) to TOML that parses back
+/// to the same config.
+#[doc(hidden)]
+pub fn fuzz_config(bytes: &[u8]) -> bool {
+    let Ok(text) = std::str::from_utf8(bytes) else {
+        return false;
+    };
+    let Ok(config) = Config::parse(Path::new("fuzz.toml"), text) else {
+        return false;
+    };
+    let rendered = config.to_toml();
+    let again = Config::parse(Path::new("rendered.toml"), &rendered);
+    assert_eq!(again.ok().as_ref(), Some(&config), "{rendered}");
+    true
 }
 
 #[cfg(test)]
@@ -331,6 +355,8 @@ mod tests {
             "[supervisor]\nsocket_mode = \"0x1ff\"\n",
             "[supervisor]\nsocket_mode = \"0668\"\n",
             "[supervisor]\npcr_banks = \"md5\"\n",
+            "[supervisor]\nswtpm_uid_range = \"0-100\"\n",
+            "[supervisor]\nswtpm_uid_range = \"100\"\n",
             "[swtpm]\nswtpm = \"swtpm\"\n",
         ] {
             assert!(

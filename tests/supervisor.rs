@@ -39,6 +39,13 @@ impl Env {
             .prefix("vs")
             .tempdir_in("/tmp")
             .unwrap();
+        // As root each guest's swtpm runs as its own uid (the default),
+        // which must pass through this directory.
+        std::fs::set_permissions(
+            root.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o711),
+        )
+        .unwrap();
         Self { root }
     }
 

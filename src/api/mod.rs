@@ -52,6 +52,32 @@ impl Default for Limits {
     }
 }
 
+/// For the fuzzer: `bytes` as one client's stream, after a first byte that
+/// picks the message limit: framed by the real receiver (over a socket
+/// pair, into locked memory), each message decoded and validated as
+/// [`crate::protocol::fuzz_call`] does, and each passphrase decoded into
+/// locked memory as the dispatcher does. Never panics.
+#[doc(hidden)]
+pub fn fuzz_messages(bytes: &[u8]) {
+    use crate::secret::SecretBuf;
+    use crate::vault::MAX_PASSPHRASE_LEN;
+    use secrecy::ExposeSecret;
+
+    const LIMITS: [usize; 8] = [1, 2, 16, 100, 4096, 4097, 9000, 65536];
+    let Some((&pick, stream)) = bytes.split_first() else {
+        return;
+    };
+    let limit = LIMITS[usize::from(pick) % LIMITS.len()];
+    recv::fuzz_frames(limit, stream, |message| {
+        for passphrase in crate::protocol::fuzz_call(message) {
+            if let Ok(secret) = SecretBuf::from_base64(passphrase.base64(), MAX_PASSPHRASE_LEN) {
+                assert!(secret.len() <= MAX_PASSPHRASE_LEN);
+                assert_eq!(secret.expose_secret().len(), secret.len());
+            }
+        }
+    });
+}
+
 struct Context {
     supervisor: Arc<Supervisor>,
     groups: Groups,

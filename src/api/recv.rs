@@ -107,6 +107,65 @@ impl Receiver {
     }
 }
 
+/// For the fuzzer: `stream` as one client's bytes, received over a real
+/// socket pair by a [`Receiver`] with `limit`, calling `each` on every
+/// message. The framing is checked against a plain split on NUL: a message
+/// is handed out whole iff its NUL comes within `limit` bytes, the rest is
+/// `TooLarge`, and a tail without NUL is `Truncated`.
+pub(crate) fn fuzz_frames(limit: usize, stream: &[u8], mut each: impl FnMut(&[u8])) {
+    use std::sync::OnceLock;
+    use tokio::io::AsyncWriteExt;
+    static RUNTIME: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    let runtime = RUNTIME.get_or_init(|| {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .build()
+            .expect("a tokio runtime")
+    });
+    let limit = limit.max(1);
+    // The reader may stop before the writer is done; what is left unread
+    // must fit in the socket's buffer, or the write would never finish.
+    let stream = &stream[..stream.len().min(100 * 1024)];
+    runtime.block_on(async {
+        let (mut client, mut server) = UnixStream::pair().expect("a socket pair");
+        let write = async move {
+            // The reader stops early on TooLarge; a failed write is fine.
+            let _ = client.write_all(stream).await;
+        };
+        let read = async {
+            let mut rx = Receiver::new(limit).expect("locked memory");
+            let mut offset = 0;
+            loop {
+                let rest = &stream[offset..];
+                let nul = rest.iter().position(|&b| b == 0);
+                match rx.next(&mut server).await {
+                    Ok(Some(message)) => {
+                        let end = nul.expect("a message without NUL");
+                        assert!(end < limit, "message over the limit");
+                        assert_eq!(message, &rest[..end]);
+                        offset += end + 1;
+                        each(message);
+                    }
+                    Ok(None) => {
+                        assert!(rest.is_empty());
+                        return;
+                    }
+                    Err(RecvError::TooLarge { .. }) => {
+                        assert!(rest.len() >= limit && nul.is_none_or(|end| end >= limit));
+                        return;
+                    }
+                    Err(RecvError::Truncated) => {
+                        assert!(!rest.is_empty() && nul.is_none() && rest.len() < limit);
+                        return;
+                    }
+                    Err(e) => panic!("receiving from a socket pair: {e}"),
+                }
+            }
+        };
+        tokio::join!(write, read);
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

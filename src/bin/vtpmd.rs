@@ -3,22 +3,29 @@
 //!
 //! Start-up, in order: configuration (file, then flags), process hardening
 //! (before any secret exists), the supervisor (probe swtpm, directories,
-//! registry rebuilt from disk), then the socket. SIGTERM or SIGINT: stop
-//! accepting, stop every guest with a final reseal, remove the socket,
-//! exit 0.
+//! registry rebuilt from disk), then the socket (bound here, or passed by
+//! systemd's socket activation), then `READY=1` to systemd when it asked
+//! (see `vtpmd::systemd`). SIGTERM or SIGINT: `STOPPING=1`, stop accepting,
+//! stop every guest with a final reseal, remove the socket unless systemd
+//! passed it, exit 0.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use clap::Parser;
 use nix::unistd::{Gid, Group};
+use tokio::net::UnixListener;
 use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::broadcast::error::RecvError;
+use tokio::time::MissedTickBehavior;
 use vtpmd::api::{self, Groups, Limits};
 use vtpmd::config::Config;
 use vtpmd::error_chain::chain;
-use vtpmd::supervisor::{Supervisor, SupervisorConfig};
+use vtpmd::supervisor::{GuestState, Supervisor, SupervisorConfig};
+use vtpmd::systemd::{self, Activated, Notifier};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -42,6 +49,11 @@ struct Args {
     /// Validate the configuration, print the effective settings and exit.
     #[arg(long)]
     check_config: bool,
+    /// Run even if capabilities beyond CAP_SETUID, CAP_SETGID and CAP_CHOWN
+    /// remain after dropping (logged as a warning); without it vtpmd
+    /// refuses to start.
+    #[arg(long)]
+    allow_extra_caps: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -52,6 +64,8 @@ enum MainError {
     UnknownGroup { key: &'static str, name: String },
     #[error("cannot harden the process")]
     Harden(#[from] vtpmd::secret::HardenError),
+    #[error(transparent)]
+    Privileges(#[from] vtpmd::privileges::PrivilegeError),
     #[error("cannot start the async runtime")]
     Runtime(#[source] std::io::Error),
     #[error(transparent)]
@@ -60,6 +74,8 @@ enum MainError {
     Api(#[from] api::ApiError),
     #[error("cannot install the {0} handler")]
     Signal(&'static str, #[source] std::io::Error),
+    #[error("systemd service protocol")]
+    Systemd(#[source] std::io::Error),
 }
 
 fn main() -> ExitCode {
@@ -125,6 +141,8 @@ fn run(args: Args) -> Result<(), MainError> {
     // Before the first secret: no core dumps, no ptrace by same-uid
     // processes, nothing created readable by others unless chmod'ed.
     vtpmd::secret::harden_process()?;
+    // Still single-threaded: capabilities are per thread.
+    vtpmd::privileges::restrict(args.allow_extra_caps)?;
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -156,15 +174,30 @@ async fn serve(
     let mut sigterm =
         signal(SignalKind::terminate()).map_err(|e| MainError::Signal("SIGTERM", e))?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(|e| MainError::Signal("SIGINT", e))?;
+    // systemd: adopt an activated socket before the supervisor can spawn a
+    // child (it is inheritable until then).
+    let activated = systemd::listen_socket().map_err(MainError::Systemd)?;
+    let notifier = systemd::Notifier::from_env().map_err(MainError::Systemd)?;
     let supervisor: Arc<Supervisor> = Supervisor::start(config).await?;
-    let listener = match api::bind(&socket) {
+    let (listener, owns_socket) = match listener(activated, &socket) {
         Ok(listener) => listener,
         Err(e) => {
             supervisor.shutdown().await;
-            return Err(e.into());
+            return Err(e);
         }
     };
     tracing::info!(socket = %socket.display(), guests = supervisor.list().len(), "vtpmd ready");
+    // systemd: READY=1 now that the socket listens, STATUS= on every
+    // change, WATCHDOG=1 pings; STOPPING=1 below.
+    let stopping = Arc::new(AtomicBool::new(false));
+    let notifier = notifier.map(Arc::new);
+    let notify_task = notifier.as_ref().map(|n| {
+        tokio::spawn(notify(
+            Arc::clone(n),
+            Arc::clone(&supervisor),
+            Arc::clone(&stopping),
+        ))
+    });
     let stop = async {
         tokio::select! {
             _ = sigterm.recv() => tracing::info!("SIGTERM: shutting down"),
@@ -172,10 +205,117 @@ async fn serve(
         }
     };
     api::serve(listener, Arc::clone(&supervisor), groups, limits, stop).await;
+    stopping.store(true, Ordering::SeqCst);
+    if let Some(n) = &notifier {
+        let running = running_guests(&supervisor);
+        let status = format!(
+            "STOPPING=1\nSTATUS=stopping, {}",
+            systemd::running_status(running)
+        );
+        if let Err(e) = n.notify(&status) {
+            tracing::warn!(error = %e, "cannot notify systemd");
+        }
+    }
     supervisor.shutdown().await;
-    if let Err(e) = std::fs::remove_file(&socket) {
-        tracing::warn!(socket = %socket.display(), error = %e, "cannot remove the API socket");
+    if let Some(task) = notify_task {
+        task.abort();
+    }
+    // An activated socket belongs to vtpmd.socket, which keeps listening
+    // (and restarts vtpmd on the next connection): leave it in place.
+    if owns_socket {
+        if let Err(e) = std::fs::remove_file(&socket) {
+            tracing::warn!(socket = %socket.display(), error = %e, "cannot remove the API socket");
+        }
     }
     tracing::info!("vtpmd stopped");
     Ok(())
+}
+
+// systemd (src/systemd.rs): socket activation, notifications, watchdog.
+
+/// The API listener: the socket systemd passed, when socket-activated, else
+/// one bound at `socket`. The flag says whether vtpmd made the path and so
+/// removes it at exit.
+fn listener(
+    activated: Option<Activated>,
+    socket: &Path,
+) -> Result<(UnixListener, bool), MainError> {
+    let Some(activated) = activated else {
+        return Ok((api::bind(socket)?, true));
+    };
+    let path = activated.path.unwrap_or_default();
+    if path != socket {
+        tracing::warn!(activated = %path.display(), configured = %socket.display(), "serving the socket-activated socket, not the configured path");
+    }
+    let adopt_err = |source| api::ApiError::Socket {
+        op: "adopt the activated",
+        path: path.clone(),
+        source,
+    };
+    activated
+        .listener
+        .set_nonblocking(true)
+        .map_err(adopt_err)?;
+    let listener = UnixListener::from_std(activated.listener).map_err(adopt_err)?;
+    tracing::info!(socket = %path.display(), "socket-activated");
+    Ok((listener, false))
+}
+
+fn running_guests(supervisor: &Supervisor) -> usize {
+    supervisor
+        .list()
+        .iter()
+        .filter(|g| g.state == GuestState::Running)
+        .count()
+}
+
+/// Tells systemd: READY=1 with the first STATUS=, a new STATUS= whenever
+/// the number of running guests changes, and WATCHDOG=1 at half the
+/// watchdog timeout, from this runtime, so a wedged event loop stops the
+/// pings. Runs until aborted.
+async fn notify(notifier: Arc<Notifier>, supervisor: Arc<Supervisor>, stopping: Arc<AtomicBool>) {
+    let send = |state: &str| {
+        if let Err(e) = notifier.notify(state) {
+            tracing::warn!(error = %e, "cannot notify systemd");
+        }
+    };
+    let status = |running| {
+        let text = systemd::running_status(running);
+        if stopping.load(Ordering::SeqCst) {
+            format!("STATUS=stopping, {text}")
+        } else {
+            format!("STATUS={text}")
+        }
+    };
+    // Subscribed before counting: no change is missed.
+    let mut events = supervisor.subscribe();
+    let mut running = running_guests(&supervisor);
+    send(&format!("READY=1\n{}", status(running)));
+    let mut watchdog = systemd::watchdog_timeout().map(|timeout| {
+        let mut ticks = tokio::time::interval(timeout / 2);
+        ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        ticks
+    });
+    let mut events_open = true;
+    loop {
+        let tick = async {
+            match watchdog.as_mut() {
+                Some(ticks) => ticks.tick().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            event = events.recv(), if events_open => {
+                if matches!(event, Err(RecvError::Closed)) {
+                    events_open = false;
+                }
+                let now = running_guests(&supervisor);
+                if now != running {
+                    running = now;
+                    send(&status(running));
+                }
+            }
+            _ = tick => send("WATCHDOG=1"),
+        }
+    }
 }

@@ -221,11 +221,12 @@ pub fn parse_request<'a>(member: &str, parameters: &'a str) -> Result<Request<'a
 fn decode<'a, T: Deserialize<'a>>(parameters: &'a str) -> Result<T, RequestError> {
     let mut de = serde_json::Deserializer::from_str(parameters);
     let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
-        let path = e.path().to_string();
-        let parameter = if path.is_empty() || path == "." {
-            quoted_name(&e.inner().to_string()).unwrap_or_else(|| "parameters".to_owned())
-        } else {
-            path.split('.').next().unwrap_or("parameters").to_owned()
+        // The top-level field is the path's first segment, taken as a
+        // segment: a field name may itself contain dots (found by fuzzing:
+        // `{".guest": …}` was reported as parameter "").
+        let parameter = match e.path().iter().next() {
+            Some(serde_path_to_error::Segment::Map { key }) => key.clone(),
+            _ => quoted_name(&e.inner().to_string()).unwrap_or_else(|| "parameters".to_owned()),
         };
         RequestError::InvalidParameter { parameter }
     })?;
@@ -526,6 +527,17 @@ mod tests {
             &format!(r#"{{"guest":"{GUEST}","passphrase":"{huge}"}}"#),
             "passphrase",
         );
+    }
+
+    #[test]
+    fn a_field_name_with_dots_is_named_whole() {
+        let check = |json: &str, field: &str| {
+            assert_eq!(parse("Status", json).map(|_| ()), invalid(field), "{json}");
+        };
+        check(r#"{".guest":"x"}"#, ".guest");
+        check(r#"{"a.b":1}"#, "a.b");
+        check(&format!(r#"{{"guest":"{GUEST}","x.y":{{"z":1}}}}"#), "x.y");
+        check(r#"{"guest":"x","":1}"#, "");
     }
 
     #[test]

@@ -7,14 +7,17 @@
 use std::fs::OpenOptions;
 use std::io::ErrorKind;
 use std::os::fd::AsFd;
-use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::Path;
 use std::time::Duration;
 
 use nix::fcntl::{FcntlArg, fcntl};
 use nix::libc;
 
-use crate::swtpm::ctrl::CtrlClient;
+use nix::unistd::{Gid, Uid};
+
+use crate::swtpm::ctrl::{CtrlClient, CtrlError};
+use crate::swtpm::spawn::listening_as;
 
 /// How long the liveness probe of a control socket may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(200);
@@ -39,11 +42,32 @@ pub fn in_use(dir: &Path, socket: Option<&Path>) -> InUse {
         };
     }
     if let Some(socket) = socket {
-        let is_socket = std::fs::symlink_metadata(socket).is_ok_and(|m| m.file_type().is_socket());
+        let Ok(meta) = std::fs::symlink_metadata(socket) else {
+            return InUse::No;
+        };
+        if !meta.file_type().is_socket() {
+            return InUse::No;
+        }
         // A stale socket refuses connections; a live swtpm's accepts them
         // (even while it serves another client: the backlog takes it).
-        if is_socket && CtrlClient::connect(socket, CONNECT_TIMEOUT).is_ok() {
-            return InUse::Yes { holder: None };
+        match CtrlClient::connect(socket, CONNECT_TIMEOUT) {
+            Ok(_) => return InUse::Yes { holder: None },
+            Err(CtrlError::Connect { source, .. })
+                if source.kind() == ErrorKind::PermissionDenied
+                    && meta.uid() != nix::unistd::geteuid().as_raw() =>
+            {
+                // A socket of a guest's uid and the VMM's group: vtpmd
+                // (without CAP_DAC_OVERRIDE) may not connect; its owner may.
+                let owner = meta.uid();
+                match listening_as(Uid::from_raw(owner), Gid::from_raw(owner), socket) {
+                    Ok(true) => return InUse::Yes { holder: None },
+                    Ok(false) => {}
+                    Err(e) => {
+                        tracing::warn!(socket = %socket.display(), "cannot probe the control socket as uid {owner}: {e}");
+                    }
+                }
+            }
+            Err(_) => {}
         }
     }
     InUse::No

@@ -7,18 +7,36 @@
 //! <state_dir>/guests/<uuid>/        0700  vtpmd
 //! <state_dir>/guests/<uuid>/tpm.sealed       0600  current generation
 //! <state_dir>/guests/<uuid>/tpm.sealed.prev  0600  previous generation
+//! <state_dir>/guests/<uuid>/owner            0600  `uid=N`: the guest's swtpm uid (gid = uid)
 //! <state_dir>/ca/                   0700  vtpmd           local CA (swtpm::provision::LocalCa)
 //! <runtime_dir>/                    0711  vtpmd           RAM (/run/vtpmd): search only
-//! <runtime_dir>/<uuid>/             0700  swtpm's user    swtpm's state dir while running
-//! <runtime_dir>/<uuid>.sock         socket_mode, group socket_group: ctrl socket
+//! <runtime_dir>/<uuid>/             0770  vtpmd:guest gid       swtpm's state dir while running
+//! <runtime_dir>/<uuid>/<file>       0644  guest uid:guest gid   swtpm's (encrypted) state files
+//! <runtime_dir>/<uuid>/.lock        0660  vtpmd:guest gid       swtpm's lock, laid by vtpmd
+//! <runtime_dir>/<uuid>.sock         socket_mode (0660), guest uid:socket_group: ctrl socket
 //! <runtime_dir>/<uuid>.create/      0700  vtpmd           swtpm_setup's target during Create
 //! ```
 //!
 //! The runtime directory is 0711 so that the VMM (another user, in the
-//! socket's group) and swtpm (possibly another user) can reach their one
-//! entry without being able to list the others. The store holds no key: it
-//! only knows paths, modes and owners. Guest ids are canonical UUIDs
-//! ([`GuestId`]), so every path built here is free of `/`, `,` and `..`.
+//! socket's group) and swtpm (another user) can reach their one entry
+//! without being able to list the others; each of its ancestors must be
+//! searchable by others too ([`Store::check_reachable`]).
+//!
+//! A guest's runtime directory belongs to vtpmd and to the guest's gid,
+//! 0770: its swtpm works in it through the group bits, nobody else (other
+//! guests' swtpm included) may even pass through it, and vtpmd as its owner
+//! watches it with inotify, reads the state for resealing and unlinks it
+//! when wiping, with no `CAP_DAC_OVERRIDE` or `CAP_DAC_READ_SEARCH`. Behind
+//! that gate the state files may be 0644 (`--tpmstate mode=0644`, swtpm's
+//! umask 022): vtpmd reads the files swtpm writes through the "other" bits.
+//! vtpmd lays `.lock` itself (its own, group-writable), so it can still take
+//! the lock to tell whether a swtpm is alive. No setgid bit is needed, so
+//! systemd's `RestrictSUIDSGID=yes` can stay on. When swtpm runs as vtpmd's
+//! own user (vtpmd is not root), the directory is 0700 and the files 0600.
+//!
+//! The store holds no key: it only knows paths, modes and owners. Guest
+//! ids are canonical UUIDs ([`GuestId`]), so every path built here is free
+//! of `/`, `,` and `..`.
 
 #![forbid(unsafe_code)]
 
@@ -27,21 +45,33 @@ mod wipe;
 
 use std::fs::{self, DirBuilder};
 use std::io::{self, ErrorKind};
-use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use nix::unistd::{Gid, Uid};
+use nix::unistd::Gid;
 
 use crate::protocol::GuestId;
 use crate::vault::SealedPaths;
 
 pub use lock::{InUse, in_use};
-pub use wipe::{chown_entries, remove_socket, wipe_dir};
+pub use wipe::{hand_over_entries, lay_lock, remove_socket, wipe_dir};
 
 /// Name of the sealed file in a guest's directory.
 pub const SEALED_FILE: &str = "tpm.sealed";
+/// Name of the file recording a guest's swtpm uid, in its guest directory.
+pub const OWNER_FILE: &str = "owner";
 /// Mode of private directories.
 pub const PRIVATE_DIR_MODE: u32 = 0o700;
+/// Mode of a guest's runtime directory (vtpmd's, the guest's group): rwx
+/// for both, nothing for anyone else.
+pub const GUEST_RUNTIME_DIR_MODE: u32 = 0o770;
+/// Mode of a guest's state files (the guest's uid and gid): vtpmd reads
+/// them as "other"; the directory keeps everyone else out.
+pub const GUEST_STATE_FILE_MODE: u32 = 0o644;
+/// Mode of the `.lock` vtpmd lays for a guest's swtpm.
+pub const GUEST_LOCK_MODE: u32 = 0o660;
+/// The longest owner record read (`uid=4294967294\n` is 15 bytes).
+const MAX_OWNER_RECORD: u64 = 64;
 /// Mode of the runtime root: search for all, listing and writing for vtpmd.
 pub const RUNTIME_ROOT_MODE: u32 = 0o711;
 /// `sun_path` holds 108 bytes with the terminating NUL.
@@ -107,6 +137,24 @@ pub enum StoreError {
     },
     #[error("{path} is in use by a live swtpm{}", holder.map(|p| format!(" (pid {p})")).unwrap_or_default())]
     InUse { path: PathBuf, holder: Option<i32> },
+    #[error(
+        "{path} (mode {mode:#o}) is not searchable by others: swtpm, running as a guest's own uid, could not reach the runtime directory below it"
+    )]
+    NotSearchable { path: PathBuf, mode: u32 },
+    #[error("cannot read the owner record {path}")]
+    ReadOwner {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("the owner record {path} is not `uid=N`")]
+    BadOwnerRecord { path: PathBuf },
+    #[error("cannot write the owner record {path}")]
+    WriteOwner {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
 }
 
 /// What the scan of the runtime directory found.
@@ -168,6 +216,26 @@ impl Store {
         ensure_dir(&self.runtime_dir, RUNTIME_ROOT_MODE, true)
     }
 
+    /// Checks that every ancestor of the runtime directory is searchable by
+    /// others (`o+x`), as swtpm running under a guest's uid must pass
+    /// through them (`/run` is 0755; a private temporary directory is
+    /// not). The runtime directory itself is 0711 by [`init`](Self::init).
+    pub fn check_reachable(&self) -> Result<(), StoreError> {
+        for dir in self.runtime_dir.ancestors().skip(1) {
+            let meta = fs::metadata(dir).map_err(|source| StoreError::ReadDir {
+                path: dir.to_owned(),
+                source,
+            })?;
+            if meta.mode() & 0o001 == 0 {
+                return Err(StoreError::NotSearchable {
+                    path: dir.to_owned(),
+                    mode: meta.mode() & 0o7777,
+                });
+            }
+        }
+        Ok(())
+    }
+
     pub fn state_dir(&self) -> &Path {
         &self.state_dir
     }
@@ -187,6 +255,70 @@ impl Store {
 
     pub fn guest_dir(&self, guest: GuestId) -> PathBuf {
         self.guests_dir().join(guest.to_string())
+    }
+
+    /// Where the guest's swtpm uid is recorded.
+    pub fn owner_file(&self, guest: GuestId) -> PathBuf {
+        self.guest_dir(guest).join(OWNER_FILE)
+    }
+
+    /// The guest's recorded swtpm uid; `None` if there is no record (a
+    /// guest created before per-guest uids, or by a vtpmd not running as
+    /// root).
+    pub fn read_owner(&self, guest: GuestId) -> Result<Option<u32>, StoreError> {
+        use std::io::Read;
+        let path = self.owner_file(guest);
+        let read_err = |source| StoreError::ReadOwner {
+            path: path.clone(),
+            source,
+        };
+        let file = match fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_CLOEXEC)
+            .open(&path)
+        {
+            Ok(file) => file,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(read_err(e)),
+        };
+        let mut text = String::new();
+        file.take(MAX_OWNER_RECORD)
+            .read_to_string(&mut text)
+            .map_err(read_err)?;
+        parse_owner(&text)
+            .map(Some)
+            .ok_or(StoreError::BadOwnerRecord { path })
+    }
+
+    /// Records the guest's swtpm uid: `uid=N` in a temporary file, fsync,
+    /// rename over `owner`, fsync of the directory.
+    pub fn write_owner(&self, guest: GuestId, uid: u32) -> Result<(), StoreError> {
+        use std::io::Write;
+        let path = self.owner_file(guest);
+        let tmp = self.guest_dir(guest).join(format!("{OWNER_FILE}.tmp"));
+        let write_err = |path: &Path| {
+            let path = path.to_owned();
+            move |source| StoreError::WriteOwner { path, source }
+        };
+        match fs::remove_file(&tmp) {
+            Err(e) if e.kind() != ErrorKind::NotFound => return Err(write_err(&tmp)(e)),
+            _ => {}
+        }
+        let mut file = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_CLOEXEC)
+            .open(&tmp)
+            .map_err(write_err(&tmp))?;
+        file.write_all(format!("uid={uid}\n").as_bytes())
+            .and_then(|()| file.sync_all())
+            .map_err(write_err(&tmp))?;
+        drop(file);
+        fs::rename(&tmp, &path).map_err(write_err(&path))?;
+        fs::File::open(self.guest_dir(guest))
+            .and_then(|d| d.sync_all())
+            .map_err(write_err(&path))
     }
 
     pub fn sealed_paths(&self, guest: GuestId) -> SealedPaths {
@@ -246,11 +378,23 @@ impl Store {
         }
     }
 
-    /// Removes `guests/<uuid>/` if it is empty (the vault removed the
-    /// sealed files); a directory with other files in it is left alone and
-    /// logged.
+    /// Removes `guests/<uuid>/` with its owner record if nothing else is
+    /// in it (the vault removed the sealed files); a directory with other
+    /// files in it is left alone and logged.
     pub fn remove_guest_dir(&self, guest: GuestId) -> Result<(), StoreError> {
         let path = self.guest_dir(guest);
+        for name in [OWNER_FILE, "owner.tmp"] {
+            let file = path.join(name);
+            match fs::remove_file(&file) {
+                Err(e) if !matches!(e.kind(), ErrorKind::NotFound | ErrorKind::NotADirectory) => {
+                    return Err(StoreError::Remove {
+                        path: file,
+                        source: e,
+                    });
+                }
+                _ => {}
+            }
+        }
         match fs::remove_dir(&path) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
@@ -262,14 +406,16 @@ impl Store {
         }
     }
 
-    /// A fresh private directory at `path` (0700, owned by `owner` if
-    /// given): whatever was there is wiped first, unless a live swtpm uses
-    /// it ([`StoreError::InUse`]).
+    /// A fresh private directory at `path`: whatever was there is wiped
+    /// first, unless a live swtpm uses it ([`StoreError::InUse`]). Without
+    /// `group` it is vtpmd's, 0700; with `group` (a guest's gid) it is
+    /// vtpmd's and that group's, [`GUEST_RUNTIME_DIR_MODE`] (0770; the
+    /// group changed with `CAP_CHOWN`).
     pub fn fresh_private_dir(
         &self,
         path: &Path,
         socket: Option<&Path>,
-        owner: Option<(Uid, Gid)>,
+        group: Option<Gid>,
     ) -> Result<(), StoreError> {
         if let InUse::Yes { holder } = in_use(path, socket) {
             return Err(StoreError::InUse {
@@ -285,20 +431,24 @@ impl Store {
                 path: path.to_owned(),
                 source,
             })?;
-        // The umask may have narrowed it further; make it exact.
-        fs::set_permissions(path, fs::Permissions::from_mode(PRIVATE_DIR_MODE)).map_err(
-            |source| StoreError::Chmod {
+        // The umask may have narrowed it; make it exact.
+        let mode = match group {
+            Some(_) => GUEST_RUNTIME_DIR_MODE,
+            None => PRIVATE_DIR_MODE,
+        };
+        fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(|source| {
+            StoreError::Chmod {
                 path: path.to_owned(),
                 source,
-            },
-        )?;
-        if let Some((uid, gid)) = owner {
-            std::os::unix::fs::lchown(path, Some(uid.as_raw()), Some(gid.as_raw())).map_err(
-                |source| StoreError::Chown {
+            }
+        })?;
+        if let Some(gid) = group {
+            std::os::unix::fs::lchown(path, None, Some(gid.as_raw())).map_err(|source| {
+                StoreError::Chown {
                     path: path.to_owned(),
                     source,
-                },
-            )?;
+                }
+            })?;
         }
         Ok(())
     }
@@ -350,6 +500,22 @@ fn read_dir(dir: &Path) -> Result<Vec<(String, PathBuf)>, StoreError> {
         }
     }
     Ok(out)
+}
+
+/// `uid=N` with an optional final newline, N a decimal uid other than 0
+/// and `u32::MAX`.
+fn parse_owner(text: &str) -> Option<u32> {
+    let digits = text
+        .strip_suffix('\n')
+        .unwrap_or(text)
+        .strip_prefix("uid=")?;
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits
+        .parse::<u32>()
+        .ok()
+        .filter(|&uid| uid != 0 && uid != u32::MAX)
 }
 
 fn is_symlink(path: &Path) -> bool {
@@ -465,6 +631,69 @@ mod tests {
         store.fresh_private_dir(&dir, None, None).unwrap();
         assert_eq!(mode(&dir), 0o700);
         assert_eq!(fs::read_dir(&dir).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn a_guest_runtime_dir_is_0770_with_its_lock() {
+        let root = tempfile::tempdir().unwrap();
+        let store = Store::new(&root.path().join("state"), &root.path().join("run")).unwrap();
+        store.init().unwrap();
+        let g = GuestId::parse(GUEST).unwrap();
+        let dir = store.runtime_state_dir(g);
+        let gid = nix::unistd::getegid();
+        store.fresh_private_dir(&dir, None, Some(gid)).unwrap();
+        assert_eq!(mode(&dir), 0o770);
+        lay_lock(&dir, gid).unwrap();
+        assert_eq!(mode(&dir.join(".lock")), 0o660);
+        assert!(lay_lock(&dir, gid).is_err(), "an existing .lock is refused");
+    }
+
+    #[test]
+    fn the_owner_record_round_trips_and_bad_ones_are_refused() {
+        let root = tempfile::tempdir().unwrap();
+        let store = Store::new(&root.path().join("state"), &root.path().join("run")).unwrap();
+        store.init().unwrap();
+        let g = GuestId::parse(GUEST).unwrap();
+        store.create_guest_dir(g).unwrap();
+        assert_eq!(store.read_owner(g).unwrap(), None);
+        store.write_owner(g, 1_879_048_193).unwrap();
+        assert_eq!(store.read_owner(g).unwrap(), Some(1_879_048_193));
+        assert_eq!(mode(&store.owner_file(g)), 0o600);
+        for bad in [
+            "",
+            "uid=",
+            "uid=0\n",
+            "uid=-1",
+            "uid=12x",
+            "gid=5\n",
+            "uid=99999999999",
+        ] {
+            fs::write(store.owner_file(g), bad).unwrap();
+            assert!(
+                matches!(store.read_owner(g), Err(StoreError::BadOwnerRecord { .. })),
+                "{bad:?}"
+            );
+        }
+        // Delete takes the record with the directory.
+        store.remove_guest_dir(g).unwrap();
+        assert!(!store.guest_dir(g).exists());
+    }
+
+    #[test]
+    fn a_private_ancestor_of_the_runtime_dir_is_named() {
+        let root = tempfile::tempdir().unwrap();
+        fs::set_permissions(root.path(), fs::Permissions::from_mode(0o700)).unwrap();
+        let store = Store::new(&root.path().join("state"), &root.path().join("run")).unwrap();
+        store.init().unwrap();
+        match store.check_reachable() {
+            Err(StoreError::NotSearchable { path, mode }) => {
+                assert_eq!(path, root.path());
+                assert_eq!(mode, 0o700);
+            }
+            other => panic!("{other:?}"),
+        }
+        fs::set_permissions(root.path(), fs::Permissions::from_mode(0o711)).unwrap();
+        store.check_reachable().unwrap();
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! Removing plaintext runtime directories and sockets, and handing a
-//! directory's files to swtpm's user.
+//! directory's files to a guest's swtpm uid.
 //!
 //! The files in a runtime directory are encrypted by swtpm itself (its
 //! `--key`), and the directory lives in RAM in production, so the wipe is
@@ -8,7 +8,7 @@
 
 use std::fs::{self, OpenOptions};
 use std::io::ErrorKind;
-use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
 use nix::libc;
@@ -72,9 +72,37 @@ pub fn remove_socket(path: &Path) -> Result<(), StoreError> {
     }
 }
 
-/// Gives every regular file directly in `dir` to `uid:gid`, changing the
-/// owner on the open file (`O_NOFOLLOW`), and refusing hard-linked files.
-pub fn chown_entries(dir: &Path, uid: Uid, gid: Gid) -> Result<(), StoreError> {
+/// Creates `<dir>/.lock` for swtpm (which opens it with `O_TRUNC` and locks
+/// it): vtpmd's, group `gid`, [`GUEST_LOCK_MODE`](super::GUEST_LOCK_MODE),
+/// so vtpmd can lock it too (its liveness check) while swtpm uses it
+/// through the group bits. A `.lock` already there is refused.
+pub fn lay_lock(dir: &Path, gid: Gid) -> Result<(), StoreError> {
+    let path = dir.join(".lock");
+    let err = |source| StoreError::Chown {
+        path: path.clone(),
+        source,
+    };
+    let file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(super::GUEST_LOCK_MODE)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(&path)
+        .map_err(err)?;
+    file.set_permissions(std::fs::Permissions::from_mode(super::GUEST_LOCK_MODE))
+        .map_err(|source| StoreError::Chmod {
+            path: path.clone(),
+            source,
+        })?;
+    std::os::unix::fs::fchown(&file, None, Some(gid.as_raw())).map_err(err)
+}
+
+/// Gives every regular file directly in `dir` to `uid:gid` with `mode`,
+/// acting on the open file (`O_NOFOLLOW`) and refusing hard-linked files.
+/// The mode is set first, while vtpmd still owns the file (changing the
+/// mode of another uid's file would take `CAP_FOWNER`), then the owner
+/// (`CAP_CHOWN`).
+pub fn hand_over_entries(dir: &Path, uid: Uid, gid: Gid, mode: u32) -> Result<(), StoreError> {
     let read_err = |source| StoreError::ReadDir {
         path: dir.to_owned(),
         source,
@@ -103,6 +131,11 @@ pub fn chown_entries(dir: &Path, uid: Uid, gid: Gid) -> Result<(), StoreError> {
                 links: meta.nlink(),
             });
         }
+        file.set_permissions(std::fs::Permissions::from_mode(mode))
+            .map_err(|source| StoreError::Chmod {
+                path: path.clone(),
+                source,
+            })?;
         std::os::unix::fs::fchown(&file, Some(uid.as_raw()), Some(gid.as_raw()))
             .map_err(chown_err)?;
     }
@@ -161,10 +194,12 @@ mod tests {
         fs::create_dir(&dir).unwrap();
         fs::write(dir.join("a"), b"1").unwrap();
         let me = (nix::unistd::geteuid(), nix::unistd::getegid());
-        chown_entries(&dir, me.0, me.1).unwrap();
+        hand_over_entries(&dir, me.0, me.1, 0o640).unwrap();
+        let meta = fs::metadata(dir.join("a")).unwrap();
+        assert_eq!(meta.mode() & 0o7777, 0o640);
         fs::hard_link(dir.join("a"), root.path().join("outside")).unwrap();
         assert!(matches!(
-            chown_entries(&dir, me.0, me.1),
+            hand_over_entries(&dir, me.0, me.1, 0o640),
             Err(StoreError::HardLinked { .. })
         ));
     }

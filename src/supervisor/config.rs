@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use nix::unistd::{Gid, Group, Uid, User};
+use nix::unistd::{Gid, Group};
 
 use crate::config::Config;
 use crate::swtpm::probe::Binaries;
@@ -12,6 +12,7 @@ use crate::swtpm::provision::PcrBanks;
 use crate::vault::KdfPolicy;
 
 use super::SupervisorError;
+use super::uids::UidRange;
 
 /// The supervisor's settings. Build with [`SupervisorConfig::new`] (the
 /// documented defaults) or [`SupervisorConfig::from_config`].
@@ -21,7 +22,8 @@ pub struct SupervisorConfig {
     /// local CA: `<state_dir>/ca`.
     pub state_dir: PathBuf,
     /// RAM (`/run/vtpmd` in production): `<runtime_dir>/<uuid>/` is swtpm's
-    /// state dir (0700), `<runtime_dir>/<uuid>.sock` its control socket.
+    /// state dir (0770, vtpmd and the guest's group),
+    /// `<runtime_dir>/<uuid>.sock` its control socket.
     pub runtime_dir: PathBuf,
     pub kdf: KdfPolicy,
     pub binaries: Binaries,
@@ -30,8 +32,10 @@ pub struct SupervisorConfig {
     pub socket_mode: u32,
     /// The VMM's group; `None` = vtpmd's.
     pub socket_group: Option<Gid>,
-    /// `None` = run swtpm as vtpmd's user.
-    pub swtpm_user: Option<(Uid, Gid)>,
+    /// Each guest's swtpm runs as its own uid (gid = uid) from this range;
+    /// `None` runs every swtpm as vtpmd's user, the only choice when vtpmd
+    /// is not root. Default: [`UidRange::DEFAULT`] when root, else `None`.
+    pub swtpm_uids: Option<UidRange>,
     /// SIGTERM → SIGKILL, default 5 s.
     pub stop_grace: Duration,
     /// Default 5 ms.
@@ -56,7 +60,9 @@ impl SupervisorConfig {
             pcr_banks: PcrBanks::default(),
             socket_mode: 0o660,
             socket_group: None,
-            swtpm_user: None,
+            swtpm_uids: nix::unistd::geteuid()
+                .is_root()
+                .then_some(UidRange::DEFAULT),
             stop_grace: Duration::from_secs(5),
             reseal_coalesce: Duration::from_millis(5),
             kdf_parallelism: default_kdf_parallelism(&kdf),
@@ -101,15 +107,11 @@ impl SupervisorConfig {
                     .gid,
             ),
         };
-        out.swtpm_user = match &s.swtpm_user {
-            None => None,
-            Some(name) => {
-                let user = User::from_name(name)
-                    .map_err(|e| bad(format!("cannot look up user {name:?}: {e}")))?
-                    .ok_or_else(|| bad(format!("swtpm_user {name:?} does not exist")))?;
-                Some((user.uid, user.gid))
-            }
-        };
+        if let Some(text) = &s.swtpm_uid_range {
+            let range =
+                UidRange::parse(text).map_err(|why| bad(format!("swtpm_uid_range: {why}")))?;
+            out.swtpm_uids = Some(range);
+        }
         out.stop_grace = Duration::from_millis(s.stop_grace_ms);
         out.reseal_coalesce = Duration::from_millis(s.reseal_coalesce_ms);
         out.lock_wait = Duration::from_millis(s.lock_wait_ms);
@@ -172,6 +174,18 @@ mod tests {
         assert_eq!(c.reseal_coalesce, Duration::from_millis(5));
         assert_eq!(c.lock_wait, Duration::from_secs(30));
         assert!(c.kdf_parallelism >= 1);
-        assert!(c.socket_group.is_none() && c.swtpm_user.is_none());
+        assert!(c.socket_group.is_none());
+        let expected = nix::unistd::geteuid()
+            .is_root()
+            .then_some(UidRange::DEFAULT);
+        assert_eq!(c.swtpm_uids, expected);
+    }
+
+    #[test]
+    fn a_configured_uid_range_is_used() {
+        let mut config = Config::default();
+        config.supervisor.swtpm_uid_range = Some("70000-70099".to_owned());
+        let c = SupervisorConfig::from_config(&config).unwrap();
+        assert_eq!(c.swtpm_uids, Some(UidRange::new(70000, 70099).unwrap()));
     }
 }

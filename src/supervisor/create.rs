@@ -1,7 +1,14 @@
 //! Create: a fresh TPM, provisioned by swtpm_setup under the guest's swtpm
-//! state key in a private directory, sealed as generation 1. A failure at
-//! any step leaves nothing behind: no sealed file, no guest directory, no
-//! provisioning directory.
+//! state key in a private directory, sealed as generation 1, and the
+//! guest's own swtpm uid recorded. A failure at any step leaves nothing
+//! behind: no sealed file, no guest directory, no provisioning directory,
+//! no uid taken.
+//!
+//! swtpm_setup (and the swtpm it runs) run as vtpmd's user, not as the
+//! guest's uid: they read no input from the guest, and with certificates
+//! they need the local CA's signing key, which stays vtpmd's (0700). The
+//! result is archived and sealed; at Start the files are written into the
+//! guest's runtime directory and handed to its uid.
 
 use std::sync::Arc;
 
@@ -46,7 +53,19 @@ pub(super) async fn create(
         Taken::BeingCreated => SupervisorError::Busy { guest: id },
     })?;
 
-    // Then act; the guard undoes whatever was done if we return early.
+    // Then act; the guards undo whatever was done if we return early.
+    let uid = match &shared.uids {
+        Some(pool) => Some(pool.allocate(id).ok_or(SupervisorError::NoFreeUid {
+            guest: id,
+            range: pool.range(),
+        })?),
+        None => None,
+    };
+    let mut uid_guard = UidGuard {
+        shared: &shared,
+        id,
+        armed: true,
+    };
     let store = shared.store.clone();
     let made = blocking(id, "create the guest directory", {
         let store = store.clone();
@@ -96,8 +115,21 @@ pub(super) async fn create(
         provision_and_seal(&worker, id, prepared, &provision_spec)
     })
     .await??;
+    if let Some(uid) = uid {
+        let store = store.clone();
+        blocking(id, "record the swtpm uid", move || {
+            store.write_owner(id, uid)
+        })
+        .await?
+        .map_err(|source| SupervisorError::Store {
+            guest: id,
+            op: "record the swtpm uid",
+            source,
+        })?;
+    }
 
     undo.armed = false;
+    uid_guard.armed = false;
     let info = GuestInfo {
         guest: id,
         spec,
@@ -108,7 +140,7 @@ pub(super) async fn create(
         failure: None,
     };
     reservation.commit(Guest::new(info.clone()));
-    tracing::info!(guest = %id, %spec, ek_certificate, "guest created");
+    tracing::info!(guest = %id, %spec, ek_certificate, swtpm_uid = ?uid, "guest created");
     shared.publish(EventKind::Created, info.clone(), None);
     Ok(info)
 }
@@ -159,6 +191,21 @@ fn provision_and_seal(
         tracing::error!(guest = %id, "cannot wipe the provisioning directory: {}", chain(&e));
     }
     result
+}
+
+/// Gives the uid back when Create fails.
+struct UidGuard<'s> {
+    shared: &'s Shared,
+    id: GuestId,
+    armed: bool,
+}
+
+impl Drop for UidGuard<'_> {
+    fn drop(&mut self) {
+        if let (true, Some(pool)) = (self.armed, &self.shared.uids) {
+            pool.release(self.id);
+        }
+    }
 }
 
 /// Undoes a half-done Create.

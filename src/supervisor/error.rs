@@ -61,6 +61,11 @@ pub enum SupervisorError {
         path: PathBuf,
         holder: Option<i32>,
     },
+    #[error("no free swtpm uid for guest {guest}: every uid of {range} is taken")]
+    NoFreeUid {
+        guest: GuestId,
+        range: super::UidRange,
+    },
     #[error("vtpmd is shutting down")]
     ShuttingDown,
 

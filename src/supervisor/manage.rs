@@ -11,8 +11,8 @@ use crate::vault::SealedState;
 use super::state::{Action, Allowed, permit};
 use super::{EventKind, Shared, SupervisorError, blocking};
 
-/// Removes both generations and the guest's directory. Refused while the
-/// guest runs.
+/// Removes both generations and the guest's directory (its uid record
+/// with it), and frees its uid. Refused while the guest runs.
 pub(super) async fn delete(shared: Arc<Shared>, id: GuestId) -> Result<(), SupervisorError> {
     let _admitted = shared.enter().await?;
     let guest = shared.guest(id)?;
@@ -45,6 +45,9 @@ pub(super) async fn delete(shared: Arc<Shared>, id: GuestId) -> Result<(), Super
     .await??;
     slot.deleted = true;
     shared.registry.remove(id);
+    if let Some(pool) = &shared.uids {
+        pool.release(id);
+    }
     let info = guest.info();
     drop(slot);
     tracing::info!(guest = %id, "guest deleted");

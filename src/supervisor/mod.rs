@@ -13,6 +13,7 @@
 //! | `reseal` | inotify on the runtime dir → coalesced, durable reseals |
 //! | `exit` | the pidfd watcher: swtpm's exit noticed at once |
 //! | `finish` | the one way a run ends: final reseal, wipe, key dropped |
+//! | `uids` | one uid per guest from the configured range, recorded with the guest |
 //!
 //! Concurrency: each guest's operations are serialized by a tokio mutex
 //! held for the whole operation (waiting at most `lock_wait`, then
@@ -38,6 +39,7 @@ mod reseal;
 mod start;
 mod state;
 mod stop;
+mod uids;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -55,9 +57,11 @@ use crate::swtpm::provision::LocalCa;
 pub use config::{SupervisorConfig, default_kdf_parallelism};
 pub use error::SupervisorError;
 pub use state::{Action, Allowed, GuestState, Refused, decide};
+pub use uids::UidRange;
 
 use guest::Guest;
 use registry::Registry;
+use uids::UidPool;
 
 /// How many events a slow subscriber may fall behind before it sees
 /// `RecvError::Lagged`.
@@ -157,6 +161,8 @@ pub(crate) struct Shared {
     store: Store,
     host: HostSupport,
     ca: Option<LocalCa>,
+    /// Per-guest uids; `None` when every swtpm runs as vtpmd's user.
+    uids: Option<UidPool>,
     kdf_permits: Arc<Semaphore>,
     events: broadcast::Sender<Event>,
     shutting_down: AtomicBool,
@@ -267,20 +273,44 @@ impl Supervisor {
                 ),
             });
         }
+        let euid = nix::unistd::geteuid();
+        match config.swtpm_uids {
+            Some(range) if !euid.is_root() => {
+                return Err(SupervisorError::Config {
+                    what: format!(
+                        "swtpm_uid_range {range} needs vtpmd to run as root (it runs as uid {euid})"
+                    ),
+                });
+            }
+            Some(range) => {
+                tracing::info!(%range, "each guest's swtpm runs as its own uid from this range")
+            }
+            None => tracing::warn!(
+                uid = euid.as_raw(),
+                "every swtpm runs as vtpmd's own user: one guest's swtpm is not isolated from another's (per-guest uids need vtpmd to run as root)"
+            ),
+        }
         let store = Store::new(&config.state_dir, &config.runtime_dir)
             .map_err(SupervisorError::InitStore)?;
         let bins = config.binaries.clone();
         let for_setup = store.clone();
-        let (host, ca, guests) = tokio::task::spawn_blocking(move || {
+        let uid_range = config.swtpm_uids;
+        let (host, ca, guests, uids) = tokio::task::spawn_blocking(move || {
             let host = crate::swtpm::probe::probe(&bins).map_err(SupervisorError::ProbeSwtpm)?;
             for_setup.init().map_err(SupervisorError::InitStore)?;
+            if uid_range.is_some() {
+                for_setup
+                    .check_reachable()
+                    .map_err(SupervisorError::InitStore)?;
+            }
             let ca = if host.can_create_certificates() {
                 Some(LocalCa::open(&for_setup.ca_dir()).map_err(SupervisorError::OpenLocalCa)?)
             } else {
                 None
             };
             let guests = recover::recover(&for_setup)?;
-            Ok::<_, SupervisorError>((host, ca, guests))
+            let uids = uid_range.map(|range| recover::recover_uids(&for_setup, range, &guests));
+            Ok::<_, SupervisorError>((host, ca, guests, uids))
         })
         .await
         .map_err(|source| SupervisorError::Config {
@@ -306,6 +336,7 @@ impl Supervisor {
                 store,
                 host,
                 ca,
+                uids,
                 events,
                 shutting_down: AtomicBool::new(false),
                 gate: Arc::new(RwLock::new(())),

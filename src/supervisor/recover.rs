@@ -12,6 +12,7 @@ use crate::store::{self, InUse, RuntimeEntry, Store};
 use crate::vault::{self, HeaderInfo, VaultError};
 
 use super::state::GuestState;
+use super::uids::{UidPool, UidRange};
 use super::{GuestInfo, SupervisorError};
 
 /// Shown as the spec of a guest whose headers are both unreadable.
@@ -91,6 +92,31 @@ fn recover_guest(store: &Store, id: GuestId) -> Option<GuestInfo> {
             )),
         )),
     }
+}
+
+/// The uid pool rebuilt from the guests' owner records. A guest without a
+/// usable record gets a uid at its next Start.
+pub(super) fn recover_uids(store: &Store, range: UidRange, guests: &[GuestInfo]) -> UidPool {
+    let pool = UidPool::new(range);
+    for guest in guests {
+        let id = guest.guest;
+        match store.read_owner(id) {
+            Ok(Some(uid)) if pool.assign(id, uid) => {}
+            Ok(Some(uid)) => tracing::warn!(
+                guest = %id, uid, %range,
+                "recorded swtpm uid is outside the range or another guest's; a new one is given at the next Start"
+            ),
+            Ok(None) => {
+                tracing::info!(guest = %id, "no swtpm uid recorded yet; one is given at the next Start")
+            }
+            Err(e) => tracing::warn!(
+                guest = %id,
+                "{}; a new swtpm uid is given at the next Start",
+                chain(&e)
+            ),
+        }
+    }
+    pool
 }
 
 fn spec_of(h: &HeaderInfo) -> Option<TpmSpec> {

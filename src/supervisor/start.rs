@@ -117,10 +117,13 @@ async fn launch(
         });
     }
 
-    // 2. A fresh private directory with the state files in it.
+    // 2. The guest's own uid, and a fresh runtime directory of vtpmd and
+    //    the guest's group with the state files (the guest's) in it.
+    let uid = swtpm_uid(shared, id).await?;
+    let vtpmd_gid = nix::unistd::getegid();
+    let owner = uid.map(|uid| (Uid::from_raw(uid), Gid::from_raw(uid)));
     let dir = store.runtime_state_dir(id);
     let socket = store.ctrl_socket(id);
-    let owner = shared.config.swtpm_user;
     let (store2, dir2, socket2) = (store.clone(), dir.clone(), socket.clone());
     let prepared = blocking(id, "prepare the runtime directory", move || {
         unpack(&store2, &dir2, &socket2, owner, &archive)
@@ -162,14 +165,21 @@ async fn launch(
     let key = state
         .swtpm_state_key()
         .map_err(|e| SupervisorError::from_vault(id, "derive the swtpm key for", e))?;
+    // The control socket belongs to the guest's uid and the VMM's group
+    // (vtpmd's when none is configured), so only those two can attach.
+    let socket_group = shared.config.socket_group;
     let settings = SpawnSettings {
         swtpm: shared.config.binaries.swtpm.clone(),
         socket_mode: shared.config.socket_mode,
-        socket_owner: shared
-            .config
-            .socket_group
-            .map(|gid| (nix::unistd::geteuid(), gid)),
-        run_as: owner,
+        socket_owner: match uid {
+            Some(uid) => Some((Uid::from_raw(uid), socket_group.unwrap_or(vtpmd_gid))),
+            None => socket_group.map(|gid| (nix::unistd::geteuid(), gid)),
+        },
+        run_as: uid.map(|uid| (Uid::from_raw(uid), Gid::from_raw(uid))),
+        state_mode: match uid {
+            Some(_) => store::GUEST_STATE_FILE_MODE,
+            None => 0o600,
+        },
         seccomp: shared.host.seccomp,
         grace: shared.config.stop_grace,
     };
@@ -212,8 +222,46 @@ async fn launch(
         i.generation = generation;
         i.failure = None;
     });
-    tracing::info!(guest = %id, pid, generation, "guest running");
+    tracing::info!(guest = %id, pid, generation, swtpm_uid = ?uid, "guest running");
     Ok((info, detail))
+}
+
+/// The guest's swtpm uid: the recorded one, or (a guest created before
+/// per-guest uids, or whose record was unusable) the lowest free one, now
+/// recorded. `None` when every swtpm runs as vtpmd's user.
+async fn swtpm_uid(shared: &Arc<Shared>, id: GuestId) -> Result<Option<u32>, SupervisorError> {
+    let Some(pool) = &shared.uids else {
+        return Ok(None);
+    };
+    if let Some(uid) = pool.get(id) {
+        return Ok(Some(uid));
+    }
+    let uid = pool.allocate(id).ok_or(SupervisorError::NoFreeUid {
+        guest: id,
+        range: pool.range(),
+    })?;
+    let store = shared.store.clone();
+    let recorded = blocking(id, "record the swtpm uid", move || {
+        store.write_owner(id, uid)
+    })
+    .await
+    .and_then(|written| {
+        written.map_err(|source| SupervisorError::Store {
+            guest: id,
+            op: "record the swtpm uid",
+            source,
+        })
+    });
+    match recorded {
+        Ok(()) => {
+            tracing::info!(guest = %id, uid, "swtpm uid given and recorded");
+            Ok(Some(uid))
+        }
+        Err(e) => {
+            pool.release(id);
+            Err(e)
+        }
+    }
 }
 
 enum Unpack {
@@ -221,6 +269,9 @@ enum Unpack {
     Vault(VaultError),
 }
 
+/// The runtime directory, filled: with `owner` (the guest's uid and gid)
+/// the directory is vtpmd's and the guest's group (0770), the state files
+/// the guest's (0644), and `.lock` vtpmd's with the guest's group (0660).
 fn unpack(
     store: &store::Store,
     dir: &Path,
@@ -229,13 +280,15 @@ fn unpack(
     archive: &crate::vault::StateArchive,
 ) -> Result<(), Unpack> {
     store
-        .fresh_private_dir(dir, Some(socket), owner)
+        .fresh_private_dir(dir, Some(socket), owner.map(|(_, gid)| gid))
         .map_err(Unpack::Store)?;
     archive
         .write_to_dir(dir)
         .map_err(|e| Unpack::Vault(VaultError::Archive(e)))?;
     if let Some((uid, gid)) = owner {
-        store::chown_entries(dir, uid, gid).map_err(Unpack::Store)?;
+        store::hand_over_entries(dir, uid, gid, store::GUEST_STATE_FILE_MODE)
+            .map_err(Unpack::Store)?;
+        store::lay_lock(dir, gid).map_err(Unpack::Store)?;
     }
     Ok(())
 }
@@ -245,6 +298,7 @@ struct SpawnSettings {
     socket_mode: u32,
     socket_owner: Option<(Uid, Gid)>,
     run_as: Option<(Uid, Gid)>,
+    state_mode: u32,
     seccomp: bool,
     grace: Duration,
 }
@@ -264,6 +318,10 @@ fn spawn_ready(
     spec.socket_mode = s.socket_mode;
     spec.socket_owner = s.socket_owner;
     spec.run_as = s.run_as;
+    spec.state_mode = s.state_mode;
+    // vtpmd may not connect to a socket of the guest's uid and the VMM's
+    // group: its probe connects before the owner changes.
+    spec.ready_probe = true;
     spec.seccomp = s.seccomp;
     spec.terminate = true;
     spec.early_exit_window = Duration::ZERO;
@@ -280,8 +338,11 @@ fn spawn_ready(
         }
         Err(source) => return Err(SupervisorError::Spawn { guest: id, source }),
     };
-    let ready =
-        CtrlClient::connect(socket, READY_TIMEOUT).and_then(|mut ctrl| ctrl.get_capability());
+    let ready = match swtpm.take_ready_probe() {
+        Some(stream) => CtrlClient::from_stream(stream, READY_TIMEOUT),
+        None => CtrlClient::connect(socket, READY_TIMEOUT),
+    }
+    .and_then(|mut ctrl| ctrl.get_capability());
     let pidfd = swtpm.pidfd().try_clone_to_owned();
     match (ready, pidfd) {
         (Ok(_caps), Ok(pidfd)) => Ok((swtpm, pidfd)),

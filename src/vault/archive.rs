@@ -256,6 +256,24 @@ impl StateArchive {
     }
 }
 
+/// For the fuzzer: decodes `bytes` as an archive. Never panics; an archive
+/// that decodes encodes back to exactly `bytes` and passes
+/// [`StateArchive::from_entries`] unchanged.
+#[doc(hidden)]
+pub fn fuzz_archive(bytes: &[u8]) -> bool {
+    let Ok(archive) = StateArchive::decode(bytes) else {
+        return false;
+    };
+    assert_eq!(archive.encode(), bytes, "decode/encode is not canonical");
+    let pairs = archive
+        .entries()
+        .iter()
+        .map(|e| (e.name.clone(), e.data.clone()));
+    let rebuilt = StateArchive::from_entries(pairs).expect("a decoded archive is valid");
+    assert_eq!(rebuilt, archive);
+    true
+}
+
 fn split_be<const N: usize>(bytes: &[u8]) -> Option<([u8; N], &[u8])> {
     let head = bytes.get(..N)?;
     Some((head.try_into().ok()?, &bytes[N..]))

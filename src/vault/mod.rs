@@ -31,6 +31,11 @@ pub use inspect::{HeaderInfo, KeyslotInfo, inspect, inspect_bytes};
 pub use kdf::{KdfParams, KdfParamsError, KdfPolicy};
 pub use sealed::{Fallback, Opened, SealedState};
 
+#[doc(hidden)]
+pub use archive::fuzz_archive;
+#[doc(hidden)]
+pub use sealed::{FuzzSealCase, fuzz_seal_open, fuzz_sealed_file};
+
 /// Size of the per-guest swtpm state key, in bytes (AES-256).
 pub const SWTPM_STATE_KEY_LEN: usize = format::DATA_KEY_LEN;
 

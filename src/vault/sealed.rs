@@ -147,6 +147,21 @@ impl SealedState {
             .generation
             .checked_add(1)
             .ok_or(VaultError::GenerationsExhausted)?;
+        let file = self.sealed_bytes(generation, archive)?;
+        if self.current_damaged {
+            durable::replace(self.paths.current(), &file)?;
+            self.current_damaged = false;
+        } else {
+            durable::write_new_generation(&self.paths, &file)?;
+        }
+        self.generation = generation;
+        Ok(generation)
+    }
+
+    /// The whole sealed file of `archive` as generation `generation`: a
+    /// fresh body salt and nonce, the body sealed with the data key, the
+    /// current keyslots. No I/O.
+    fn sealed_bytes(&self, generation: u64, archive: &StateArchive) -> Result<Vec<u8>, VaultError> {
         let plaintext = archive.encode();
         // StateArchive bounds its size well below u32::MAX.
         let body_len = u32::try_from(plaintext.len() + TAG_LEN)
@@ -173,14 +188,7 @@ impl SealedState {
         };
         let mut file = header.encode();
         file.extend_from_slice(&body);
-        if self.current_damaged {
-            durable::replace(self.paths.current(), &file)?;
-            self.current_damaged = false;
-        } else {
-            durable::write_new_generation(&self.paths, &file)?;
-        }
-        self.generation = generation;
-        Ok(generation)
+        Ok(file)
     }
 
     /// Rewraps the keyslot that unlocked this state under a new passphrase
@@ -370,7 +378,19 @@ fn open_file(
     let bytes = durable::read(path, MAX_FILE_LEN)?.ok_or_else(|| VaultError::Missing {
         path: path.to_owned(),
     })?;
-    let (header, body) = decode(path, &bytes)?;
+    open_bytes(path, &bytes, guest, passphrase, policy)
+}
+
+/// Opens a sealed file already in memory; `path` names it in errors and
+/// becomes the state's current path. No I/O.
+fn open_bytes(
+    path: &Path,
+    bytes: &[u8],
+    guest: &GuestId,
+    passphrase: &SecretBuf,
+    policy: &KdfPolicy,
+) -> Result<(SealedState, StateArchive), VaultError> {
+    let (header, body) = decode(path, bytes)?;
     if header.bound.guest != *guest {
         return Err(VaultError::GuestMismatch {
             path: path.to_owned(),
@@ -379,21 +399,7 @@ fn open_file(
         });
     }
     let (data_key, slot_index) = unlock(path, &header, guest, passphrase, policy)?;
-    let corrupt = |what: String| VaultError::Corrupt {
-        path: path.to_owned(),
-        what,
-    };
-    let aad = body_aad(&header.bound.encode(), guest);
-    let plaintext = crypto::open_body(
-        &data_key,
-        &header.bound.body_salt,
-        &header.bound.body_nonce,
-        &aad,
-        body,
-    )?
-    .ok_or_else(|| corrupt("the body fails authentication".to_owned()))?;
-    let archive =
-        StateArchive::decode(&plaintext).map_err(|e| corrupt(format!("the state archive: {e}")))?;
+    let archive = open_body(path, &header, body, &data_key, guest)?;
     let state = SealedState {
         paths: SealedPaths::new(path),
         guest: *guest,
@@ -405,6 +411,274 @@ fn open_file(
         current_damaged: false,
     };
     Ok((state, archive))
+}
+
+/// Authenticates and decrypts the body with the unlocked data key, then
+/// decodes its archive.
+fn open_body(
+    path: &Path,
+    header: &Header,
+    body: &[u8],
+    data_key: &DataKey,
+    guest: &GuestId,
+) -> Result<StateArchive, VaultError> {
+    let corrupt = |what: String| VaultError::Corrupt {
+        path: path.to_owned(),
+        what,
+    };
+    let aad = body_aad(&header.bound.encode(), guest);
+    let plaintext = crypto::open_body(
+        data_key,
+        &header.bound.body_salt,
+        &header.bound.body_nonce,
+        &aad,
+        body,
+    )?
+    .ok_or_else(|| corrupt("the body fails authentication".to_owned()))?;
+    StateArchive::decode(&plaintext).map_err(|e| corrupt(format!("the state archive: {e}")))
+}
+
+/// For the fuzzer: the sealed-file reader on `bytes`, with no key and no
+/// I/O. Never panics. Three passes, each reaching further:
+///
+/// 1. the bytes as read from disk (what `open` and `inspect` decode first);
+/// 2. the same bytes with their header checksum made right, so that
+///    mutations reach the field checks behind it (a decoded header must
+///    re-encode to exactly its bytes);
+/// 3. the body re-sealed under a fixed data key, so that authentication
+///    passes and the archive decoder behind it runs on the body's bytes.
+///
+/// Keyslots are decoded but not unwrapped: that takes an Argon2id
+/// derivation with the file's own parameters (up to 4 GiB per try).
+/// Returns how far the input got (0 to 3).
+#[doc(hidden)]
+pub fn fuzz_sealed_file(bytes: &[u8]) -> u8 {
+    static KEY: std::sync::OnceLock<DataKey> = std::sync::OnceLock::new();
+    let path = Path::new("fuzz.sealed");
+    let as_read = decode(path, bytes);
+    let info = super::inspect_bytes(path, bytes);
+    assert_eq!(as_read.is_ok(), info.is_ok());
+    if let Ok((header, body)) = &as_read {
+        assert_eq!(header.encode(), bytes[..header.encoded_len()]);
+        assert_eq!(body.len(), header.bound.body_len as usize);
+    }
+
+    let Some(fixed) = format::with_valid_checksum(bytes) else {
+        return 0;
+    };
+    let Ok((header, body)) = decode(path, &fixed) else {
+        return 1;
+    };
+    let header_bytes = header.encode();
+    assert_eq!(header_bytes, fixed[..header_bytes.len()], "not canonical");
+
+    let key = KEY.get_or_init(|| DataKey::generate().expect("a data key"));
+    // The decoder bounds the body to at least a tag's length.
+    let plaintext = &body[..body.len() - TAG_LEN];
+    let aad = body_aad(&header.bound.encode(), &header.bound.guest);
+    let sealed = crypto::seal_body(
+        key,
+        &header.bound.body_salt,
+        &header.bound.body_nonce,
+        &aad,
+        plaintext.to_vec(),
+    )
+    .expect("sealing a bounded body");
+    assert_eq!(sealed.len(), body.len());
+    match open_body(path, &header, &sealed, key, &header.bound.guest) {
+        Ok(archive) => {
+            assert_eq!(archive.encode(), plaintext, "archive not canonical");
+            3
+        }
+        Err(VaultError::Corrupt { .. }) => 2,
+        Err(other) => panic!("opening an authentic body: {other}"),
+    }
+}
+
+/// One seal → open round trip for the fuzzer, in memory (see
+/// [`fuzz_seal_open`]).
+#[doc(hidden)]
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FuzzSealCase {
+    pub guest: [u8; 16],
+    /// TPM 2.0 rather than 1.2.
+    pub tpm2: bool,
+    /// tpm-crb rather than tpm-tis (refused with 1.2).
+    pub crb: bool,
+    /// The archive's entries, in any order and not necessarily valid.
+    pub entries: Vec<(String, Vec<u8>)>,
+    pub passphrase: Vec<u8>,
+    /// A second keyslot's passphrase.
+    pub second_passphrase: Option<Vec<u8>>,
+    /// Sealed as the generation after this one.
+    pub previous_generation: u64,
+    /// Another guest, whose open must be refused.
+    pub other_guest: [u8; 16],
+    /// Which bit of the file to flip for the damaged copy.
+    pub flip_bit: u32,
+}
+
+/// For the fuzzer: builds an archive from arbitrary entries (invalid ones
+/// must be refused by [`StateArchive::from_entries`], by an independent
+/// check of the format's rules), seals it under a fresh data key with the
+/// weakest Argon2id parameters the format allows, and opens the file again
+/// through the same code as [`SealedState::open`], minus the file system.
+/// The opened state must equal the sealed one; a wrong passphrase, another
+/// guest and a flipped bit must each be refused with their own error.
+#[doc(hidden)]
+pub fn fuzz_seal_open(case: &FuzzSealCase) {
+    use std::collections::BTreeSet;
+
+    use super::archive::{MAX_ARCHIVE_LEN, MAX_ENTRIES, is_valid_name};
+    use super::kdf::KdfParams;
+    use crate::protocol::{TpmModel, TpmVersion};
+    use secrecy::ExposeSecret;
+
+    let names: BTreeSet<&str> = case.entries.iter().map(|(n, _)| n.as_str()).collect();
+    let size: usize = case
+        .entries
+        .iter()
+        .map(|(n, d)| 1 + n.len() + 4 + d.len())
+        .sum();
+    let valid = names.len() == case.entries.len()
+        && case.entries.len() <= MAX_ENTRIES
+        && names.iter().all(|n| is_valid_name(n))
+        && 2 + size <= MAX_ARCHIVE_LEN;
+    let archive = match StateArchive::from_entries(case.entries.clone()) {
+        Ok(archive) => {
+            assert!(valid, "invalid entries accepted: {case:?}");
+            archive
+        }
+        Err(e) => {
+            assert!(!valid, "valid entries refused: {e}");
+            return;
+        }
+    };
+    let got: Vec<&str> = archive.entries().iter().map(|e| e.name()).collect();
+    assert_eq!(got, names.iter().copied().collect::<Vec<_>>());
+    for (name, data) in &case.entries {
+        assert_eq!(archive.get(name), Some(data.as_slice()));
+    }
+
+    let version = if case.tpm2 {
+        TpmVersion::V2_0
+    } else {
+        TpmVersion::V1_2
+    };
+    let model = if case.crb {
+        TpmModel::Crb
+    } else {
+        TpmModel::Tis
+    };
+    let Ok(spec) = TpmSpec::new(version, model) else {
+        assert!(!case.tpm2 && case.crb);
+        return;
+    };
+    let Some(generation) = case.previous_generation.checked_add(1) else {
+        return;
+    };
+    let guest = GuestId::from_bytes(case.guest);
+    let policy = KdfPolicy {
+        params: KdfParams::new(8, 1, 1).expect("the smallest parameters"),
+        allow_weak: true,
+    };
+    let secret = |bytes: &[u8]| {
+        let mut buf = SecretBuf::with_capacity(bytes.len()).expect("locked memory");
+        buf.extend_from_slice(bytes).expect("capacity");
+        buf
+    };
+    let acceptable = |p: &[u8]| !p.is_empty() && p.len() <= MAX_PASSPHRASE_LEN;
+    let passphrase = secret(&case.passphrase);
+    let data_key = DataKey::generate().expect("a data key");
+    let mut keyslots = Vec::new();
+    for p in std::iter::once(&case.passphrase).chain(&case.second_passphrase) {
+        match new_keyslot(&data_key, &guest, &secret(p), &policy) {
+            Ok(slot) => {
+                assert!(acceptable(p));
+                keyslots.push(slot);
+            }
+            Err(e) => {
+                assert!(!acceptable(p), "passphrase refused: {e}");
+                return;
+            }
+        }
+    }
+    let path = Path::new("fuzz.sealed");
+    let sealed = SealedState {
+        paths: SealedPaths::new(path),
+        guest,
+        spec,
+        generation: case.previous_generation,
+        keyslots,
+        data_key,
+        unlocked_slot: Some(0),
+        current_damaged: false,
+    };
+    let file = sealed
+        .sealed_bytes(generation, &archive)
+        .expect("sealing in memory");
+
+    let info = super::inspect_bytes(path, &file).expect("inspect a fresh file");
+    assert_eq!(info.guest, guest);
+    assert_eq!(info.generation, generation);
+    assert_eq!(info.keyslots.len(), sealed.keyslots.len());
+    assert_eq!(info.header_bytes + info.body_bytes, file.len());
+
+    let (opened, got) =
+        open_bytes(path, &file, &guest, &passphrase, &policy).expect("open a fresh file");
+    assert_eq!(got, archive);
+    assert_eq!(opened.guest, guest);
+    assert_eq!(opened.spec, spec);
+    assert_eq!(opened.generation, generation);
+    assert_eq!(opened.keyslots, sealed.keyslots);
+    assert_eq!(opened.unlocked_slot, Some(0));
+    let state_key = |s: &SealedState| s.swtpm_state_key().expect("state key");
+    assert!(state_key(&opened).ct_eq(&state_key(&sealed)));
+
+    if let Some(second) = case
+        .second_passphrase
+        .as_ref()
+        .filter(|s| **s != case.passphrase)
+    {
+        let (by_second, again) =
+            open_bytes(path, &file, &guest, &secret(second), &policy).expect("second keyslot");
+        assert_eq!(again, archive);
+        assert_eq!(by_second.unlocked_slot, Some(1));
+    }
+
+    let mut wrong = case.passphrase.clone();
+    wrong.push(b'!');
+    let wrong_works = case.second_passphrase.as_ref() == Some(&wrong);
+    if wrong.len() <= MAX_PASSPHRASE_LEN && !wrong_works {
+        let result = open_bytes(path, &file, &guest, &secret(&wrong), &policy);
+        assert!(
+            matches!(result, Err(VaultError::WrongPassphrase { .. })),
+            "wrong passphrase: {:?}",
+            result.map(|_| ())
+        );
+    }
+
+    let other = GuestId::from_bytes(case.other_guest);
+    if other != guest {
+        let result = open_bytes(path, &file, &other, &passphrase, &policy);
+        assert!(matches!(result, Err(VaultError::GuestMismatch { .. })));
+    }
+
+    let bits = file.len() * 8;
+    let bit = usize::try_from(case.flip_bit).unwrap_or(usize::MAX) % bits;
+    let mut damaged = file.clone();
+    damaged[bit / 8] ^= 1 << (bit % 8);
+    let result = open_bytes(path, &damaged, &guest, &passphrase, &policy);
+    assert!(
+        matches!(
+            result,
+            Err(VaultError::Corrupt { .. } | VaultError::UnsupportedVersion { .. })
+        ),
+        "bit {bit} flipped: {:?}",
+        result.map(|_| ())
+    );
+    // Secrets stay where they were put.
+    assert_eq!(passphrase.expose_secret(), case.passphrase.as_slice());
 }
 
 /// Tries every keyslot whose parameters the policy accepts. The header's

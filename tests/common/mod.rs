@@ -39,6 +39,14 @@ impl Daemon {
             .prefix("vt")
             .tempdir_in("/tmp")
             .unwrap();
+        // As root each guest's swtpm runs as its own uid, which must pass
+        // through this directory to reach its runtime directory (vtpmd
+        // refuses to start otherwise); /run is 0755 in production.
+        std::fs::set_permissions(
+            root.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o711),
+        )
+        .unwrap();
         let config = root.path().join("vtpmd.toml");
         std::fs::write(&config, format!("{TEST_CONFIG}{extra_config}")).unwrap();
         let mut daemon = Self {

@@ -170,6 +170,18 @@ impl CtrlClient {
         Ok(Self { stream, timeout })
     }
 
+    /// A client on a stream that is connected already; `timeout` bounds
+    /// each call.
+    pub fn from_stream(stream: UnixStream, timeout: Duration) -> Result<Self, CtrlError> {
+        stream
+            .set_write_timeout(Some(nonzero(timeout)))
+            .map_err(|source| CtrlError::Setup {
+                what: "control connection",
+                source,
+            })?;
+        Ok(Self { stream, timeout })
+    }
+
     /// The per-call timeout.
     pub fn timeout(&self) -> Duration {
         self.timeout

@@ -4,7 +4,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{ErrorKind, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
-use std::os::unix::net::UnixListener;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -15,9 +15,10 @@ use nix::fcntl::{FcntlArg, OFlag, fcntl};
 use nix::libc;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
+use nix::unistd::{Gid, Pid, Uid};
 use secrecy::{ExposeSecret, ExposeSecretMut};
 
+use super::as_user::signal_as;
 use super::log::LogReader;
 use super::{CTRL_FD, KEY_FD, SpawnError, SpawnSpec};
 use crate::protocol::GuestId;
@@ -91,6 +92,12 @@ pub struct Swtpm {
     /// a socket somebody else has put at the path since.
     ctrl_id: (u64, u64),
     lock_path: PathBuf,
+    /// swtpm's uid and gid when it is not vtpmd's: signals then go through
+    /// [`signal_as`].
+    other_user: Option<(Uid, Gid)>,
+    /// The client connected before the socket changed owner
+    /// ([`SpawnSpec::ready_probe`]).
+    ready_probe: Option<UnixStream>,
     exit: Option<ExitReason>,
     cleaned: bool,
     log: LogReader,
@@ -109,7 +116,7 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> Result<Swtpm, SpawnError> {
 
     // 1. The control socket, bound by vtpmd: connectable from now on. The
     //    guard removes it again if any later step fails.
-    let (listener, ctrl_id) = bind_ctrl(spec)?;
+    let (listener, ctrl_id, ready_probe) = bind_ctrl(spec)?;
     let mut socket = SocketGuard {
         path: &spec.ctrl_socket,
         id: ctrl_id,
@@ -143,7 +150,13 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> Result<Swtpm, SpawnError> {
         (key_src.as_raw_fd(), KEY_FD),
     ];
     let cloexec_flag = libc::c_int::try_from(libc::CLOSE_RANGE_CLOEXEC).unwrap_or(0);
-    let place = move || place_fds(&fds, cloexec_flag);
+    let setup = move || {
+        place_fds(&fds, cloexec_flag)?;
+        restrict_child()
+    };
+    let other_user = spec
+        .run_as
+        .filter(|(uid, _)| *uid != nix::unistd::geteuid());
 
     let mut cmd = Command::new(&spec.swtpm);
     cmd.args(&args)
@@ -155,10 +168,11 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> Result<Swtpm, SpawnError> {
     if let Some((uid, gid)) = spec.run_as {
         cmd.uid(uid.as_raw()).gid(gid.as_raw());
     }
-    // SAFETY: `place_fds` only calls dup2 and close_range, which are
-    // async-signal-safe, touches no lock and allocates nothing, as required
-    // between fork and exec in a multi-threaded process.
-    unsafe { cmd.pre_exec(place) };
+    // SAFETY: `place_fds` and `restrict_child` only call dup2, close_range,
+    // umask and prctl, which are async-signal-safe, touch no lock and
+    // allocate nothing, as required between fork and exec in a
+    // multi-threaded process. std has switched uid and gid before they run.
+    unsafe { cmd.pre_exec(setup) };
 
     // The originals stay open across the fork: std's exec-error pipe must
     // not land on 3 or 4, where the child's dup2 would overwrite it.
@@ -178,7 +192,7 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> Result<Swtpm, SpawnError> {
     let pidfd = match pidfd_open(child.id()) {
         Ok(fd) => fd,
         Err(source) => {
-            let _ = child.kill();
+            let _ = send_signal(child.id(), Signal::SIGKILL, other_user);
             let _ = child.wait();
             return Err(SpawnError::PidfdOpen {
                 pid: child.id(),
@@ -196,6 +210,8 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> Result<Swtpm, SpawnError> {
         ctrl_path: spec.ctrl_socket.clone(),
         ctrl_id,
         lock_path: spec.state_dir.join(".lock"),
+        other_user,
+        ready_probe,
         exit: None,
         cleaned: false,
         log,
@@ -236,6 +252,12 @@ impl Swtpm {
     /// swtpm's last log lines (stderr included), oldest first.
     pub fn log_tail(&self) -> Vec<String> {
         self.log.tail()
+    }
+
+    /// The control connection made before swtpm started, if
+    /// [`SpawnSpec::ready_probe`] asked for one (once).
+    pub fn take_ready_probe(&mut self) -> Option<UnixStream> {
+        self.ready_probe.take()
     }
 
     /// How it ended, if that has been observed already.
@@ -312,19 +334,9 @@ impl Swtpm {
     }
 
     fn signal(&self, signal: Signal) -> Result<(), SpawnError> {
-        let pid = self.child.id();
-        let raw = libc::pid_t::try_from(pid).map_err(|_| SpawnError::Signal {
-            pid,
-            signal,
-            source: Errno::ESRCH,
-        })?;
         // The child is not reaped yet (only this guard reaps), so the pid
         // still names it, even as a zombie.
-        kill(Pid::from_raw(raw), signal).map_err(|source| SpawnError::Signal {
-            pid,
-            signal,
-            source,
-        })
+        send_signal(self.child.id(), signal, self.other_user)
     }
 
     fn cleanup(&mut self) -> Result<(), SpawnError> {
@@ -348,9 +360,37 @@ impl Drop for Swtpm {
     }
 }
 
+/// Signals our child `pid`: directly when it runs as vtpmd's uid, else
+/// through a helper that takes on its uid (`as_user`), as vtpmd has no
+/// `CAP_KILL`. A zombie takes signals silently; ESRCH cannot happen before
+/// the reap.
+fn send_signal(pid: u32, signal: Signal, other_user: Option<(Uid, Gid)>) -> Result<(), SpawnError> {
+    if let Some((uid, gid)) = other_user {
+        return signal_as(uid, gid, pid, signal).map_err(|source| SpawnError::SignalAs {
+            pid,
+            signal,
+            source,
+        });
+    }
+    let raw = libc::pid_t::try_from(pid).map_err(|_| SpawnError::Signal {
+        pid,
+        signal,
+        source: Errno::ESRCH,
+    })?;
+    kill(Pid::from_raw(raw), signal).map_err(|source| SpawnError::Signal {
+        pid,
+        signal,
+        source,
+    })
+}
+
 /// Binds the control socket, replacing a stale socket (never another kind
-/// of file), and sets mode and owner on the path.
-fn bind_ctrl(spec: &SpawnSpec<'_>) -> Result<(UnixListener, (u64, u64)), SpawnError> {
+/// of file), and sets mode and owner on the path; with
+/// [`SpawnSpec::ready_probe`], connects a client in between.
+#[allow(clippy::type_complexity)]
+fn bind_ctrl(
+    spec: &SpawnSpec<'_>,
+) -> Result<(UnixListener, (u64, u64), Option<UnixStream>), SpawnError> {
     let path = &spec.ctrl_socket;
     match std::fs::symlink_metadata(path) {
         Ok(meta) if meta.file_type().is_socket() => {
@@ -373,13 +413,26 @@ fn bind_ctrl(spec: &SpawnSpec<'_>) -> Result<(UnixListener, (u64, u64)), SpawnEr
         source,
     })?;
     // From here on a failure must not leave the fresh socket behind.
-    let finish = || -> Result<(u64, u64), SpawnError> {
+    let finish = || -> Result<((u64, u64), Option<UnixStream>), SpawnError> {
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(spec.socket_mode)).map_err(
             |source| SpawnError::ChmodCtrl {
                 path: path.clone(),
                 source,
             },
         )?;
+        // While vtpmd still owns the socket: once it belongs to the guest's
+        // uid and the VMM's group, vtpmd (without CAP_DAC_OVERRIDE) may not
+        // connect any more. The connection waits in the backlog.
+        let probe = if spec.ready_probe {
+            Some(
+                UnixStream::connect(path).map_err(|source| SpawnError::BindCtrl {
+                    path: path.clone(),
+                    source,
+                })?,
+            )
+        } else {
+            None
+        };
         if let Some((uid, gid)) = spec.socket_owner {
             std::os::unix::fs::lchown(path, Some(uid.as_raw()), Some(gid.as_raw())).map_err(
                 |e| SpawnError::ChownCtrl {
@@ -392,10 +445,10 @@ fn bind_ctrl(spec: &SpawnSpec<'_>) -> Result<(UnixListener, (u64, u64)), SpawnEr
             path: path.clone(),
             source,
         })?;
-        Ok((meta.dev(), meta.ino()))
+        Ok(((meta.dev(), meta.ino()), probe))
     };
     match finish() {
-        Ok(id) => Ok((listener, id)),
+        Ok((id, probe)) => Ok((listener, id, probe)),
         Err(e) => {
             let _ = std::fs::remove_file(path);
             Err(e)
@@ -465,6 +518,21 @@ fn place_fds(fds: &[(RawFd, RawFd); 2], cloexec_flag: libc::c_int) -> std::io::R
     // above KEY_FD; it closes nothing, so std's exec-error pipe stays open.
     let _ =
         unsafe { libc::close_range(KEY_FD.unsigned_abs() + 1, libc::c_uint::MAX, cloexec_flag) };
+    Ok(())
+}
+
+/// Runs in the child after `place_fds`: umask 022 (vtpmd's own is 077), so
+/// swtpm's state files get exactly `--tpmstate mode=`, and no new
+/// privileges, so nothing swtpm could exec gains any (setuid bits and file
+/// capabilities are ignored). Async-signal-safe: two syscalls, no
+/// allocation.
+fn restrict_child() -> std::io::Result<()> {
+    // SAFETY: umask(2) takes an integer and cannot fail.
+    unsafe { libc::umask(0o022) };
+    // SAFETY: prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) takes integers only.
+    if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
     Ok(())
 }
 

@@ -14,7 +14,9 @@
 //!    swtpm's stdout and stderr, where it logs, go to one pipe that a thread
 //!    reads into `tracing`, keeping a tail for error reports.
 //! 4. The child starts with an empty environment, `/dev/null` on stdin, only
-//!    fds 0–4, and the requested uid/gid; a pidfd is opened for it at once.
+//!    fds 0–4, the requested uid/gid (no supplementary groups; switching
+//!    from root to another uid clears every capability), umask 022 and
+//!    `PR_SET_NO_NEW_PRIVS`; a pidfd is opened for it at once.
 //! 5. A short wait on the pidfd catches swtpm exiting straight away (bad
 //!    option, missing state directory) and turns it into
 //!    [`SpawnError::Exited`] carrying swtpm's own message.
@@ -22,12 +24,16 @@
 //! [`Swtpm`] then tracks the process: exit is seen through the pidfd without
 //! polling, [`Swtpm::stop`] is SIGTERM, a grace period, SIGKILL, and every
 //! way out reaps the child and removes the control socket and the state
-//! directory's `.lock`.
+//! directory's `.lock`. A swtpm running as another uid is signalled through
+//! a short-lived helper that takes on its uid ([`signal_as`]), so vtpmd
+//! needs no `CAP_KILL`.
 
+mod as_user;
 mod child;
 mod log;
 mod spec;
 
+pub use as_user::{AsUserError, listening_as, signal_as};
 pub use child::{ExitReason, Swtpm};
 pub use spec::{SpawnSpec, SpecError};
 
@@ -126,6 +132,13 @@ pub enum SpawnError {
         signal: nix::sys::signal::Signal,
         #[source]
         source: nix::Error,
+    },
+    #[error("cannot send {signal} to swtpm (pid {pid})")]
+    SignalAs {
+        pid: u32,
+        signal: nix::sys::signal::Signal,
+        #[source]
+        source: AsUserError,
     },
     #[error("swtpm (pid {pid}) is still running after SIGKILL")]
     Unkillable { pid: u32 },

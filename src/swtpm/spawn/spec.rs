@@ -41,7 +41,21 @@ pub struct SpawnSpec<'k> {
     pub socket_owner: Option<(Uid, Gid)>,
     /// The user and group swtpm runs as; `None` runs it as vtpmd's. Setting
     /// it also drops all supplementary groups (std does `setgroups(0)`).
+    /// A swtpm of another uid is signalled through
+    /// [`signal_as`](super::signal_as).
     pub run_as: Option<(Uid, Gid)>,
+    /// The mode swtpm creates its state files with (`--tpmstate mode=`,
+    /// default `0o600`); `0o644` lets vtpmd read them when swtpm runs as
+    /// another uid in a directory (0770, vtpmd and the guest's group) that
+    /// keeps everyone else out. swtpm's umask is 022.
+    pub state_mode: u32,
+    /// Connect one client to the control socket before its owner is
+    /// changed and before swtpm exists (the connection waits in the
+    /// backlog and swtpm accepts it first); take it with
+    /// [`Swtpm::take_ready_probe`](super::Swtpm::take_ready_probe). This is
+    /// how vtpmd checks that swtpm serves a socket it may no longer connect
+    /// to itself (owned by the guest's uid and the VMM's group).
+    pub ready_probe: bool,
     /// Pass `--seccomp action=kill`. Set it only when the probe saw
     /// `cmdarg-seccomp`; a swtpm built with seccomp applies its default
     /// profile (kill) even without the option.
@@ -74,6 +88,8 @@ pub enum SpecError {
     KeyLength { len: usize },
     #[error("socket mode {mode:#o} has bits outside 0o777")]
     SocketMode { mode: u32 },
+    #[error("state file mode {mode:#o} has bits outside 0o666")]
+    StateMode { mode: u32 },
 }
 
 impl<'k> SpawnSpec<'k> {
@@ -97,6 +113,8 @@ impl<'k> SpawnSpec<'k> {
             socket_mode: 0o660,
             socket_owner: None,
             run_as: None,
+            state_mode: 0o600,
+            ready_probe: false,
             seccomp: true,
             log_level: 1,
             terminate: true,
@@ -122,6 +140,11 @@ impl<'k> SpawnSpec<'k> {
         if self.socket_mode & !0o777 != 0 {
             return Err(SpecError::SocketMode {
                 mode: self.socket_mode,
+            });
+        }
+        if self.state_mode & !0o666 != 0 {
+            return Err(SpecError::StateMode {
+                mode: self.state_mode,
             });
         }
         if self.key.len() != KEY_LEN {
@@ -156,7 +179,7 @@ impl<'k> SpawnSpec<'k> {
         }
         let mut state = b"dir=".to_vec();
         state.extend_from_slice(self.state_dir.as_os_str().as_bytes());
-        state.extend_from_slice(b",mode=0600");
+        state.extend_from_slice(format!(",mode={:04o}", self.state_mode).as_bytes());
         args.push("--tpmstate".into());
         args.push(OsString::from_vec(state));
         args.push("--ctrl".into());
@@ -187,6 +210,8 @@ impl std::fmt::Debug for SpawnSpec<'_> {
             .field("socket_mode", &format_args!("{:#o}", self.socket_mode))
             .field("socket_owner", &self.socket_owner)
             .field("run_as", &self.run_as)
+            .field("state_mode", &format_args!("{:#o}", self.state_mode))
+            .field("ready_probe", &self.ready_probe)
             .field("seccomp", &self.seccomp)
             .field("log_level", &self.log_level)
             .field("terminate", &self.terminate)
