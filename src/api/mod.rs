@@ -150,6 +150,7 @@ pub async fn serve(
         limits,
     });
     let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let mut refused = RefusedLog::default();
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -157,7 +158,7 @@ pub async fn serve(
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
                     let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
-                        tracing::warn!(limit = limits.max_connections, "connection limit reached; closing a new connection");
+                        refused.note(limits.max_connections);
                         continue;
                     };
                     let ctx = Arc::clone(&ctx);
@@ -173,5 +174,32 @@ pub async fn serve(
                 }
             },
         }
+    }
+}
+
+/// Connections closed at the limit are logged at most once every ten
+/// seconds, with their count: a client flooding the socket must not flood
+/// the journal too.
+#[derive(Debug, Default)]
+struct RefusedLog {
+    since_last: u64,
+    last: Option<std::time::Instant>,
+}
+
+impl RefusedLog {
+    const EVERY: Duration = Duration::from_secs(10);
+
+    fn note(&mut self, limit: usize) {
+        self.since_last += 1;
+        if self.last.is_some_and(|t| t.elapsed() < Self::EVERY) {
+            return;
+        }
+        tracing::warn!(
+            limit,
+            refused = self.since_last,
+            "connection limit reached; new connections are being closed"
+        );
+        self.since_last = 0;
+        self.last = Some(std::time::Instant::now());
     }
 }
