@@ -46,6 +46,18 @@ fn sha256_of(path: &Path) -> [u8; 32] {
     Sha256::digest(fs::read(path).unwrap()).into()
 }
 
+/// Opens the state `create_small` made, with its passphrase.
+fn open_state(paths: &SealedPaths) -> SealedState {
+    SealedState::open(
+        paths.clone(),
+        guest(),
+        &passphrase("correct horse"),
+        &weak_policy(),
+    )
+    .unwrap()
+    .state
+}
+
 fn create_small(dir: &Path) -> SealedPaths {
     let paths = SealedPaths::new(dir.join("tpm.sealed"));
     SealedState::create(
@@ -144,14 +156,7 @@ fn a_wrong_passphrase_is_told_apart_and_leaves_the_file_untouched() {
 fn rekey_retires_the_old_passphrase_and_keeps_the_body_bytes() {
     let dir = tempfile::tempdir().unwrap();
     let paths = create_small(dir.path());
-    let mut state = SealedState::open(
-        paths.clone(),
-        guest(),
-        &passphrase("correct horse"),
-        &weak_policy(),
-    )
-    .unwrap()
-    .state;
+    let mut state = open_state(&paths);
     state.seal(&small_archive(2)).unwrap(); // now a .prev exists too
     let body_of = |p: &Path| {
         let bytes = fs::read(p).unwrap();
@@ -195,14 +200,7 @@ fn rekey_retires_the_old_passphrase_and_keeps_the_body_bytes() {
 fn two_keyslots_both_open_and_the_last_cannot_be_removed() {
     let dir = tempfile::tempdir().unwrap();
     let paths = create_small(dir.path());
-    let mut state = SealedState::open(
-        paths.clone(),
-        guest(),
-        &passphrase("correct horse"),
-        &weak_policy(),
-    )
-    .unwrap()
-    .state;
+    let mut state = open_state(&paths);
 
     let added = state
         .add_passphrase(&passphrase("host key"), &weak_policy())
@@ -340,14 +338,7 @@ fn a_damaged_current_file_falls_back_to_the_previous_generation() {
 fn a_wrong_passphrase_does_not_fall_back() {
     let dir = tempfile::tempdir().unwrap();
     let paths = create_small(dir.path());
-    let mut state = SealedState::open(
-        paths.clone(),
-        guest(),
-        &passphrase("correct horse"),
-        &weak_policy(),
-    )
-    .unwrap()
-    .state;
+    let mut state = open_state(&paths);
     state.seal(&small_archive(2)).unwrap();
 
     let result = SealedState::open(paths, guest(), &passphrase("nope"), &weak_policy());
@@ -423,14 +414,7 @@ fn the_swtpm_state_key_is_the_same_on_every_open() {
 fn a_damaged_current_file_is_reported_as_damage_even_with_a_wrong_passphrase() {
     let dir = tempfile::tempdir().unwrap();
     let paths = create_small(dir.path());
-    let mut state = SealedState::open(
-        paths.clone(),
-        guest(),
-        &passphrase("correct horse"),
-        &weak_policy(),
-    )
-    .unwrap()
-    .state;
+    let mut state = open_state(&paths);
     state.seal(&small_archive(2)).unwrap();
     let mut bytes = fs::read(paths.current()).unwrap();
     bytes[100] ^= 1; // inside keyslot 0: the header checksum catches it
