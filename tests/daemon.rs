@@ -8,15 +8,15 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use common::nv::{attach_and_write_nv, read_nv};
 use common::{Daemon, assert_error, b64};
 use serde_json::{Value, json};
 use vtpmd::swtpm::ctrl::client::Vmm;
-use vtpmd::swtpm::ctrl::tpm::{self, nv_attr};
+use vtpmd::swtpm::ctrl::tpm;
 
 const G1: &str = "0f6a2d1e-8c4b-4e2a-9d3f-5b7c1a2e3f40";
 const G2: &str = "7d0a9d43-41d4-4c3e-8a5e-2f61b3c0d7aa";
 const PASS: &str = "correct horse battery staple";
-const NV_INDEX: u32 = 0x0150_0016;
 const TIMEOUT: Duration = Duration::from_secs(10);
 
 fn create(d: &Daemon, guest: &str, version: &str, model: &str) -> Value {
@@ -50,39 +50,6 @@ fn ctrl_of(guest: &Value) -> &Path {
 /// As a VMM: attach, Startup, write `data` into a fresh NV index, quit.
 fn write_nv(ctrl: &Path, data: &[u8]) {
     attach_and_write_nv(ctrl, data).shutdown().unwrap();
-}
-
-/// Attach, Startup and write `data` into a fresh NV index; the VMM stays.
-fn attach_and_write_nv(ctrl: &Path, data: &[u8]) -> Vmm {
-    let mut vmm = Vmm::attach(ctrl, TIMEOUT).unwrap();
-    assert_eq!(vmm.transact(&tpm::tpm2_startup_clear()).unwrap().rc, 0);
-    let attrs = nv_attr::OWNERREAD | nv_attr::OWNERWRITE | nv_attr::AUTHREAD | nv_attr::AUTHWRITE;
-    let len = u16::try_from(data.len()).unwrap();
-    assert_eq!(
-        vmm.transact(&tpm::tpm2_nv_define_space(NV_INDEX, attrs, len))
-            .unwrap()
-            .rc,
-        0
-    );
-    assert_eq!(
-        vmm.transact(&tpm::tpm2_nv_write(NV_INDEX, data, 0).unwrap())
-            .unwrap()
-            .rc,
-        0
-    );
-    vmm
-}
-
-fn read_nv(ctrl: &Path, len: usize) -> Vec<u8> {
-    let mut vmm = Vmm::attach(ctrl, TIMEOUT).unwrap();
-    assert_eq!(vmm.transact(&tpm::tpm2_startup_clear()).unwrap().rc, 0);
-    let read = vmm
-        .transact(&tpm::tpm2_nv_read(NV_INDEX, u16::try_from(len).unwrap(), 0))
-        .unwrap();
-    assert_eq!(read.rc, 0, "NV_Read");
-    let data = read.tpm2_nv_data().unwrap().to_vec();
-    vmm.shutdown().unwrap();
-    data
 }
 
 /// Waits (on Status, briefly) until the guest reaches `state`.

@@ -14,16 +14,14 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::nv::{attach_and_write_nv, read_nv};
 use common::{Daemon, b64};
 use serde_json::{Value, json};
 use vtpmd::supervisor::UidRange;
-use vtpmd::swtpm::ctrl::client::Vmm;
-use vtpmd::swtpm::ctrl::tpm::{self, nv_attr};
 
 const A: &str = "0f6a2d1e-8c4b-4e2a-9d3f-5b7c1a2e3f40";
 const B: &str = "7d0a9d43-41d4-4c3e-8a5e-2f61b3c0d7aa";
 const PASS: &str = "correct horse battery staple";
-const NV_INDEX: u32 = 0x0150_0016;
 const TIMEOUT: Duration = Duration::from_secs(10);
 /// CAP_CHOWN (0), CAP_SETGID (6), CAP_SETUID (7).
 const DOCUMENTED_CAPS: u64 = 0xc1;
@@ -100,32 +98,6 @@ fn wait_generation_above(d: &Daemon, guest: &str, generation: u64) -> u64 {
         assert!(Instant::now() < deadline, "no reseal");
         std::thread::sleep(Duration::from_millis(5));
     }
-}
-
-/// As a VMM: attach, Startup, write `data` into a fresh NV index; the VMM
-/// stays attached.
-fn attach_and_write_nv(ctrl: &Path, data: &[u8]) -> Vmm {
-    let mut vmm = Vmm::attach(ctrl, TIMEOUT).unwrap();
-    assert_eq!(vmm.transact(&tpm::tpm2_startup_clear()).unwrap().rc, 0);
-    let attrs = nv_attr::OWNERREAD | nv_attr::OWNERWRITE | nv_attr::AUTHREAD | nv_attr::AUTHWRITE;
-    let len = u16::try_from(data.len()).unwrap();
-    let define = tpm::tpm2_nv_define_space(NV_INDEX, attrs, len);
-    assert_eq!(vmm.transact(&define).unwrap().rc, 0);
-    let write = tpm::tpm2_nv_write(NV_INDEX, data, 0).unwrap();
-    assert_eq!(vmm.transact(&write).unwrap().rc, 0);
-    vmm
-}
-
-fn read_nv(ctrl: &Path, len: usize) -> Vec<u8> {
-    let mut vmm = Vmm::attach(ctrl, TIMEOUT).unwrap();
-    assert_eq!(vmm.transact(&tpm::tpm2_startup_clear()).unwrap().rc, 0);
-    let read = vmm
-        .transact(&tpm::tpm2_nv_read(NV_INDEX, u16::try_from(len).unwrap(), 0))
-        .unwrap();
-    assert_eq!(read.rc, 0, "NV_Read");
-    let data = read.tpm2_nv_data().unwrap().to_vec();
-    vmm.shutdown().unwrap();
-    data
 }
 
 /// `Name:\tvalue` of `/proc/<pid>/status`.

@@ -4,6 +4,7 @@
 
 #![allow(clippy::unwrap_used, dead_code)] // shared by several test files; each uses a part
 
+pub mod nv;
 pub mod qemu;
 
 use std::io::{Read, Write};

@@ -1,0 +1,39 @@
+//! The test playing a VMM that uses its guest's TPM 2.0: NV data written
+//! in one run and read back in another.
+
+use std::path::Path;
+use std::time::Duration;
+
+use vtpmd::swtpm::ctrl::client::Vmm;
+use vtpmd::swtpm::ctrl::tpm::{self, nv_attr};
+
+/// The owner-readable/writable NV index the tests use.
+pub const NV_INDEX: u32 = 0x0150_0016;
+const TIMEOUT: Duration = Duration::from_secs(10);
+
+/// As a VMM: attach, Startup, write `data` into a fresh NV index; the VMM
+/// stays attached.
+pub fn attach_and_write_nv(ctrl: &Path, data: &[u8]) -> Vmm {
+    let mut vmm = Vmm::attach(ctrl, TIMEOUT).unwrap();
+    assert_eq!(vmm.transact(&tpm::tpm2_startup_clear()).unwrap().rc, 0);
+    let attrs = nv_attr::OWNERREAD | nv_attr::OWNERWRITE | nv_attr::AUTHREAD | nv_attr::AUTHWRITE;
+    let len = u16::try_from(data.len()).unwrap();
+    let define = tpm::tpm2_nv_define_space(NV_INDEX, attrs, len);
+    assert_eq!(vmm.transact(&define).unwrap().rc, 0, "NV_DefineSpace");
+    let write = tpm::tpm2_nv_write(NV_INDEX, data, 0).unwrap();
+    assert_eq!(vmm.transact(&write).unwrap().rc, 0, "NV_Write");
+    vmm
+}
+
+/// As a VMM: attach, Startup, read `len` bytes of the NV index, quit.
+pub fn read_nv(ctrl: &Path, len: usize) -> Vec<u8> {
+    let mut vmm = Vmm::attach(ctrl, TIMEOUT).unwrap();
+    assert_eq!(vmm.transact(&tpm::tpm2_startup_clear()).unwrap().rc, 0);
+    let read = vmm
+        .transact(&tpm::tpm2_nv_read(NV_INDEX, u16::try_from(len).unwrap(), 0))
+        .unwrap();
+    assert_eq!(read.rc, 0, "NV_Read");
+    let data = read.tpm2_nv_data().unwrap().to_vec();
+    vmm.shutdown().unwrap();
+    data
+}
