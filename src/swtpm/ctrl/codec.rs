@@ -694,13 +694,7 @@ fn finish(r: &Reader<'_>, expected: usize) -> Result<(), CodecError> {
 mod tests {
     use super::*;
 
-    fn hex(s: &str) -> Vec<u8> {
-        let s: String = s.chars().filter(|c| !c.is_whitespace()).collect();
-        (0..s.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
-            .collect()
-    }
+    use super::super::test_hex as hex;
 
     #[test]
     fn requests_encode_to_the_documented_layout() {

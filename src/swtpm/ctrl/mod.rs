@@ -15,3 +15,13 @@ pub mod tpm;
 pub use client::{BufferSizes, CtrlClient, CtrlError, DataChannel, Op, StateBlob, Vmm};
 pub use codec::{BlobData, BlobType, Cmd, CodecError, Request, Response, ResultCode};
 pub use tpm::{TpmError, TpmResponse};
+
+/// Bytes from hex text (white space ignored), for the codec's tests.
+#[cfg(test)]
+fn test_hex(s: &str) -> Vec<u8> {
+    let s: String = s.chars().filter(|c| !c.is_whitespace()).collect();
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+        .collect()
+}

@@ -314,13 +314,7 @@ impl<'a> Body<'a> {
 mod tests {
     use super::*;
 
-    fn hex(s: &str) -> Vec<u8> {
-        let s: String = s.chars().filter(|c| !c.is_whitespace()).collect();
-        (0..s.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
-            .collect()
-    }
+    use super::super::test_hex as hex;
 
     #[test]
     fn commands_match_known_byte_strings() {
