@@ -542,3 +542,61 @@ fn a_misbehaving_client_is_cut_off_and_others_are_served() {
     std::thread::sleep(Duration::from_millis(50));
     assert!(d.client().manager("List", json!({})).is_ok());
 }
+
+#[test]
+fn monitor_reports_where_a_start_spent_its_time_and_each_reseal_latency() {
+    let d = Daemon::start();
+    create(&d, G1, "2.0", "tpm-crb");
+    let mut events = d.events();
+
+    let called = Instant::now();
+    let running = start(&d, G1);
+    let elapsed = called.elapsed();
+    let (_, event) = events.wait_for(G1, "running", TIMEOUT).unwrap();
+    let t = &event["start"];
+    let phase = |name: &str| t[name].as_f64().unwrap_or_else(|| panic!("{name} in {t}"));
+    let total = phase("total_ms");
+    let phases = ["queued_ms", "kdf_ms", "unseal_ms", "spawn_ms", "ready_ms"];
+    let sum: f64 = phases.iter().map(|p| phase(p)).sum();
+    for p in phases {
+        assert!(phase(p) >= 0.0, "{p} in {t}");
+    }
+    // The phases are parts of the whole, and the whole is what the client
+    // waited for, less the round trip.
+    assert!(sum <= total, "phases {sum} ms > total {total} ms: {t}");
+    assert!(total <= elapsed.as_secs_f64() * 1e3, "{t} vs {elapsed:?}");
+    assert!(phase("spawn_ms") > 0.0 && phase("ready_ms") > 0.0, "{t}");
+
+    // A VMM's NV write is resealed, and the event says how long it took.
+    write_nv_keep_running(ctrl_of(&running), b"timed");
+    let (_, resealed) = events.wait_for(G1, "resealed", TIMEOUT).unwrap();
+    let latency = resealed["reseal_ms"].as_f64().unwrap();
+    assert!(
+        latency > 0.0 && latency < TIMEOUT.as_secs_f64() * 1e3,
+        "{resealed}"
+    );
+    assert!(resealed.get("start").is_none(), "{resealed}");
+
+    // Changes that measured nothing carry no figures; a failed start says why.
+    d.client().manager("Stop", json!({"guest": G1})).unwrap();
+    let (_, stopped) = events.wait_for(G1, "stopped", TIMEOUT).unwrap();
+    assert!(
+        stopped.get("start").is_none() && stopped.get("reseal_ms").is_none(),
+        "{stopped}"
+    );
+    assert_error(
+        d.client()
+            .manager("Start", json!({"guest": G1, "passphrase": b64("wrong")})),
+        "WrongPassphrase",
+    );
+    let (_, undone) = events
+        .wait(TIMEOUT, |e| {
+            e["guest"]["guest"] == G1 && e.get("detail").is_some()
+        })
+        .unwrap();
+    assert_eq!(undone["event"], "stopped", "{undone}");
+    assert!(
+        undone["detail"].as_str().unwrap().contains("start failed"),
+        "{undone}"
+    );
+}

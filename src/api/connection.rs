@@ -243,6 +243,9 @@ async fn monitor(stream: &mut UnixStream, ctx: &Context) {
         let reply = MonitorReply {
             event: "existing".to_owned(),
             guest: dispatch::view(&info),
+            detail: None,
+            reseal_ms: None,
+            start: None,
         };
         if !send(stream, &encode_reply(&reply, true), ctx).await {
             return;
@@ -254,11 +257,7 @@ async fn monitor(stream: &mut UnixStream, ctx: &Context) {
         tokio::select! {
             event = events.recv() => match event {
                 Ok(event) => {
-                    let reply = MonitorReply {
-                        event: event.kind.as_str().to_owned(),
-                        guest: dispatch::view(&event.guest),
-                    };
-                    let bytes = encode_reply(&reply, true);
+                    let bytes = encode_reply(&dispatch::event_reply(&event), true);
                     if !matches!(timeout(ctx.limits.idle, writer.write_all(&bytes)).await, Ok(Ok(()))) {
                         return;
                     }

@@ -5,11 +5,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::protocol::manager::{
-    CapabilitiesReply, GuestReply, GuestView, ListReply, ManagerError, Passphrase, Request,
+    CapabilitiesReply, GuestReply, GuestView, ListReply, ManagerError, MonitorReply, Passphrase,
+    Request, StartTimingsView,
 };
 use crate::protocol::varlink::{ServiceError, encode_reply};
 use crate::secret::SecretBuf;
-use crate::supervisor::{GuestInfo, Supervisor, SupervisorError};
+use crate::supervisor::{Event, EventKind, GuestInfo, Supervisor, SupervisorError};
 use crate::vault::MAX_PASSPHRASE_LEN;
 
 /// Runs a request that is not Monitor. Operations run in their own task:
@@ -161,6 +162,34 @@ pub fn view(info: &GuestInfo) -> GuestView {
         ctrl_socket: info.ctrl_socket.as_ref().map(|p| p.display().to_string()),
         generation: info.generation,
         failure: info.failure.clone(),
+    }
+}
+
+/// The wire form of an event: the guest as it is after it, and what
+/// the event measured.
+pub fn event_reply(event: &Event) -> MonitorReply {
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let (reseal_ms, start) = match event.kind {
+        EventKind::Resealed { latency } => (Some(ms(latency)), None),
+        EventKind::Running { start: Some(t) } => (
+            None,
+            Some(StartTimingsView {
+                queued_ms: ms(t.queued),
+                kdf_ms: ms(t.kdf),
+                unseal_ms: ms(t.unseal),
+                spawn_ms: ms(t.spawn),
+                ready_ms: ms(t.ready),
+                total_ms: ms(t.total),
+            }),
+        ),
+        _ => (None, None),
+    };
+    MonitorReply {
+        event: event.kind.as_str().to_owned(),
+        guest: view(&event.guest),
+        detail: event.detail.clone(),
+        reseal_ms,
+        start,
     }
 }
 

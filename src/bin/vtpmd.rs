@@ -144,12 +144,29 @@ fn run(args: Args) -> Result<(), MainError> {
     // Still single-threaded: capabilities are per thread.
     vtpmd::privileges::restrict(args.allow_extra_caps)?;
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
+    raise_open_files_limit();
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .map_err(MainError::Runtime)?;
     runtime.block_on(serve(supervisor_config, socket, groups, limits))
+}
+
+/// Each running guest holds four fds and each connection one, so the usual
+/// soft limit of 1024 would cap a host near 250 guests. The hard limit
+/// (systemd's 512Ki, or the unit's `LimitNOFILE`) is what the administrator
+/// allows; swtpm gets fds 0-4 only, so nothing inherits a use for more.
+fn raise_open_files_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard {
+            match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                Ok(()) => tracing::debug!(from = soft, to = hard, "open files limit raised"),
+                Err(e) => tracing::warn!(soft, hard, "cannot raise the open files limit: {e}"),
+            }
+        }
+    }
 }
 
 fn group(key: &'static str, name: Option<&str>) -> Result<Option<Gid>, MainError> {

@@ -357,10 +357,27 @@ pub struct ListReply {
     pub guests: Vec<GuestView>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MonitorReply {
     pub event: String,
     pub guest: GuestView,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub detail: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub reseal_ms: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub start: Option<StartTimingsView>,
+}
+
+/// `StartTimings` of the interface, in milliseconds.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct StartTimingsView {
+    pub queued_ms: f64,
+    pub kdf_ms: f64,
+    pub unseal_ms: f64,
+    pub spawn_ms: f64,
+    pub ready_ms: f64,
+    pub total_ms: f64,
 }
 
 /// The errors of `io.vtpmd.Manager`, each with the parameters the

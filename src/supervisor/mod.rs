@@ -40,6 +40,7 @@ mod start;
 mod state;
 mod stop;
 mod uids;
+mod watcher;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -99,7 +100,11 @@ pub struct Capabilities {
 pub enum EventKind {
     Created,
     Starting,
-    Running,
+    /// `start` is set when a Start brought the guest up (not when a failed
+    /// operation left it running).
+    Running {
+        start: Option<StartTimings>,
+    },
     Stopping,
     Stopped,
     Failed,
@@ -116,7 +121,7 @@ impl EventKind {
         match self {
             EventKind::Created => "created",
             EventKind::Starting => "starting",
-            EventKind::Running => "running",
+            EventKind::Running { .. } => "running",
             EventKind::Stopping => "stopping",
             EventKind::Stopped => "stopped",
             EventKind::Failed => "failed",
@@ -130,11 +135,30 @@ impl EventKind {
         match state {
             GuestState::Stopped => EventKind::Stopped,
             GuestState::Starting => EventKind::Starting,
-            GuestState::Running => EventKind::Running,
+            GuestState::Running => EventKind::Running { start: None },
             GuestState::Stopping => EventKind::Stopping,
             GuestState::Failed => EventKind::Failed,
         }
     }
+}
+
+/// Where the time of one Start went, phase by phase, for operators (the
+/// log and Monitor) and benchmarks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StartTimings {
+    /// Waiting for a KDF permit (other guests' Argon2 runs).
+    pub queued: Duration,
+    /// Argon2 over the passphrase.
+    pub kdf: Duration,
+    /// Reading, authenticating and decrypting the sealed file, and writing
+    /// the state files into the fresh runtime directory.
+    pub unseal: Duration,
+    /// Forking and executing swtpm, until `spawn` returned.
+    pub spawn: Duration,
+    /// From there until swtpm answered on its control socket.
+    pub ready: Duration,
+    /// The whole Start, from the call to the answer.
+    pub total: Duration,
 }
 
 /// One event on [`Supervisor::subscribe`].
@@ -164,6 +188,8 @@ pub(crate) struct Shared {
     /// Per-guest uids; `None` when every swtpm runs as vtpmd's user.
     uids: Option<UidPool>,
     kdf_permits: Arc<Semaphore>,
+    /// The runtime directories' inotify watches, all in one instance.
+    watcher: Arc<watcher::Watcher>,
     events: broadcast::Sender<Event>,
     shutting_down: AtomicBool,
     /// Operations hold it shared; `shutdown` takes it exclusively, so it
@@ -317,6 +343,9 @@ impl Supervisor {
             what: format!("start-up task failed: {source}"),
         })??;
 
+        let watcher = watcher::Watcher::start().map_err(|e| SupervisorError::Config {
+            what: format!("cannot create an inotify instance: {e}"),
+        })?;
         let (events, _) = broadcast::channel(EVENT_CAPACITY);
         let registry = Registry::default();
         for info in guests {
@@ -332,6 +361,7 @@ impl Supervisor {
         Ok(Arc::new(Supervisor {
             shared: Arc::new(Shared {
                 kdf_permits: Arc::new(Semaphore::new(config.kdf_parallelism.max(1))),
+                watcher,
                 config,
                 store,
                 host,

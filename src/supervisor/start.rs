@@ -6,7 +6,7 @@
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use nix::unistd::{Gid, Uid};
 
@@ -20,7 +20,7 @@ use crate::vault::{Opened, SealedState, VaultError};
 
 use super::guest::{Guest, Run, Slot};
 use super::state::{Action, GuestState, permit};
-use super::{EventKind, GuestInfo, Shared, SupervisorError, blocking, exit, reseal};
+use super::{EventKind, GuestInfo, Shared, StartTimings, SupervisorError, blocking, exit, reseal};
 
 /// How long swtpm has to answer CMD_GET_CAPABILITY on its control socket.
 const READY_TIMEOUT: Duration = Duration::from_secs(2);
@@ -30,6 +30,7 @@ pub(super) async fn start_guest(
     id: GuestId,
     passphrase: SecretBuf,
 ) -> Result<GuestInfo, SupervisorError> {
+    let called = Instant::now();
     let _admitted = shared.enter().await?;
     let guest = shared.guest(id)?;
     let mut slot = guest.lock(shared.config.lock_wait).await?;
@@ -40,8 +41,27 @@ pub(super) async fn start_guest(
     shared.publish(EventKind::Starting, starting, None);
 
     match launch(&shared, &guest, &mut slot, passphrase).await {
-        Ok((info, detail)) => {
-            shared.publish(EventKind::Running, info.clone(), detail);
+        Ok((info, detail, mut timings)) => {
+            timings.total = called.elapsed();
+            tracing::info!(
+                guest = %id,
+                pid = info.pid,
+                generation = info.generation,
+                queued_ms = millis(timings.queued),
+                kdf_ms = millis(timings.kdf),
+                unseal_ms = millis(timings.unseal),
+                spawn_ms = millis(timings.spawn),
+                ready_ms = millis(timings.ready),
+                total_ms = millis(timings.total),
+                "guest running"
+            );
+            shared.publish(
+                EventKind::Running {
+                    start: Some(timings),
+                },
+                info.clone(),
+                detail,
+            );
             Ok(info)
         }
         Err(e) => {
@@ -78,31 +98,38 @@ impl Drop for DirGuard {
     }
 }
 
+fn millis(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
 async fn launch(
     shared: &Arc<Shared>,
     guest: &Arc<Guest>,
     slot: &mut Slot,
     passphrase: SecretBuf,
-) -> Result<(GuestInfo, Option<String>), SupervisorError> {
+) -> Result<(GuestInfo, Option<String>, StartTimings), SupervisorError> {
     let id = guest.id;
     let store = &shared.store;
 
     // 1. Unseal. The passphrase is gone once the key is derived.
     let paths = store.sealed_paths(id);
     let policy = shared.config.kdf;
-    let opened = shared
+    let asked = Instant::now();
+    let (opened, queued, opening) = shared
         .kdf(id, "unseal", move || {
+            let queued = asked.elapsed();
+            let began = Instant::now();
             let opened = SealedState::open(paths, id, &passphrase, &policy);
             drop(passphrase);
-            opened
+            (opened, queued, began.elapsed())
         })
-        .await?
-        .map_err(|e| SupervisorError::from_vault(id, "open", e))?;
+        .await?;
     let Opened {
         state,
         archive,
         fell_back,
-    } = opened;
+        kdf_time,
+    } = opened.map_err(|e| SupervisorError::from_vault(id, "open", e))?;
     let detail = fell_back.map(|f| {
         tracing::warn!(guest = %id, problem = %f.current_problem, "started from the previous sealed generation");
         format!(
@@ -125,10 +152,12 @@ async fn launch(
     let dir = store.runtime_state_dir(id);
     let socket = store.ctrl_socket(id);
     let (store2, dir2, socket2) = (store.clone(), dir.clone(), socket.clone());
+    let unpacking = Instant::now();
     let prepared = blocking(id, "prepare the runtime directory", move || {
         unpack(&store2, &dir2, &socket2, owner, &archive)
     })
     .await?;
+    let unpacked = unpacking.elapsed();
     let mut dir_guard = DirGuard {
         dir: dir.clone(),
         armed: true,
@@ -152,14 +181,17 @@ async fn launch(
     })?;
 
     // 3. Watch before swtpm can write anything.
-    let watch = reseal::Watch::new(&dir).map_err(|e| SupervisorError::Store {
-        guest: id,
-        op: "watch the runtime directory",
-        source: StoreError::ReadDir {
-            path: dir.clone(),
-            source: e,
-        },
-    })?;
+    let watch = shared
+        .watcher
+        .watch(&dir)
+        .map_err(|e| SupervisorError::Store {
+            guest: id,
+            op: "watch the runtime directory",
+            source: StoreError::ReadDir {
+                path: dir.clone(),
+                source: e,
+            },
+        })?;
 
     // 4. Spawn, and make sure it serves before answering.
     let key = state
@@ -185,7 +217,7 @@ async fn launch(
     };
     let (dir2, socket2) = (dir.clone(), socket.clone());
     let version = spec.version();
-    let (swtpm, pidfd) = blocking(id, "spawn swtpm", move || {
+    let (swtpm, pidfd, spawn_time, ready_time) = blocking(id, "spawn swtpm", move || {
         let spawned = spawn_ready(&settings, version, id, &dir2, &socket2, &key);
         drop(key);
         spawned
@@ -222,8 +254,16 @@ async fn launch(
         i.generation = generation;
         i.failure = None;
     });
-    tracing::info!(guest = %id, pid, generation, swtpm_uid = ?uid, "guest running");
-    Ok((info, detail))
+    tracing::debug!(guest = %id, pid, generation, swtpm_uid = ?uid, "swtpm serving");
+    let timings = StartTimings {
+        queued,
+        kdf: kdf_time,
+        unseal: opening.saturating_sub(kdf_time) + unpacked,
+        spawn: spawn_time,
+        ready: ready_time,
+        total: Duration::ZERO,
+    };
+    Ok((info, detail, timings))
 }
 
 /// The guest's swtpm uid: the recorded one, or (a guest created before
@@ -305,7 +345,8 @@ struct SpawnSettings {
 
 /// Spawns swtpm and checks that it answers on its control socket (then
 /// closes that connection: swtpm serves one client at a time, and the VMM
-/// comes next). Returns it with a duplicate of its pidfd.
+/// comes next). Returns it with a duplicate of its pidfd, the time `spawn`
+/// took and the time swtpm then took to answer.
 fn spawn_ready(
     s: &SpawnSettings,
     version: crate::protocol::TpmVersion,
@@ -313,7 +354,7 @@ fn spawn_ready(
     dir: &Path,
     socket: &Path,
     key: &SecretBuf,
-) -> Result<(Swtpm, OwnedFd), SupervisorError> {
+) -> Result<(Swtpm, OwnedFd, Duration, Duration), SupervisorError> {
     let mut spec = SpawnSpec::new(&s.swtpm, version, id, dir, socket, key);
     spec.socket_mode = s.socket_mode;
     spec.socket_owner = s.socket_owner;
@@ -325,6 +366,7 @@ fn spawn_ready(
     spec.seccomp = s.seccomp;
     spec.terminate = true;
     spec.early_exit_window = Duration::ZERO;
+    let began = Instant::now();
     let mut swtpm = match spawn::spawn(&spec) {
         Ok(swtpm) => swtpm,
         Err(SpawnError::Exited {
@@ -338,14 +380,16 @@ fn spawn_ready(
         }
         Err(source) => return Err(SupervisorError::Spawn { guest: id, source }),
     };
+    let spawned = began.elapsed();
     let ready = match swtpm.take_ready_probe() {
         Some(stream) => CtrlClient::from_stream(stream, READY_TIMEOUT),
         None => CtrlClient::connect(socket, READY_TIMEOUT),
     }
     .and_then(|mut ctrl| ctrl.get_capability());
+    let answered = began.elapsed().saturating_sub(spawned);
     let pidfd = swtpm.pidfd().try_clone_to_owned();
     match (ready, pidfd) {
-        (Ok(_caps), Ok(pidfd)) => Ok((swtpm, pidfd)),
+        (Ok(_caps), Ok(pidfd)) => Ok((swtpm, pidfd, spawned, answered)),
         (Err(e), _) => {
             let exit = swtpm.stop(s.grace);
             let ended = match exit {

@@ -2,6 +2,7 @@
 //! the crypto steps and durable writes.
 
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 use crate::protocol::{GuestId, TpmSpec};
 use crate::secret::SecretBuf;
@@ -38,6 +39,10 @@ pub struct Opened {
     /// `Some` when the current file was damaged or missing and the previous
     /// generation was opened instead.
     pub fell_back: Option<Fallback>,
+    /// Time spent in Argon2 (every keyslot tried, in every file tried):
+    /// the part of opening that the parameters decide, reported apart from
+    /// the decryption so an operator can tell the two costs apart.
+    pub kdf_time: Duration,
 }
 
 /// Why the previous generation was used.
@@ -98,18 +103,21 @@ impl SealedState {
         passphrase: &SecretBuf,
         policy: &KdfPolicy,
     ) -> Result<Opened, VaultError> {
-        let current_problem = match open_file(paths.current(), &guest, passphrase, policy) {
-            Ok((state, archive)) => {
-                return Ok(Opened {
-                    state: state.with_paths(paths, false),
-                    archive,
-                    fell_back: None,
-                });
-            }
-            Err(e) if e.is_damage() => e,
-            Err(e) => return Err(e),
-        };
-        match open_file(paths.previous(), &guest, passphrase, policy) {
+        let mut kdf_time = Duration::ZERO;
+        let current_problem =
+            match open_file(paths.current(), &guest, passphrase, policy, &mut kdf_time) {
+                Ok((state, archive)) => {
+                    return Ok(Opened {
+                        state: state.with_paths(paths, false),
+                        archive,
+                        fell_back: None,
+                        kdf_time,
+                    });
+                }
+                Err(e) if e.is_damage() => e,
+                Err(e) => return Err(e),
+            };
+        match open_file(paths.previous(), &guest, passphrase, policy, &mut kdf_time) {
             Ok((state, archive)) => {
                 tracing::warn!(
                     %guest,
@@ -123,6 +131,7 @@ impl SealedState {
                     fell_back: Some(Fallback {
                         current_problem: current_problem.to_string(),
                     }),
+                    kdf_time,
                 })
             }
             // Whatever the previous generation says (even "wrong
@@ -373,22 +382,25 @@ fn open_file(
     guest: &GuestId,
     passphrase: &SecretBuf,
     policy: &KdfPolicy,
+    kdf_time: &mut Duration,
 ) -> Result<(SealedState, StateArchive), VaultError> {
     check_passphrase(passphrase)?;
     let bytes = durable::read(path, MAX_FILE_LEN)?.ok_or_else(|| VaultError::Missing {
         path: path.to_owned(),
     })?;
-    open_bytes(path, &bytes, guest, passphrase, policy)
+    open_bytes(path, &bytes, guest, passphrase, policy, kdf_time)
 }
 
 /// Opens a sealed file already in memory; `path` names it in errors and
-/// becomes the state's current path. No I/O.
+/// becomes the state's current path. No I/O. Adds the time spent in
+/// Argon2 to `kdf_time`.
 fn open_bytes(
     path: &Path,
     bytes: &[u8],
     guest: &GuestId,
     passphrase: &SecretBuf,
     policy: &KdfPolicy,
+    kdf_time: &mut Duration,
 ) -> Result<(SealedState, StateArchive), VaultError> {
     let (header, body) = decode(path, bytes)?;
     if header.bound.guest != *guest {
@@ -398,7 +410,7 @@ fn open_bytes(
             found: header.bound.guest,
         });
     }
-    let (data_key, slot_index) = unlock(path, &header, guest, passphrase, policy)?;
+    let (data_key, slot_index) = unlock(path, &header, guest, passphrase, policy, kdf_time)?;
     let archive = open_body(path, &header, body, &data_key, guest)?;
     let state = SealedState {
         paths: SealedPaths::new(path),
@@ -624,8 +636,15 @@ pub fn fuzz_seal_open(case: &FuzzSealCase) {
     assert_eq!(info.keyslots.len(), sealed.keyslots.len());
     assert_eq!(info.header_bytes + info.body_bytes, file.len());
 
-    let (opened, got) =
-        open_bytes(path, &file, &guest, &passphrase, &policy).expect("open a fresh file");
+    let (opened, got) = open_bytes(
+        path,
+        &file,
+        &guest,
+        &passphrase,
+        &policy,
+        &mut Duration::default(),
+    )
+    .expect("open a fresh file");
     assert_eq!(got, archive);
     assert_eq!(opened.guest, guest);
     assert_eq!(opened.spec, spec);
@@ -640,8 +659,15 @@ pub fn fuzz_seal_open(case: &FuzzSealCase) {
         .as_ref()
         .filter(|s| **s != case.passphrase)
     {
-        let (by_second, again) =
-            open_bytes(path, &file, &guest, &secret(second), &policy).expect("second keyslot");
+        let (by_second, again) = open_bytes(
+            path,
+            &file,
+            &guest,
+            &secret(second),
+            &policy,
+            &mut Duration::default(),
+        )
+        .expect("second keyslot");
         assert_eq!(again, archive);
         assert_eq!(by_second.unlocked_slot, Some(1));
     }
@@ -650,7 +676,14 @@ pub fn fuzz_seal_open(case: &FuzzSealCase) {
     wrong.push(b'!');
     let wrong_works = case.second_passphrase.as_ref() == Some(&wrong);
     if wrong.len() <= MAX_PASSPHRASE_LEN && !wrong_works {
-        let result = open_bytes(path, &file, &guest, &secret(&wrong), &policy);
+        let result = open_bytes(
+            path,
+            &file,
+            &guest,
+            &secret(&wrong),
+            &policy,
+            &mut Duration::default(),
+        );
         assert!(
             matches!(result, Err(VaultError::WrongPassphrase { .. })),
             "wrong passphrase: {:?}",
@@ -660,7 +693,14 @@ pub fn fuzz_seal_open(case: &FuzzSealCase) {
 
     let other = GuestId::from_bytes(case.other_guest);
     if other != guest {
-        let result = open_bytes(path, &file, &other, &passphrase, &policy);
+        let result = open_bytes(
+            path,
+            &file,
+            &other,
+            &passphrase,
+            &policy,
+            &mut Duration::default(),
+        );
         assert!(matches!(result, Err(VaultError::GuestMismatch { .. })));
     }
 
@@ -668,7 +708,14 @@ pub fn fuzz_seal_open(case: &FuzzSealCase) {
     let bit = usize::try_from(case.flip_bit).unwrap_or(usize::MAX) % bits;
     let mut damaged = file.clone();
     damaged[bit / 8] ^= 1 << (bit % 8);
-    let result = open_bytes(path, &damaged, &guest, &passphrase, &policy);
+    let result = open_bytes(
+        path,
+        &damaged,
+        &guest,
+        &passphrase,
+        &policy,
+        &mut Duration::default(),
+    );
     assert!(
         matches!(
             result,
@@ -689,6 +736,7 @@ fn unlock(
     guest: &GuestId,
     passphrase: &SecretBuf,
     policy: &KdfPolicy,
+    kdf_time: &mut Duration,
 ) -> Result<(DataKey, usize), VaultError> {
     let mut refused = None;
     let mut tried = false;
@@ -698,7 +746,10 @@ fn unlock(
             continue;
         }
         tried = true;
-        let kek = kdf::derive(passphrase, &slot.salt, slot.kdf)?;
+        let began = Instant::now();
+        let kek = kdf::derive(passphrase, &slot.salt, slot.kdf);
+        *kdf_time += began.elapsed();
+        let kek = kek?;
         if let Some(key) = crypto::unwrap_key(&kek, guest, slot)? {
             return Ok((key, index));
         }

@@ -36,6 +36,20 @@ impl Daemon {
 
     /// Like [`start`](Self::start), with more TOML appended to the config.
     pub fn start_with(extra_config: &str) -> Self {
+        Self::start_with_config(&format!("{TEST_CONFIG}{extra_config}"))
+    }
+
+    /// Starts vtpmd with exactly `config` (no test defaults: the real
+    /// Argon2 parameters unless `config` says otherwise).
+    pub fn start_with_config(config_text: &str) -> Self {
+        Self::start_on(config_text, None)
+    }
+
+    /// Like [`start_with_config`](Self::start_with_config), with the
+    /// runtime directory (swtpm's plaintext state, the control sockets) at
+    /// `runtime_dir` rather than beside the state directory: production
+    /// keeps it on tmpfs (`/run`).
+    pub fn start_on(config_text: &str, runtime_dir: Option<PathBuf>) -> Self {
         let root = tempfile::Builder::new()
             .prefix("vt")
             .tempdir_in("/tmp")
@@ -49,11 +63,11 @@ impl Daemon {
         )
         .unwrap();
         let config = root.path().join("vtpmd.toml");
-        std::fs::write(&config, format!("{TEST_CONFIG}{extra_config}")).unwrap();
+        std::fs::write(&config, config_text).unwrap();
         let mut daemon = Self {
             child: None,
             state_dir: root.path().join("state"),
-            runtime_dir: root.path().join("run"),
+            runtime_dir: runtime_dir.unwrap_or_else(|| root.path().join("run")),
             socket: root.path().join("api.sock"),
             config,
             root,

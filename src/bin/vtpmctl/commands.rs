@@ -405,7 +405,19 @@ fn monitor(conn: &Conn, count: Option<u64>) -> Result<(), ClientError> {
                 .get("guest")
                 .ok_or_else(|| unexpected("no guest"))
                 .and_then(guest_view)?;
-            output::event(&MonitorReply { event, guest })
+            output::event(&MonitorReply {
+                event,
+                guest,
+                detail: reply
+                    .get("detail")
+                    .and_then(Value::as_str)
+                    .map(str::to_owned),
+                reseal_ms: reply.get("reseal_ms").and_then(Value::as_f64),
+                // Timings this vtpmctl cannot read are left out, not fatal.
+                start: reply
+                    .get("start")
+                    .and_then(|s| serde_json::from_value(s.clone()).ok()),
+            })
         };
         let mut out = stdout.lock();
         if writeln!(out, "{line}").and_then(|()| out.flush()).is_err() {

@@ -195,6 +195,19 @@ pub fn event(e: &MonitorReply) -> String {
     if let Some(failure) = &g.failure {
         let _ = write!(line, " failure={failure:?}");
     }
+    if let Some(ms) = e.reseal_ms {
+        let _ = write!(line, " reseal_ms={ms:.1}");
+    }
+    if let Some(t) = &e.start {
+        let _ = write!(
+            line,
+            " start_ms={:.1} (queued={:.1} kdf={:.1} unseal={:.1} spawn={:.1} ready={:.1})",
+            t.total_ms, t.queued_ms, t.kdf_ms, t.unseal_ms, t.spawn_ms, t.ready_ms
+        );
+    }
+    if let Some(detail) = &e.detail {
+        let _ = write!(line, " detail={detail:?}");
+    }
     line
 }
 
@@ -202,6 +215,7 @@ pub fn event(e: &MonitorReply) -> String {
 mod tests {
     use super::*;
     use serde_json::json;
+    use vtpmd::protocol::manager::StartTimingsView;
 
     const G: &str = "0f6a2d1e-8c4b-4e2a-9d3f-5b7c1a2e3f40";
 
@@ -366,10 +380,41 @@ mod tests {
         let e = MonitorReply {
             event: "running".into(),
             guest: running(),
+            detail: None,
+            reseal_ms: None,
+            start: None,
         };
         assert_eq!(
             event(&e),
             format!("running {G} state=running tpm=2.0 model=tpm-crb generation=7 pid=4242")
         );
+    }
+
+    #[test]
+    fn events_carry_their_measurements() {
+        let started = MonitorReply {
+            event: "running".into(),
+            guest: running(),
+            detail: Some("started from the previous generation".into()),
+            reseal_ms: None,
+            start: Some(StartTimingsView {
+                queued_ms: 0.0,
+                kdf_ms: 201.25,
+                unseal_ms: 1.5,
+                spawn_ms: 3.0,
+                ready_ms: 4.0,
+                total_ms: 210.0,
+            }),
+        };
+        assert!(event(&started).ends_with(
+            " pid=4242 start_ms=210.0 (queued=0.0 kdf=201.2 unseal=1.5 spawn=3.0 ready=4.0) \
+             detail=\"started from the previous generation\""
+        ));
+        let resealed = MonitorReply {
+            event: "resealed".into(),
+            reseal_ms: Some(9.46),
+            ..started
+        };
+        assert!(event(&resealed).contains(" pid=4242 reseal_ms=9.5 start_ms="));
     }
 }
