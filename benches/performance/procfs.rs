@@ -112,6 +112,11 @@ pub fn machine() -> String {
     )
 }
 
+/// A `/proc/meminfo` field in KiB.
+pub fn meminfo_kib(field: &str) -> u64 {
+    status_like("/proc/meminfo", field)
+}
+
 fn status_like(path: &str, field: &str) -> u64 {
     fs::read_to_string(path)
         .unwrap_or_default()
