@@ -1,14 +1,19 @@
 //! The baselines: what the same work costs without vtpmd. A bare swtpm
 //! started by hand, the argon2 crate alone, AES-256-GCM alone.
 
+use std::ffi::CString;
 use std::fs;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use aes_gcm::aead::{AeadInOut, KeyInit};
 use aes_gcm::{Aes256Gcm, Nonce};
+use nix::libc;
+use nix::unistd::Pid;
 use secrecy::ExposeSecret;
 use vtpmd::protocol::TpmVersion;
 use vtpmd::secret::SecretBuf;
@@ -25,10 +30,12 @@ const TIMEOUT: Duration = Duration::from_secs(10);
 pub enum Wait {
     /// Checks every 100 µs: the fastest a launcher can poll.
     Tight,
-    /// As libvirt does it: fork + exec, then its `virTimeBackOffWait` loop
-    /// (first check at once, then sleeps of 1, 2, 4, 8 … ms) on the
-    /// socket's path. (libvirtd's own fork, its double fork to daemonize
-    /// and the pid file are left out: the baseline is kind to libvirt.)
+    /// As libvirt 9.0's `qemuTPMEmulatorStart` does it: swtpm daemonized
+    /// (double fork, pid file), then its `virTimeBackOffWait` loop (first
+    /// check at once, then sleeps of 1, 2, 4, 8 … ms) on the socket's
+    /// path, checking the pid is alive. (libvirtd's RPC, the size of the
+    /// process it forks and its security labelling are left out: the
+    /// baseline is kind to libvirt.)
     LibvirtBackoff,
 }
 
@@ -78,22 +85,13 @@ impl BareSwtpm {
         (elapsed, running)
     }
 
-    /// Like [`start`](Self::start), also returning how long the spawn call
-    /// itself took.
+    /// Like [`start`](Self::start), also returning how long starting the
+    /// process took (until swtpm's pid was known).
     pub fn start_timed(&self, wait: Wait) -> (Duration, Duration, Running) {
         let _ = fs::remove_file(&self.ctrl);
         let began = Instant::now();
         let mut cmd = Command::new(&self.bins.swtpm);
-        if matches!(wait, Wait::LibvirtBackoff) {
-            // libvirt's virCommand forks (then sets up the child and execs);
-            // std spawns with posix_spawn unless there is a pre-exec hook.
-            // SAFETY: the hook does nothing.
-            unsafe {
-                std::os::unix::process::CommandExt::pre_exec(&mut cmd, || Ok(()));
-            }
-        }
-        let child = cmd
-            .arg("socket")
+        cmd.arg("socket")
             .arg("--tpm2")
             .arg("--tpmstate")
             .arg(format!("dir={},mode=0600", self.state.display()))
@@ -117,9 +115,11 @@ impl BareSwtpm {
             .env_clear()
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+            .stderr(Stdio::null());
+        let process = match wait {
+            Wait::Tight => Process::Child(cmd.spawn().unwrap()),
+            Wait::LibvirtBackoff => Process::Daemon(self.daemonize(cmd)),
+        };
         let spawned = began.elapsed();
         let mut sleep = Duration::from_millis(1);
         loop {
@@ -137,6 +137,10 @@ impl BareSwtpm {
             match wait {
                 Wait::Tight => std::thread::sleep(Duration::from_micros(100)),
                 Wait::LibvirtBackoff => {
+                    // libvirt also checks each time that the pid is alive.
+                    if let Process::Daemon(pid) = process {
+                        assert!(nix::sys::signal::kill(pid, None).is_ok(), "swtpm died");
+                    }
                     std::thread::sleep(sleep);
                     sleep = (sleep * 2).min(Duration::from_secs(1));
                 }
@@ -146,20 +150,104 @@ impl BareSwtpm {
         let rsp = vmm.transact(&tpm::tpm2_startup_clear()).unwrap();
         let elapsed = began.elapsed();
         assert_eq!(rsp.rc, 0, "TPM2_Startup on the bare swtpm");
-        (elapsed, spawned, Running { vmm, child })
+        (elapsed, spawned, Running { vmm, process })
     }
+
+    /// libvirt's `virCommandDaemonize` + `virCommandSetPidFile` +
+    /// `virCommandRun`: fork, setsid, fork again; the grandchild writes its
+    /// pid file and execs swtpm, the middle child exits, and the caller
+    /// reaps it and reads the pid file. This process must be a child
+    /// subreaper (see `main`) to reap the grandchild later.
+    fn daemonize(&self, mut cmd: Command) -> Pid {
+        let pidfile = self.ctrl.with_extension("pid");
+        let _ = fs::remove_file(&pidfile);
+        let path = CString::new(pidfile.as_os_str().as_bytes()).unwrap();
+        // SAFETY: between fork and exec the hook calls only setsid, fork,
+        // getpid, open, write, close and _exit (async-signal-safe) and
+        // allocates nothing (the path was built before).
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::setsid() < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                match libc::fork() {
+                    -1 => Err(std::io::Error::last_os_error()),
+                    0 => write_pid_file(&path),
+                    _ => libc::_exit(0),
+                }
+            });
+        }
+        let status = cmd.spawn().unwrap().wait().unwrap();
+        assert!(status.success(), "daemonizing swtpm: {status}");
+        let pid: i32 = fs::read_to_string(&pidfile)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        Pid::from_raw(pid)
+    }
+}
+
+/// Writes this process's pid into `path` without allocating.
+fn write_pid_file(path: &CString) -> std::io::Result<()> {
+    let mut digits = [0u8; 12];
+    let mut at = digits.len();
+    // SAFETY: getpid cannot fail.
+    let mut pid = unsafe { libc::getpid() }.unsigned_abs();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + u8::try_from(pid % 10).unwrap_or(0);
+        pid /= 10;
+        if pid == 0 {
+            break;
+        }
+    }
+    // SAFETY: a valid C string, flags and mode; the fd is closed below.
+    let fd = unsafe {
+        libc::open(
+            path.as_ptr(),
+            libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC | libc::O_CLOEXEC,
+            0o600,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let text = &digits[at..];
+    // SAFETY: `text` is valid for its length; `fd` is ours.
+    let written = unsafe { libc::write(fd, text.as_ptr().cast(), text.len()) };
+    // SAFETY: `fd` is ours and closed once.
+    unsafe { libc::close(fd) };
+    if written < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// A hand-started swtpm: our child, or (libvirt's way) a daemon whose pid
+/// came from its pid file.
+enum Process {
+    Child(Child),
+    Daemon(Pid),
 }
 
 /// A hand-started swtpm with its VMM attached.
 pub struct Running {
     pub vmm: Vmm,
-    child: Child,
+    process: Process,
 }
 
 impl Running {
-    pub fn stop(mut self) {
+    pub fn stop(self) {
         self.vmm.shutdown().unwrap();
-        self.child.wait().unwrap();
+        match self.process {
+            Process::Child(mut child) => {
+                child.wait().unwrap();
+            }
+            Process::Daemon(pid) => {
+                nix::sys::wait::waitpid(pid, None).unwrap();
+            }
+        }
     }
 }
 

@@ -40,7 +40,7 @@ const TMPFS: &str = "/dev/shm";
 const NV_INDEX: u32 = 0x0150_0020;
 const NV_LEN: usize = 1024;
 const WAVES: [usize; 4] = [1, 16, 64, 256];
-const ROUNDS: usize = 4;
+const ROUNDS: usize = 10;
 const RESEAL_LOOP: Duration = Duration::from_secs(5);
 const IDLE_WINDOW: Duration = Duration::from_secs(10);
 
@@ -76,6 +76,9 @@ impl Args {
 fn main() {
     let args = Args::parse();
     raise_fd_limit();
+    // libvirt's way of starting swtpm daemonizes it; its grandchildren are
+    // reparented here so they can be reaped.
+    nix::sys::prctl::set_child_subreaper(true).unwrap();
     let began = Instant::now();
     let mut report = Report::default();
     // As in production, swtpm's plaintext state lives on tmpfs (vtpmd's
@@ -284,7 +287,23 @@ fn start_latency(
         verdict: Verdict::of(mine < libvirt),
     });
     report.row(Row {
-        figure: "  of which spawn (fork + exec returned)".to_owned(),
+        figure: "  p10 / p90".to_owned(),
+        value: format!(
+            "{} / {}",
+            ms(percentile(&s.swtpm_part, 10)),
+            ms(percentile(&s.swtpm_part, 90))
+        ),
+        baseline: format!(
+            "{} / {}",
+            ms(percentile(&s.libvirt, 10)),
+            ms(percentile(&s.libvirt, 90))
+        ),
+        ratio: String::new(),
+        target: String::new(),
+        verdict: Verdict::Info,
+    });
+    report.row(Row {
+        figure: "  of which starting the process (pid known)".to_owned(),
         value: ms(median(&s.spawn)),
         baseline: ms(median(&s.forked)),
         ratio: format!("{:.2}", ratio(median(&s.spawn), median(&s.forked))),
@@ -296,9 +315,16 @@ fn start_latency(
         ms(median(&s.attach)),
     );
     report.note(
-        "baseline: swtpm spawned by hand, then its socket path checked with libvirt's back-off \
-         (at once, then after 1, 2, 4, 8 … ms), then attach + TPM2_Startup; vtpmd binds the \
-         socket itself and hands swtpm the fd, so there is nothing to poll for"
+        "baseline: libvirt 9.0's qemuTPMEmulatorStart by hand: swtpm daemonized (fork, setsid, \
+         fork, pid file written, middle child reaped, pid file read), then the socket path \
+         checked with libvirt's back-off (at once, then after 1, 2, 4, 8 … ms), then attach + \
+         TPM2_Startup; libvirtd's own RPC and labelling are left out. Its back-off makes it \
+         bimodal: the socket is seen 3 or 7 ms after the spawn, whichever check follows its \
+         creation, so the median ratio moves between runs. vtpmd binds the socket \
+         itself and hands swtpm the fd, so there is nothing to poll for, but it answers Start \
+         only once swtpm has answered a capability probe (ready), where libvirt goes on once the \
+         socket file exists, which swtpm creates early in its start-up: the VMM's attach then \
+         overlaps the rest of it"
             .to_owned(),
     );
 }

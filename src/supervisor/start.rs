@@ -47,12 +47,12 @@ pub(super) async fn start_guest(
                 guest = %id,
                 pid = info.pid,
                 generation = info.generation,
-                queued_ms = millis(timings.queued),
-                kdf_ms = millis(timings.kdf),
-                unseal_ms = millis(timings.unseal),
-                spawn_ms = millis(timings.spawn),
-                ready_ms = millis(timings.ready),
-                total_ms = millis(timings.total),
+                queued_us = micros(timings.queued),
+                kdf_us = micros(timings.kdf),
+                unseal_us = micros(timings.unseal),
+                spawn_us = micros(timings.spawn),
+                ready_us = micros(timings.ready),
+                total_us = micros(timings.total),
                 "guest running"
             );
             shared.publish(
@@ -98,8 +98,8 @@ impl Drop for DirGuard {
     }
 }
 
-fn millis(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }
 
 async fn launch(

@@ -130,12 +130,10 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> Result<Swtpm, SpawnError> {
 
     // 3. The log pipe. Its read end stays in vtpmd (CLOEXEC); the write end
     //    becomes swtpm's stdout and stderr, where swtpm logs (`--log
-    //    level=` without `fd=`: see `SpawnSpec::args` for why).
+    //    level=` without `fd=`: see `SpawnSpec::args` for why). Its reader
+    //    starts once swtpm runs (the pipe holds what comes before), so
+    //    creating that thread does not delay the exec.
     let (log_read, log_write) = pipe("log pipe")?;
-    let log = LogReader::start(spec.guest, log_read).map_err(|source| SpawnError::LogThread {
-        guest: spec.guest,
-        source,
-    })?;
     let stdout = log_write.try_clone().map_err(|e| SpawnError::Fd {
         what: "log pipe",
         source: io_to_nix(&e),
@@ -186,6 +184,17 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> Result<Swtpm, SpawnError> {
         binary: spec.swtpm.clone(),
         source,
     })?;
+    let log = match LogReader::start(spec.guest, log_read) {
+        Ok(log) => log,
+        Err(source) => {
+            let _ = send_signal(child.id(), Signal::SIGKILL, other_user);
+            let _ = child.wait();
+            return Err(SpawnError::LogThread {
+                guest: spec.guest,
+                source,
+            });
+        }
+    };
 
     // 5. The pidfd, before anything else can happen to the child. Only we
     //    reap it, so the pid is still ours here.
