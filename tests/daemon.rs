@@ -600,3 +600,63 @@ fn monitor_reports_where_a_start_spent_its_time_and_each_reseal_latency() {
         "{undone}"
     );
 }
+
+#[test]
+fn sigterm_during_a_burst_of_starts_drops_the_queued_ones_and_exits() {
+    // One Argon2 at a time, at its real cost: the Starts queue behind it.
+    let mut d = Daemon::start_with_config(
+        "[supervisor]\nkdf_parallelism = 1\n[api]\nrequest_timeout_ms = 120000\n",
+    );
+    let guests: Vec<String> = (0..6)
+        .map(|i| format!("0f6a2d1e-8c4b-4e2a-9d3f-5b7c1a2e3f{i:02x}"))
+        .collect();
+    for g in &guests {
+        create(&d, g, "2.0", "tpm-tis");
+    }
+    let mut events = d.events();
+    let socket = d.socket.clone();
+    let starts: Vec<_> = guests
+        .iter()
+        .map(|g| {
+            let (g, socket) = (g.clone(), socket.clone());
+            std::thread::spawn(move || {
+                common::Client::try_connect(&socket)
+                    .unwrap()
+                    .manager("Start", json!({"guest": g, "passphrase": b64(PASS)}))
+            })
+        })
+        .collect();
+    // The first Start through its KDF; the others wait for the permit.
+    events
+        .wait(Duration::from_secs(60), |e| e["event"] == "running")
+        .expect("no Start got through");
+
+    assert_eq!(d.stop(), Some(0), "vtpmd exits cleanly");
+
+    let answers: Vec<_> = starts.into_iter().map(|t| t.join().unwrap()).collect();
+    let started = answers.iter().filter(|a| a.is_ok()).count();
+    let dropped: Vec<_> = answers.iter().filter_map(|a| a.as_ref().err()).collect();
+    assert!(started >= 1, "{answers:?}");
+    assert!(
+        !dropped.is_empty(),
+        "every queued Start ran before the shutdown: {answers:?}"
+    );
+    for e in &dropped {
+        assert!(e.name.ends_with(".Busy"), "{e:?}");
+    }
+    // Nothing left: no swtpm, no plaintext, every guest startable.
+    for g in &guests {
+        assert!(!d.runtime_dir.join(g).exists(), "{g}'s plaintext left");
+    }
+    let left = std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter_map(|p| std::fs::read_to_string(p.path().join("cmdline")).ok())
+        .filter(|c| c.contains("swtpm") && c.contains(d.runtime_dir.to_str().unwrap()))
+        .count();
+    assert_eq!(left, 0, "swtpm outlived the daemon");
+    d.restart();
+    for g in &guests {
+        assert_eq!(status(&d, g)["state"], "stopped");
+    }
+}

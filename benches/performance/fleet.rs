@@ -14,6 +14,7 @@ use crate::common::{Client, Daemon, Remote, b64};
 
 pub const PASSPHRASE: &str = "benchmark passphrase";
 const TIMEOUT: Duration = Duration::from_secs(30);
+const REPLY_TIMEOUT: Duration = Duration::from_secs(1800);
 
 /// The `i`th guest's id (canonical lowercase UUID).
 pub fn guest_id(i: usize) -> String {
@@ -77,6 +78,9 @@ pub fn start_all(d: &Daemon, ids: &[String]) -> Wave {
             .map(|id| {
                 let barrier = Arc::clone(&barrier);
                 let mut client = d.client();
+                // A Start waits its turn for a KDF permit: with n at once
+                // the last answers after n × one Argon2 / permits.
+                client.set_reply_timeout(REPLY_TIMEOUT);
                 scope.spawn(move || {
                     barrier.wait();
                     let began = Instant::now();

@@ -37,8 +37,15 @@ pub(super) async fn stop_guest(
 
 /// Refuses new operations, waits for those in flight, then stops every
 /// running guest (in parallel), each with a final reseal and wipe.
+///
+/// Operations still queued for a KDF permit give up at once (ShuttingDown,
+/// nothing done): after a burst of hundreds of Starts, waiting for every
+/// queued Argon2 would hold a SIGTERM for minutes, past systemd's stop
+/// timeout, whose SIGKILL then skips the final reseals. Derivations already
+/// running finish.
 pub(super) async fn shutdown(shared: Arc<Shared>) {
     shared.shutting_down.store(true, Ordering::SeqCst);
+    shared.kdf_permits.close();
     let _exclusive = Arc::clone(&shared.gate).write_owned().await;
     let mut stops = JoinSet::new();
     for guest in shared.registry.all() {

@@ -298,6 +298,11 @@ impl Client {
         Ok(Self { stream })
     }
 
+    /// How long a reply may take (60 s unless changed).
+    pub fn set_reply_timeout(&mut self, timeout: Duration) {
+        self.stream.set_read_timeout(Some(timeout)).unwrap();
+    }
+
     pub fn send_raw(&mut self, bytes: &[u8]) {
         self.stream.write_all(bytes).unwrap();
     }
