@@ -614,7 +614,9 @@ fn waves(report: &mut Report, d: &Daemon, ids: &[String]) {
             format!("{:.0} ms", cpu_s * 1e3 / n as f64),
         );
         let grown_mib = peak_kib.saturating_sub(before.rss_kib) as f64 / 1024.0;
-        let bound_mib = (permits as u64 * kdf_mib) as f64 + 16.0;
+        // Argon2's working memory for each permit, plus what each started
+        // guest may keep (the 64 KiB target) and 16 MiB for the rest.
+        let bound_mib = (permits as u64 * kdf_mib) as f64 + n as f64 / 16.0 + 16.0;
         report.row(Row {
             figure: format!("{n:>3} guests: vtpmd peak RSS above its start"),
             value: format!("{grown_mib:.0} MiB"),
@@ -636,9 +638,9 @@ fn waves(report: &mut Report, d: &Daemon, ids: &[String]) {
     }
     report.note(format!(
         "{permits} KDF permits (min(cores, memory)): Argon2 runs at most {permits} at a time, so \
-         memory is bounded by {permits} × {kdf_mib} MiB (+16 MiB slack for the rest) whatever \
-         the number of starts; the bound on wall time is linear: n guests take no longer per \
-         guest than one guest alone"
+         memory is bounded by {permits} × {kdf_mib} MiB whatever the number of starts (+64 KiB \
+         per started guest, its target footprint, and 16 MiB for the rest); the bound on wall \
+         time is linear: n guests take no longer per guest than one guest alone"
     ));
 }
 
@@ -812,6 +814,12 @@ fn limits(
     let fds_per_guest = (busy.fds.saturating_sub(at_rest.fds) as f64 / n as f64).max(1.0);
     let available_kib = procfs::meminfo_kib("MemAvailable") as f64;
     let watches = read("/proc/sys/fs/inotify/max_user_watches");
+    let memlock: u64 = std::fs::read_to_string(format!("/proc/{pid}/limits"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("Max locked memory"))
+        .and_then(|l| l.split_whitespace().nth(3)?.parse().ok())
+        .unwrap_or(0);
     let mut bounds = vec![
         (
             (open_files as f64 / fds_per_guest) as u64,
@@ -828,6 +836,14 @@ fn limits(
         (
             watches,
             format!("fs.inotify.max_user_watches ({watches}), one watch per running guest"),
+        ),
+        (
+            memlock / 4096,
+            format!(
+                "RLIMIT_MEMLOCK ({} KiB; the unit: 64 MiB) at a locked page per running guest \
+                 (its data key), two more per call carrying a passphrase",
+                memlock / 1024
+            ),
         ),
         (
             65536,

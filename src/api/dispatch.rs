@@ -9,7 +9,7 @@ use crate::protocol::manager::{
     Request, StartTimingsView,
 };
 use crate::protocol::varlink::{ServiceError, encode_reply};
-use crate::secret::SecretBuf;
+use crate::secret::{SecretBuf, SecretError};
 use crate::supervisor::{Event, EventKind, GuestInfo, Supervisor, SupervisorError};
 use crate::vault::MAX_PASSPHRASE_LEN;
 
@@ -105,12 +105,27 @@ pub async fn run(supervisor: &Arc<Supervisor>, request: Request<'_>, timeout: Du
 
 /// Base64 text (still in the locked receive buffer) → locked memory.
 fn decode(passphrase: Passphrase<'_>, parameter: &str) -> Result<SecretBuf, Vec<u8>> {
-    SecretBuf::from_base64(passphrase.base64(), MAX_PASSPHRASE_LEN).map_err(|_| {
-        ServiceError::InvalidParameter {
+    SecretBuf::from_base64(passphrase.base64(), MAX_PASSPHRASE_LEN)
+        .map_err(|e| decode_error(&e, parameter))
+}
+
+/// A bad passphrase is the caller's fault; no locked memory left for it is
+/// the host's (RLIMIT_MEMLOCK too small for the calls and guests at hand),
+/// and the caller must not be told its passphrase was wrong.
+fn decode_error(e: &SecretError, parameter: &str) -> Vec<u8> {
+    match e {
+        SecretError::Lock { .. } | SecretError::Map { .. } => {
+            tracing::error!(parameter, "no locked memory for a passphrase: {e}");
+            ManagerError::Internal {
+                reason: e.to_string(),
+            }
+            .encode()
+        }
+        _ => ServiceError::InvalidParameter {
             parameter: parameter.to_owned(),
         }
-        .encode()
-    })
+        .encode(),
+    }
 }
 
 /// Runs `op` on its own task and waits up to `timeout` for it; the error
@@ -251,5 +266,44 @@ fn wire_error(e: &SupervisorError) -> ManagerError {
         other => ManagerError::Internal {
             reason: crate::error_chain::chain(other),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reply(bytes: &[u8]) -> serde_json::Value {
+        serde_json::from_slice(bytes.strip_suffix(&[0]).unwrap_or(bytes)).unwrap()
+    }
+
+    #[test]
+    fn a_bad_passphrase_is_the_callers_fault() {
+        for e in [
+            SecretError::InvalidBase64,
+            SecretError::TooLong { max: 1024 },
+        ] {
+            let r = reply(&decode_error(&e, "new_passphrase"));
+            assert_eq!(r["error"], "org.varlink.service.InvalidParameter", "{r}");
+            assert_eq!(r["parameters"]["parameter"], "new_passphrase");
+        }
+    }
+
+    #[test]
+    fn no_locked_memory_is_the_hosts_and_says_which_limit() {
+        let e = SecretError::Lock {
+            requested: 32,
+            limit: Some(8 << 20),
+            source: nix::errno::Errno::EAGAIN,
+        };
+        let r = reply(&decode_error(&e, "passphrase"));
+        assert_eq!(r["error"], "io.vtpmd.Manager.Internal", "{r}");
+        assert!(
+            r["parameters"]["reason"]
+                .as_str()
+                .unwrap()
+                .contains("RLIMIT_MEMLOCK"),
+            "{r}"
+        );
     }
 }
