@@ -30,17 +30,11 @@ fn create(d: &Daemon, guest: &str, version: &str, model: &str) -> Value {
 }
 
 fn start(d: &Daemon, guest: &str) -> Value {
-    d.client()
-        .manager("Start", json!({"guest": guest, "passphrase": b64(PASS)}))
-        .unwrap()["guest"]
-        .clone()
+    d.start_guest(guest, PASS)
 }
 
 fn status(d: &Daemon, guest: &str) -> Value {
-    d.client()
-        .manager("Status", json!({"guest": guest}))
-        .unwrap()["guest"]
-        .clone()
+    d.guest_status(guest)
 }
 
 fn ctrl_of(guest: &Value) -> &Path {
@@ -54,15 +48,7 @@ fn write_nv(ctrl: &Path, data: &[u8]) {
 
 /// Waits (on Status, briefly) until the guest reaches `state`.
 fn wait_state(d: &Daemon, guest: &str, state: &str) -> Value {
-    let deadline = Instant::now() + TIMEOUT;
-    loop {
-        let s = status(d, guest);
-        if s["state"] == state {
-            return s;
-        }
-        assert!(Instant::now() < deadline, "{guest} stuck in {s}");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    d.wait_state(guest, state, TIMEOUT)
 }
 
 #[test]
@@ -282,11 +268,7 @@ fn write_nv_keep_running(ctrl: &Path, data: &[u8]) {
 }
 
 fn wait_generation_above(d: &Daemon, guest: &str, generation: u64) {
-    let deadline = Instant::now() + TIMEOUT;
-    while status(d, guest)["generation"].as_u64().unwrap() <= generation {
-        assert!(Instant::now() < deadline, "no reseal");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    d.wait_generation_above(guest, generation, TIMEOUT);
 }
 
 #[test]

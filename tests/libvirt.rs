@@ -242,10 +242,7 @@ fn qemu_group() -> Option<String> {
 }
 
 fn status(d: &Daemon) -> Value {
-    d.client()
-        .manager("Status", json!({"guest": GUEST}))
-        .unwrap()["guest"]
-        .clone()
+    d.guest_status(GUEST)
 }
 
 /// Polls vtpmd's view of the guest until `pred` holds.

@@ -47,14 +47,11 @@ const FIRMWARE: Duration = Duration::from_secs(60);
 const SETTLE: Duration = Duration::from_secs(15);
 
 fn status(d: &Daemon) -> Value {
-    d.client().manager("Status", json!({"guest": G})).unwrap()["guest"].clone()
+    d.guest_status(G)
 }
 
 fn start(d: &Daemon) -> Value {
-    d.client()
-        .manager("Start", json!({"guest": G, "passphrase": b64(PASS)}))
-        .unwrap()["guest"]
-        .clone()
+    d.start_guest(G, PASS)
 }
 
 fn generation(guest: &Value) -> u64 {

@@ -112,17 +112,13 @@ fn create(d: &Daemon, version: &str, model: &str) -> Value {
 }
 
 fn start(d: &Daemon) -> Value {
-    let running = d
-        .client()
-        .manager("Start", json!({"guest": G1, "passphrase": b64(PASS)}))
-        .unwrap()["guest"]
-        .clone();
+    let running = d.start_guest(G1, PASS);
     assert_eq!(running["state"], "running", "{running}");
     running
 }
 
 fn status(d: &Daemon) -> Value {
-    d.client().manager("Status", json!({"guest": G1})).unwrap()["guest"].clone()
+    d.guest_status(G1)
 }
 
 fn generation(guest: &Value) -> u64 {
@@ -131,18 +127,7 @@ fn generation(guest: &Value) -> u64 {
 
 /// Polls Status until the guest is in `state`.
 fn wait_state(d: &Daemon, state: &str) -> Value {
-    let deadline = Instant::now() + STATE_TIMEOUT;
-    loop {
-        let s = status(d);
-        if s["state"] == state {
-            return s;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "guest stuck in {s}, expected {state}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    d.wait_state(G1, state, STATE_TIMEOUT)
 }
 
 /// Polls Status until the generation is above `generation` (a reseal).

@@ -59,17 +59,11 @@ fn create(d: &Daemon, guest: &str) {
 }
 
 fn start(d: &Daemon, guest: &str) -> Value {
-    d.client()
-        .manager("Start", json!({"guest": guest, "passphrase": b64(PASS)}))
-        .unwrap()["guest"]
-        .clone()
+    d.start_guest(guest, PASS)
 }
 
 fn status(d: &Daemon, guest: &str) -> Value {
-    d.client()
-        .manager("Status", json!({"guest": guest}))
-        .unwrap()["guest"]
-        .clone()
+    d.guest_status(guest)
 }
 
 fn pid_of(guest: &Value) -> u32 {
@@ -77,27 +71,11 @@ fn pid_of(guest: &Value) -> u32 {
 }
 
 fn wait_state(d: &Daemon, guest: &str, state: &str) -> Value {
-    let deadline = Instant::now() + TIMEOUT;
-    loop {
-        let s = status(d, guest);
-        if s["state"] == state {
-            return s;
-        }
-        assert!(Instant::now() < deadline, "{guest} stuck in {s}");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    d.wait_state(guest, state, TIMEOUT)
 }
 
 fn wait_generation_above(d: &Daemon, guest: &str, generation: u64) -> u64 {
-    let deadline = Instant::now() + TIMEOUT;
-    loop {
-        let now = status(d, guest)["generation"].as_u64().unwrap();
-        if now > generation {
-            return now;
-        }
-        assert!(Instant::now() < deadline, "no reseal");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    d.wait_generation_above(guest, generation, TIMEOUT)
 }
 
 /// `Name:\tvalue` of `/proc/<pid>/status`.

@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 use vtpmd::swtpm::ctrl::client::Vmm;
 use vtpmd::swtpm::ctrl::tpm;
 
-use crate::common::{Client, Daemon, Remote, b64};
+use crate::common::{Daemon, Remote, b64};
 
 pub const PASSPHRASE: &str = "benchmark passphrase";
 const TIMEOUT: Duration = Duration::from_secs(30);
@@ -180,9 +180,4 @@ pub fn answers(vmm: &mut Vmm) -> bool {
         .filter(|r| r.rc == 0)
         .and_then(|r| r.tpm2_random_bytes().ok().map(|b| b.len() == 32))
         .unwrap_or(false)
-}
-
-/// A fresh connection's `Status` of `id`.
-pub fn status(client: &mut Client, id: &str) -> Value {
-    client.manager("Status", json!({"guest": id})).unwrap()["guest"].clone()
 }

@@ -649,12 +649,7 @@ fn waves(report: &mut Report, d: &Daemon, ids: &[String]) {
 fn scale(report: &mut Report, d: &Daemon, ids: &[String], at_rest: &Footprint) {
     let pid = daemon_pid(d);
     let n = ids.len();
-    let mut client = d.client();
-    let guests: Vec<Value> = ids
-        .iter()
-        .map(|id| fleet::status(&mut client, id))
-        .collect();
-    drop(client);
+    let guests: Vec<Value> = ids.iter().map(|id| d.guest_status(id)).collect();
     let running = guests.iter().filter(|g| g["state"] == "running").count();
     let attaching = Instant::now();
     let mut vmms: Vec<Vmm> = guests

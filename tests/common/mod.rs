@@ -139,6 +139,51 @@ impl Daemon {
         Client::try_connect(&self.socket).unwrap()
     }
 
+    /// Start over a fresh connection; panics unless it succeeds.
+    pub fn start_guest(&self, guest: &str, passphrase: &str) -> Value {
+        self.client()
+            .manager(
+                "Start",
+                json!({"guest": guest, "passphrase": b64(passphrase)}),
+            )
+            .unwrap()["guest"]
+            .clone()
+    }
+
+    /// Status over a fresh connection.
+    pub fn guest_status(&self, guest: &str) -> Value {
+        self.client()
+            .manager("Status", json!({"guest": guest}))
+            .unwrap()["guest"]
+            .clone()
+    }
+
+    /// Waits (on Status, briefly) until the guest reaches `state`.
+    pub fn wait_state(&self, guest: &str, state: &str, timeout: Duration) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let s = self.guest_status(guest);
+            if s["state"] == state {
+                return s;
+            }
+            assert!(Instant::now() < deadline, "{guest} stuck in {s}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Waits until the guest was resealed past `generation`; the new one.
+    pub fn wait_generation_above(&self, guest: &str, generation: u64, timeout: Duration) -> u64 {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let now = self.guest_status(guest)["generation"].as_u64().unwrap();
+            if now > generation {
+                return now;
+            }
+            assert!(Instant::now() < deadline, "no reseal");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     pub fn sealed_file(&self, guest: &str) -> PathBuf {
         self.state_dir.join("guests").join(guest).join("tpm.sealed")
     }
