@@ -6,6 +6,11 @@
 //! `vmm CTRL_SOCKET write TEXT`: TPM2_Startup, GetRandom, NV_DefineSpace +
 //! NV_Write of TEXT at index 0x1500016.
 //! `vmm CTRL_SOCKET read LEN`: TPM2_Startup, NV_Read of LEN bytes.
+//! `vmm CTRL_SOCKET loop STOP_FILE`: TPM2_Startup, an 8-byte NV index, then
+//! NV_Write of 1, 2, 3, ... every 10 ms until STOP_FILE exists; every
+//! acknowledged value is printed (`acked N`), a failed command ends it
+//! with an error. A guest writing its TPM while vtpmd restarts under it.
+//! `vmm CTRL_SOCKET read-counter -`: TPM2_Startup, the 8-byte counter.
 
 use std::error::Error;
 use std::path::PathBuf;
@@ -19,7 +24,9 @@ const NV_INDEX: u32 = 0x0150_0016;
 fn main() -> Result<(), Box<dyn Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let [ctrl, action, arg] = args.as_slice() else {
-        return Err("usage: vmm CTRL_SOCKET write TEXT | read LEN".into());
+        return Err(
+            "usage: vmm CTRL_SOCKET write TEXT | read LEN | loop STOP_FILE | read-counter -".into(),
+        );
     };
     let mut vmm = Vmm::attach(&PathBuf::from(ctrl), Duration::from_secs(10))?;
     println!("vmm: attached to {ctrl} (caps {:#x})", vmm.capabilities());
@@ -50,6 +57,31 @@ fn main() -> Result<(), Box<dyn Error>> {
                 read.rc,
                 String::from_utf8_lossy(read.tpm2_nv_data()?)
             );
+        }
+        "loop" => {
+            let attrs =
+                nv_attr::OWNERREAD | nv_attr::OWNERWRITE | nv_attr::AUTHREAD | nv_attr::AUTHWRITE;
+            let define = vmm.transact(&tpm::tpm2_nv_define_space(NV_INDEX, attrs, 8))?;
+            if define.rc != 0 {
+                return Err(format!("NV_DefineSpace rc={:#x}", define.rc).into());
+            }
+            let stop = PathBuf::from(arg);
+            let mut value: u64 = 0;
+            while !stop.exists() {
+                let next = value + 1;
+                let write = vmm.transact(&tpm::tpm2_nv_write(NV_INDEX, &next.to_be_bytes(), 0)?)?;
+                if write.rc != 0 {
+                    return Err(format!("NV_Write of {next} rc={:#x}", write.rc).into());
+                }
+                value = next;
+                println!("acked {value}");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        "read-counter" => {
+            let read = vmm.transact(&tpm::tpm2_nv_read(NV_INDEX, 8, 0))?;
+            let data: [u8; 8] = read.tpm2_nv_data()?.try_into()?;
+            println!("counter {}", u64::from_be_bytes(data));
         }
         other => return Err(format!("unknown action {other:?}").into()),
     }

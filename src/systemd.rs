@@ -1,30 +1,32 @@
 //! systemd's service protocol, without libsystemd: readiness, status and
-//! stopping notifications (`sd_notify(3)`), the watchdog
-//! (`sd_watchdog_enabled(3)`) and socket activation (`sd_listen_fds(3)`).
+//! stopping notifications (`sd_notify(3)`), the file-descriptor store
+//! (`FDSTORE=1`), the watchdog (`sd_watchdog_enabled(3)`) and the fds
+//! passed at start (`sd_listen_fds_with_names(3)`: the activated socket and
+//! whatever vtpmd stored before a restart).
 //!
 //! Each piece is inert unless the environment asks for it, so vtpmd runs
 //! the same by hand, under systemd (`Type=notify`, `WatchdogSec=`,
 //! `vtpmd.socket`) and under `systemd-socket-activate`. The environment is
 //! only read: unsetting a variable is unsound once threads run, and no
 //! child sees these variables anyway, because every child vtpmd spawns
-//! (swtpm, swtpm_setup, the probe) starts from `env_clear()`. The activated
-//! socket is made close-on-exec before any child can be spawned.
+//! (swtpm, swtpm_setup, the probe) starts from `env_clear()`. Every passed
+//! fd is made close-on-exec before any child can be spawned.
 
-use std::ffi::OsString;
-use std::io;
-use std::os::fd::{FromRawFd, OwnedFd};
-use std::os::linux::net::SocketAddrExt;
+mod fdstore;
+mod listen;
+pub mod scope;
+
+use std::io::{self, IoSlice};
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::FileTypeExt;
-use std::os::unix::net::{SocketAddr, UnixDatagram, UnixListener};
-use std::path::PathBuf;
+use std::os::unix::net::UnixDatagram;
 use std::time::Duration;
 
-use nix::fcntl::{FcntlArg, FdFlag, fcntl};
-use nix::sys::socket::{SockType, getsockopt, sockopt};
+use nix::errno::Errno;
+use nix::sys::socket::{ControlMessage, MsgFlags, UnixAddr, sendmsg};
 
-/// The first passed descriptor (`SD_LISTEN_FDS_START`).
-const LISTEN_FDS_START: i32 = 3;
+pub use fdstore::is_valid_fd_name;
+pub use listen::{Activated, Passed, listen_socket, passed_fds};
 
 /// How long one notification may wait for room in the manager's queue.
 const SEND_TIMEOUT: Duration = Duration::from_secs(2);
@@ -35,7 +37,7 @@ const SEND_TIMEOUT: Duration = Duration::from_secs(2);
 #[derive(Debug)]
 pub struct Notifier {
     socket: UnixDatagram,
-    addr: SocketAddr,
+    addr: UnixAddr,
 }
 
 impl Notifier {
@@ -52,8 +54,8 @@ impl Notifier {
     pub fn new(value: &std::ffi::OsStr) -> io::Result<Self> {
         let bytes = value.as_bytes();
         let addr = match bytes.first() {
-            Some(b'/') => SocketAddr::from_pathname(value)?,
-            Some(b'@') => SocketAddr::from_abstract_name(&bytes[1..])?,
+            Some(b'/') => UnixAddr::new(value),
+            Some(b'@') => UnixAddr::new_abstract(&bytes[1..]),
             _ => {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidInput,
@@ -62,7 +64,8 @@ impl Notifier {
                     ),
                 ));
             }
-        };
+        }
+        .map_err(|e| io::Error::new(io::Error::from(e).kind(), format!("NOTIFY_SOCKET={value:?}: {e}")))?;
         let socket = UnixDatagram::unbound()?;
         socket.set_write_timeout(Some(SEND_TIMEOUT))?;
         Ok(Self { socket, addr })
@@ -71,7 +74,37 @@ impl Notifier {
     /// Sends newline-separated assignments, e.g. `"READY=1\nSTATUS=…"`, as
     /// one datagram.
     pub fn notify(&self, state: &str) -> io::Result<()> {
-        let sent = self.socket.send_to_addr(state.as_bytes(), &self.addr)?;
+        self.send(state, &[])
+    }
+
+    /// One datagram to the manager, with `fds` attached (`SCM_RIGHTS`)
+    /// unless empty. The manager reads the sender's pid from the socket's
+    /// credentials, so this works from any thread of the main process
+    /// (`NotifyAccess=main`).
+    fn send(&self, state: &str, fds: &[RawFd]) -> io::Result<()> {
+        let iov = [IoSlice::new(state.as_bytes())];
+        let rights = [ControlMessage::ScmRights(fds)];
+        let cmsgs: &[ControlMessage<'_>] = if fds.is_empty() { &[] } else { &rights };
+        let sent = loop {
+            match sendmsg(
+                self.socket.as_raw_fd(),
+                &iov,
+                cmsgs,
+                MsgFlags::MSG_NOSIGNAL,
+                Some(&self.addr),
+            ) {
+                Ok(sent) => break sent,
+                Err(Errno::EINTR) => {}
+                // SO_SNDTIMEO ran out: the manager is not reading.
+                Err(Errno::EAGAIN) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!("the service manager took no notification within {SEND_TIMEOUT:?}"),
+                    ));
+                }
+                Err(errno) => return Err(errno.into()),
+            }
+        };
         if sent == state.len() {
             Ok(())
         } else {
@@ -97,88 +130,6 @@ pub fn watchdog_timeout() -> Option<Duration> {
     }
 }
 
-/// A listening socket passed by socket activation.
-#[derive(Debug)]
-pub struct Activated {
-    /// Blocking, close-on-exec; hand it to tokio after
-    /// `set_nonblocking(true)`.
-    pub listener: UnixListener,
-    /// Its filesystem path; `None` for an abstract or unnamed socket.
-    pub path: Option<PathBuf>,
-}
-
-/// The listening socket the service manager passed, when `LISTEN_PID` is
-/// this process and `LISTEN_FDS` is 1. vtpmd serves exactly one socket:
-/// more than one, or one that is not a listening `AF_UNIX` stream socket,
-/// is an error rather than something to guess about.
-///
-/// Call it before anything can spawn a child: until then the descriptor is
-/// inheritable (systemd passes it without `FD_CLOEXEC`).
-pub fn listen_socket() -> io::Result<Option<Activated>> {
-    let invalid = |why: String| io::Error::new(io::ErrorKind::InvalidInput, why);
-    let Some(pid) = var("LISTEN_PID") else {
-        return Ok(None);
-    };
-    let pid: u32 = pid
-        .parse()
-        .map_err(|_| invalid(format!("LISTEN_PID={pid:?} is not a pid")))?;
-    if pid != std::process::id() {
-        // Meant for another process (a parent that did not unset it).
-        return Ok(None);
-    }
-    let count = var("LISTEN_FDS").unwrap_or_default();
-    match count.parse::<u32>() {
-        Ok(0) => return Ok(None),
-        Ok(1) => {}
-        Ok(n) => {
-            return Err(invalid(format!(
-                "LISTEN_FDS={n}: vtpmd serves one socket; give the .socket unit one ListenStream="
-            )));
-        }
-        Err(_) => return Err(invalid(format!("LISTEN_FDS={count:?} is not a count"))),
-    }
-    // Before owning the number, make sure something is open there at all:
-    // stat follows the magic link to the open file itself.
-    let fd_path = format!("/proc/self/fd/{LISTEN_FDS_START}");
-    let meta = std::fs::metadata(&fd_path)
-        .map_err(|e| io::Error::new(e.kind(), format!("LISTEN_FDS=1 but {fd_path}: {e}")))?;
-    if !meta.file_type().is_socket() {
-        return Err(invalid("LISTEN_FDS=1 but fd 3 is not a socket".into()));
-    }
-    // SAFETY: `OwnedFd::from_raw_fd` needs an open descriptor that nothing
-    // else owns. Open: fd 3 resolved to a socket just above, and nothing
-    // in vtpmd closes descriptors by number. Not owned elsewhere: LISTEN_PID
-    // is our pid, so the service manager (or systemd-socket-activate)
-    // passed fds 3..3+LISTEN_FDS to this process to take; vtpmd adopts no
-    // other descriptor by number, std and tokio only use descriptors they
-    // opened themselves, and an open fd 3 can never be handed out by
-    // open/socket/dup to anyone else. This function is the only adopter
-    // and runs once, at start-up.
-    let fd = unsafe { OwnedFd::from_raw_fd(LISTEN_FDS_START) };
-    fcntl(&fd, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC))?;
-    if getsockopt(&fd, sockopt::SockType)? != SockType::Stream {
-        return Err(invalid(
-            "the activated socket is not a stream socket".into(),
-        ));
-    }
-    if !getsockopt(&fd, sockopt::AcceptConn)? {
-        return Err(invalid("the activated socket is not listening".into()));
-    }
-    let listener = UnixListener::from(fd);
-    // getsockname: fails unless the socket is AF_UNIX.
-    let addr = listener
-        .local_addr()
-        .map_err(|e| invalid(format!("the activated socket is not AF_UNIX: {e}")))?;
-    Ok(Some(Activated {
-        path: addr.as_pathname().map(PathBuf::from),
-        listener,
-    }))
-}
-
-fn var(name: &str) -> Option<String> {
-    std::env::var_os(name).map(|v: OsString| v.to_string_lossy().into_owned())
-}
-
 /// `STATUS=` text for a number of running guests.
 pub fn running_status(running: usize) -> String {
     match running {
@@ -189,6 +140,9 @@ pub fn running_status(running: usize) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::net::SocketAddr;
+
     use super::*;
 
     #[test]
@@ -218,6 +172,12 @@ mod tests {
     fn a_relative_notify_socket_is_refused() {
         assert!(Notifier::new("relative/path".as_ref()).is_err());
         assert!(Notifier::new("vsock:2:1".as_ref()).is_err());
+    }
+
+    #[test]
+    fn a_notify_socket_path_too_long_for_sockaddr_un_is_refused() {
+        let long = format!("/{}", "x".repeat(200));
+        assert!(Notifier::new(long.as_ref()).is_err());
     }
 
     #[test]

@@ -179,6 +179,11 @@ struct Vm {
 /// Starts QEMU with vtpmd's attach arguments and the test kernel; `step`
 /// goes to the guest's init. `no_reboot`: a guest reset ends QEMU.
 fn boot(attach: &[String], step: &str, no_reboot: bool) -> Vm {
+    boot_with(attach, step, no_reboot, "")
+}
+
+/// [`boot`] with more kernel command-line parameters for the init.
+fn boot_with(attach: &[String], step: &str, no_reboot: bool, params: &str) -> Vm {
     let image = image();
     let slot = VmSlot::take();
     let mut builder = Qemu::builder()
@@ -189,7 +194,9 @@ fn boot(attach: &[String], step: &str, no_reboot: bool) -> Vm {
         .arg("-initrd")
         .arg(image.initrd.to_str().unwrap())
         .arg("-append")
-        .arg(format!("console=ttyS0 quiet panic=-1 vtpmd.step={step}"));
+        .arg(format!(
+            "console=ttyS0 quiet panic=-1 vtpmd.step={step} {params}"
+        ));
     if no_reboot {
         builder = builder.arg("-no-reboot");
     }
@@ -430,6 +437,58 @@ fn tpm2_crb_system_reset_keeps_the_tpm_and_its_state() {
     let total = vm.wait_poweroff();
     eprintln!("reset run, two boots: {total:?}");
     check_stopped_and_sealed(&d, &running, generation(&written));
+}
+
+/// A Linux guest writes its TPM in a loop while vtpmd is SIGTERMed and
+/// restarted 10 times, then SIGKILLed and restarted 10 times (each time
+/// the orchestrator's Start re-attaches, as no fd store runs here): the
+/// guest sees no TPM error, its swtpm is the same process throughout, and
+/// after it powers off the sealed state holds the last value it wrote.
+#[test]
+fn tpm2_guest_writing_in_a_loop_sees_no_error_across_20_vtpmd_restarts() {
+    const RESTARTS: usize = 10;
+    let mut d = Daemon::start();
+    create(&d, "2.0", "tpm-crb");
+    let running = start(&d);
+    let pid = running["pid"].clone();
+    let mut vm = boot_with(&attach_args(&d), "loop", true, "vtpmd.seconds=50");
+    check_tpm(&mut vm, "2.0", "tpm-crb");
+    vm.value("acked");
+    let began = Instant::now();
+    for round in 0..2 * RESTARTS {
+        if round < RESTARTS {
+            assert_eq!(d.stop(), Some(0), "SIGTERM exit status");
+        } else {
+            d.kill();
+        }
+        d.restart();
+        let adopted = status(&d);
+        assert_eq!(
+            (&adopted["state"], &adopted["pid"]),
+            (&json!("running"), &pid),
+            "{adopted}"
+        );
+        let again = start(&d);
+        assert_eq!(again["pid"], pid, "a new swtpm was spawned");
+        // The guest goes on writing between restarts: a fresh ack.
+        vm.qemu.serial().skip_to_end();
+        vm.value("acked");
+    }
+    eprintln!("{} restarts in {:?}", 2 * RESTARTS, began.elapsed());
+    let last = vm.value("last");
+    let acked = last.parse::<u64>().unwrap();
+    assert!(acked > 2 * RESTARTS as u64, "only {acked} writes");
+    eprintln!("the guest's TPM acknowledged {acked} NV writes, none failed");
+    vm.done();
+    vm.wait_poweroff();
+    wait_state(&d, "stopped");
+    let next = start(&d);
+    let sealed = common::nv::read_nv(Path::new(next["ctrl_socket"].as_str().unwrap()), 8);
+    assert_eq!(
+        String::from_utf8_lossy(&sealed),
+        last,
+        "the sealed state lost writes"
+    );
 }
 
 /// QEMU killed with SIGKILL while the guest runs: the guest's NV write was

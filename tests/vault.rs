@@ -443,3 +443,75 @@ fn a_newer_format_is_reported_as_such_whatever_its_size() {
         "{result:?}"
     );
 }
+
+#[test]
+fn a_handover_resumes_the_state_without_the_passphrase_and_goes_on_sealing() {
+    let dir = tempfile::tempdir().unwrap();
+    let paths = create_small(dir.path());
+    let mut state = open_state(&paths);
+    state.seal(&small_archive(2)).unwrap();
+    let handover = state.handover().unwrap();
+    drop(state);
+
+    let resumed = SealedState::resume(paths.clone(), guest(), &handover).unwrap();
+    assert!(resumed.fell_back.is_none());
+    assert_eq!(resumed.archive, small_archive(2));
+    assert_eq!(resumed.state.generation(), 2);
+    // The keyslot it was unlocked with travels too (Rekey needs it).
+    assert_eq!(resumed.state.unlocked_slot(), Some(0));
+    let mut state = resumed.state;
+    assert_eq!(state.seal(&small_archive(3)).unwrap(), 3);
+    assert_eq!(open_state(&paths).generation(), 3);
+    assert_eq!(
+        SealedState::open(
+            paths.clone(),
+            guest(),
+            &passphrase("correct horse"),
+            &weak_policy()
+        )
+        .unwrap()
+        .archive,
+        small_archive(3)
+    );
+}
+
+#[test]
+fn a_handover_of_another_guest_or_a_damaged_one_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let paths = create_small(dir.path());
+    let other_dir = tempfile::tempdir().unwrap();
+    let other_paths = SealedPaths::new(other_dir.path().join("tpm.sealed"));
+    let other = GuestId::parse(OTHER_GUEST).unwrap();
+    SealedState::create(
+        other_paths.clone(),
+        other,
+        spec(),
+        &passphrase("correct horse"),
+        &weak_policy(),
+        &small_archive(9),
+    )
+    .unwrap();
+    let other_handover = SealedState::open(
+        other_paths,
+        other,
+        &passphrase("correct horse"),
+        &weak_policy(),
+    )
+    .unwrap()
+    .state
+    .handover()
+    .unwrap();
+    let before = sha256_of(paths.current());
+
+    let err = SealedState::resume(paths.clone(), guest(), &other_handover).unwrap_err();
+    assert!(matches!(err, VaultError::WrongHandover { .. }), "{err:?}");
+    let mut short = SecretBuf::with_capacity(3).unwrap();
+    short.extend_from_slice(&[1, 0, 0]).unwrap();
+    let err = SealedState::resume(paths.clone(), guest(), &short).unwrap_err();
+    assert!(matches!(err, VaultError::BadHandover), "{err:?}");
+    assert_eq!(
+        sha256_of(paths.current()),
+        before,
+        "a refusal changed the file"
+    );
+}

@@ -13,6 +13,10 @@ use crate::secret::{SecretBuf, SecretError};
 use crate::supervisor::{Event, EventKind, GuestInfo, Supervisor, SupervisorError};
 use crate::vault::MAX_PASSPHRASE_LEN;
 
+/// How long a Drain may take before its caller gets `Busy` (the drain
+/// itself goes on to the end).
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(600);
+
 /// Runs a request that is not Monitor. Operations run in their own task:
 /// a client that goes away or times out never cancels one halfway.
 pub async fn run(supervisor: &Arc<Supervisor>, request: Request<'_>, timeout: Duration) -> Vec<u8> {
@@ -75,6 +79,25 @@ pub async fn run(supervisor: &Arc<Supervisor>, request: Request<'_>, timeout: Du
             detached(timeout, async move { sup.stop_guest(guest).await })
                 .await
                 .map_or_else(|reply| reply, guest_reply)
+        }
+        Request::Drain => {
+            let sup = Arc::clone(supervisor);
+            // Every guest's final reseal and stop: longer than one call's
+            // timeout on a full host, and it completes regardless.
+            detached(timeout.max(DRAIN_TIMEOUT), async move { sup.drain().await })
+                .await
+                .map_or_else(
+                    |reply| reply,
+                    |stopped| match stopped {
+                        Ok(stopped) => encode_reply(
+                            &ListReply {
+                                guests: stopped.iter().map(view).collect(),
+                            },
+                            false,
+                        ),
+                        Err(e) => error(&e),
+                    },
+                )
         }
         Request::Delete { guest } => {
             let sup = Arc::clone(supervisor);
@@ -177,6 +200,7 @@ pub fn view(info: &GuestInfo) -> GuestView {
         ctrl_socket: info.ctrl_socket.as_ref().map(|p| p.display().to_string()),
         generation: info.generation,
         failure: info.failure.clone(),
+        reason: info.reason.clone(),
     }
 }
 

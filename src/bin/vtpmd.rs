@@ -6,8 +6,9 @@
 //! registry rebuilt from disk), then the socket (bound here, or passed by
 //! systemd's socket activation), then `READY=1` to systemd when it asked
 //! (see `vtpmd::systemd`). SIGTERM or SIGINT: `STOPPING=1`, stop accepting,
-//! stop every guest with a final reseal, remove the socket unless systemd
-//! passed it, exit 0.
+//! reseal every running guest once and leave its swtpm serving its VM (the
+//! next vtpmd adopts it; its key waits in systemd's fd store), remove the
+//! socket unless systemd passed it or another vtpmd bound it since, exit 0.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -24,7 +25,7 @@ use tokio::time::MissedTickBehavior;
 use vtpmd::api::{self, Groups, Limits};
 use vtpmd::config::Config;
 use vtpmd::error_chain::chain;
-use vtpmd::supervisor::{GuestState, Supervisor, SupervisorConfig};
+use vtpmd::supervisor::{GuestState, KeyStore, Supervisor, SupervisorConfig};
 use vtpmd::systemd::{self, Activated, Notifier};
 
 #[derive(Debug, Parser)]
@@ -191,12 +192,20 @@ async fn serve(
     let mut sigterm =
         signal(SignalKind::terminate()).map_err(|e| MainError::Signal("SIGTERM", e))?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(|e| MainError::Signal("SIGINT", e))?;
-    // systemd: adopt an activated socket before the supervisor can spawn a
-    // child (it is inheritable until then).
-    let activated = systemd::listen_socket().map_err(MainError::Systemd)?;
-    let notifier = systemd::Notifier::from_env().map_err(MainError::Systemd)?;
-    let supervisor: Arc<Supervisor> = Supervisor::start(config).await?;
-    let (listener, owns_socket) = match listener(activated, &socket) {
+    // systemd: adopt the activated socket and the keys its fd store kept
+    // across our restart before the supervisor can spawn a child (they
+    // are inheritable until then).
+    let passed = systemd::passed_fds().map_err(MainError::Systemd)?;
+    let activated = passed.listener;
+    let notifier = systemd::Notifier::from_env()
+        .map_err(MainError::Systemd)?
+        .map(Arc::new);
+    let keys = KeyStore {
+        notifier: notifier.clone(),
+        stored: passed.stored,
+    };
+    let supervisor: Arc<Supervisor> = Supervisor::start_with(config, keys).await?;
+    let (listener, owned_socket) = match listener(activated, &socket) {
         Ok(listener) => listener,
         Err(e) => {
             supervisor.shutdown().await;
@@ -207,7 +216,6 @@ async fn serve(
     // systemd: READY=1 now that the socket listens, STATUS= on every
     // change, WATCHDOG=1 pings; STOPPING=1 below.
     let stopping = Arc::new(AtomicBool::new(false));
-    let notifier = notifier.map(Arc::new);
     let notify_task = notifier.as_ref().map(|n| {
         tokio::spawn(notify(
             Arc::clone(n),
@@ -238,11 +246,11 @@ async fn serve(
         task.abort();
     }
     // An activated socket belongs to vtpmd.socket, which keeps listening
-    // (and restarts vtpmd on the next connection): leave it in place.
-    if owns_socket {
-        if let Err(e) = std::fs::remove_file(&socket) {
-            tracing::warn!(socket = %socket.display(), error = %e, "cannot remove the API socket");
-        }
+    // (and restarts vtpmd on the next connection): leave it in place. A
+    // socket bound here is removed only if it is still the one bound: a
+    // vtpmd started meanwhile may have put its own there.
+    if let Some(bound) = owned_socket {
+        remove_if_ours(&socket, bound);
     }
     tracing::info!("vtpmd stopped");
     Ok(())
@@ -251,14 +259,19 @@ async fn serve(
 // systemd (src/systemd.rs): socket activation, notifications, watchdog.
 
 /// The API listener: the socket systemd passed, when socket-activated, else
-/// one bound at `socket`. The flag says whether vtpmd made the path and so
-/// removes it at exit.
+/// one bound at `socket`, with the (st_dev, st_ino) of the path it bound,
+/// which it removes at exit.
 fn listener(
     activated: Option<Activated>,
     socket: &Path,
-) -> Result<(UnixListener, bool), MainError> {
+) -> Result<(UnixListener, Option<(u64, u64)>), MainError> {
     let Some(activated) = activated else {
-        return Ok((api::bind(socket)?, true));
+        let listener = api::bind(socket)?;
+        let bound = std::fs::symlink_metadata(socket).ok().map(|m| {
+            use std::os::unix::fs::MetadataExt;
+            (m.dev(), m.ino())
+        });
+        return Ok((listener, bound));
     };
     let path = activated.path.unwrap_or_default();
     if path != socket {
@@ -275,7 +288,23 @@ fn listener(
         .map_err(adopt_err)?;
     let listener = UnixListener::from_std(activated.listener).map_err(adopt_err)?;
     tracing::info!(socket = %path.display(), "socket-activated");
-    Ok((listener, false))
+    Ok((listener, None))
+}
+
+/// Removes the API socket at `path` if it is still the inode `bound`.
+fn remove_if_ours(path: &Path, bound: (u64, u64)) {
+    use std::os::unix::fs::MetadataExt;
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if (m.dev(), m.ino()) == bound => {
+            if let Err(e) = std::fs::remove_file(path) {
+                tracing::warn!(socket = %path.display(), error = %e, "cannot remove the API socket");
+            }
+        }
+        Ok(_) => {
+            tracing::info!(socket = %path.display(), "the API socket is another process's now; left in place")
+        }
+        Err(_) => {}
+    }
 }
 
 fn running_guests(supervisor: &Supervisor) -> usize {

@@ -54,6 +54,7 @@ pub enum Request<'a> {
         guest: GuestId,
     },
     List,
+    Drain,
     Delete {
         guest: GuestId,
     },
@@ -75,6 +76,7 @@ impl Request<'_> {
             Self::Stop { .. } => "Stop",
             Self::Status { .. } => "Status",
             Self::List => "List",
+            Self::Drain => "Drain",
             Self::Delete { .. } => "Delete",
             Self::Rekey { .. } => "Rekey",
             Self::Monitor => "Monitor",
@@ -162,6 +164,10 @@ pub fn parse_request<'a>(member: &str, parameters: &'a str) -> Result<Request<'a
         "List" => {
             decode::<NoParams>(parameters)?;
             Request::List
+        }
+        "Drain" => {
+            decode::<NoParams>(parameters)?;
+            Request::Drain
         }
         "Monitor" => {
             decode::<NoParams>(parameters)?;
@@ -337,6 +343,8 @@ pub struct GuestView {
     pub generation: u64,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub failure: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub reason: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -473,6 +481,7 @@ mod tests {
             Ok(Request::GetCapabilities)
         ));
         assert!(matches!(parse("List", "{}"), Ok(Request::List)));
+        assert!(matches!(parse("Drain", "{}"), Ok(Request::Drain)));
         assert!(matches!(parse("Monitor", "{}"), Ok(Request::Monitor)));
         assert!(matches!(parse("Status", &g), Ok(Request::Status { .. })));
         assert!(matches!(parse("Stop", &g), Ok(Request::Stop { .. })));
@@ -634,6 +643,7 @@ mod tests {
             "Stop",
             "Status",
             "List",
+            "Drain",
             "Delete",
             "Rekey",
             "Monitor",

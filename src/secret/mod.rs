@@ -40,6 +40,7 @@
 mod buf;
 mod error;
 mod harden;
+mod keyfd;
 mod region;
 #[cfg(test)]
 mod test_support;
@@ -47,6 +48,7 @@ mod test_support;
 pub use buf::SecretBuf;
 pub use error::SecretError;
 pub use harden::{HardenError, harden_process};
+pub use keyfd::{KeyFdError, read_from_fd, seal_into_fd};
 
 /// Where the pages of every [`SecretBuf`] in this process come from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -40,7 +40,9 @@
 
 #![forbid(unsafe_code)]
 
+mod daemon_lock;
 mod lock;
+mod run_record;
 mod wipe;
 
 use std::fs::{self, DirBuilder};
@@ -53,7 +55,9 @@ use nix::unistd::Gid;
 use crate::protocol::GuestId;
 use crate::vault::SealedPaths;
 
+pub use daemon_lock::DaemonLock;
 pub use lock::{InUse, in_use};
+pub use run_record::RunRecord;
 pub use wipe::{hand_over_entries, lay_lock, remove_socket, wipe_dir};
 
 /// Name of the sealed file in a guest's directory.
@@ -79,6 +83,9 @@ pub const MAX_SOCKET_PATH: usize = 107;
 /// Length of a canonical guest id.
 const GUEST_ID_LEN: usize = 36;
 const SOCKET_SUFFIX: &str = ".sock";
+const RUN_SUFFIX: &str = ".run";
+/// The daemon's lock, in the state directory.
+const DAEMON_LOCK_FILE: &str = "vtpmd.lock";
 const CREATE_SUFFIX: &str = ".create";
 
 /// Everything that can go wrong laying out or cleaning vtpmd's files.
@@ -155,6 +162,31 @@ pub enum StoreError {
         #[source]
         source: io::Error,
     },
+    #[error("cannot write the run record {path}")]
+    WriteRunRecord {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot read the run record {path}")]
+    ReadRunRecord {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("the run record {path} is not a vtpmd run record")]
+    BadRunRecord { path: PathBuf },
+    #[error("cannot lock the state directory through {path}")]
+    LockStateDir {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "another vtpmd{} runs on this state directory (it holds {path})",
+        holder.map(|p| format!(" (pid {p})")).unwrap_or_default()
+    )]
+    StateDirLocked { path: PathBuf, holder: Option<i32> },
 }
 
 /// What the scan of the runtime directory found.
@@ -166,6 +198,8 @@ pub enum RuntimeEntry {
     Socket(GuestId),
     /// `<uuid>.create/`: a provisioning directory.
     CreateDir(GuestId),
+    /// `<uuid>.run`: the record of a swtpm vtpmd started.
+    RunRecord(GuestId),
     /// Anything else: left alone.
     Unknown(PathBuf),
 }
@@ -321,6 +355,31 @@ impl Store {
             .map_err(write_err(&path))
     }
 
+    /// Takes the daemon's exclusive lock on the state directory (call after
+    /// [`init`](Self::init)); held until the returned guard is dropped.
+    pub fn lock_daemon(&self) -> Result<DaemonLock, StoreError> {
+        daemon_lock::lock(&self.state_dir.join(DAEMON_LOCK_FILE))
+    }
+
+    /// Where the run record of the guest's swtpm lives.
+    pub fn run_record_path(&self, guest: GuestId) -> PathBuf {
+        self.runtime_dir.join(format!("{guest}{RUN_SUFFIX}"))
+    }
+
+    /// Records the guest's running swtpm for a later vtpmd.
+    pub fn write_run_record(&self, guest: GuestId, record: &RunRecord) -> Result<(), StoreError> {
+        run_record::write(&self.run_record_path(guest), record)
+    }
+
+    /// The recorded swtpm of the guest, if any.
+    pub fn read_run_record(&self, guest: GuestId) -> Result<Option<RunRecord>, StoreError> {
+        run_record::read(&self.run_record_path(guest))
+    }
+
+    pub fn remove_run_record(&self, guest: GuestId) -> Result<(), StoreError> {
+        run_record::remove(&self.run_record_path(guest))
+    }
+
     pub fn sealed_paths(&self, guest: GuestId) -> SealedPaths {
         SealedPaths::new(self.guest_dir(guest).join(SEALED_FILE))
     }
@@ -472,6 +531,11 @@ impl Store {
                 .filter(|_| is_dir)
             {
                 RuntimeEntry::CreateDir(id)
+            } else if let Some(id) = name
+                .strip_suffix(RUN_SUFFIX)
+                .and_then(|n| GuestId::parse(n).ok())
+            {
+                RuntimeEntry::RunRecord(id)
             } else if let Some(id) = GuestId::parse(&name).ok().filter(|_| is_dir) {
                 RuntimeEntry::StateDir(id)
             } else {

@@ -138,6 +138,7 @@ pub(super) async fn create(
         ctrl_socket: None,
         generation,
         failure: None,
+        reason: None,
     };
     reservation.commit(Guest::new(info.clone()));
     tracing::info!(guest = %id, %spec, ek_certificate, swtpm_uid = ?uid, "guest created");

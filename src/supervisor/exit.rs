@@ -39,10 +39,7 @@ pub(super) fn spawn(
         if slot.run.as_ref().map(|r| r.epoch) != Some(epoch) {
             return;
         }
-        let Some(run) = slot.run.take() else {
-            return;
-        };
-        let info = finish(&shared, &guest, run, Ending::Exited).await;
+        let info = finish(&shared, &guest, &mut slot, Ending::Exited).await;
         drop(slot);
         tracing::info!(
             guest = %guest.id,

@@ -1,7 +1,9 @@
-//! The one way a run ends, whoever ends it (Stop, shutdown, or swtpm
-//! exiting by itself): stop the resealer, reap swtpm, reseal a last time,
-//! wipe the plaintext directory and the socket, drop the key, and settle in
-//! `stopped` or `failed` with the reason.
+//! The one way a run ends, whoever ends it (Stop, Drain, or swtpm exiting
+//! by itself): stop the resealer, reap swtpm, reseal a last time, wipe the
+//! plaintext directory (only once its state is sealed) and the socket,
+//! drop the key (here and in the fd store), and settle in `stopped` or
+//! `failed` with the reason. (A shutdown of vtpmd ends no run: see
+//! `stop::shutdown`.)
 
 use std::path::Path;
 use std::sync::Arc;
@@ -11,7 +13,7 @@ use crate::error_chain::chain;
 use crate::store;
 use crate::swtpm::spawn::{ExitReason, Swtpm};
 
-use super::guest::{Guest, Run, Sealer};
+use super::guest::{Guest, Run, Sealer, Slot};
 use super::reseal::reseal_now;
 use super::state::GuestState;
 use super::{EventKind, GuestInfo, Shared};
@@ -34,23 +36,31 @@ pub(super) enum Ending {
 struct Outcome {
     exit: Result<Option<ExitReason>, String>,
     log_tail: Vec<String>,
-    resealed: Result<u64, String>,
+    resealed: Result<u64, Unsealed>,
     wiped: Result<(), String>,
 }
 
-/// Ends `run`; call with the guest's operation lock held. Updates the
-/// snapshot and publishes Stopped or Failed.
+/// Ends the run in `slot` (which must hold one); call with the guest's
+/// operation lock held. Updates the snapshot and publishes Stopped or
+/// Failed. The runtime directory is wiped only once its state is sealed:
+/// otherwise (no key, or the final reseal failed) it is kept and marked
+/// for the next Start.
 pub(super) async fn finish(
     shared: &Shared,
     guest: &Arc<Guest>,
-    mut run: Run,
+    slot: &mut Slot,
     ending: Ending,
 ) -> GuestInfo {
+    let Some(mut run) = slot.run.take() else {
+        return guest.info();
+    };
     // No reseal may race the final one: wait for the resealer to be gone
     // (one in flight on a blocking thread finishes first, under the
     // sealer's mutex).
-    run.resealer.abort();
-    let _ = (&mut run.resealer).await;
+    if let Some(resealer) = run.resealer.take() {
+        resealer.abort();
+        let _ = resealer.await;
+    }
     if ending == Ending::Stop {
         if let Some(watcher) = run.watcher.take() {
             watcher.abort();
@@ -71,11 +81,24 @@ pub(super) async fn finish(
             .unwrap_or_else(|e| Outcome {
                 exit: Err(format!("the task ending swtpm failed: {e}")),
                 log_tail: Vec::new(),
-                resealed: Err("not attempted".to_owned()),
+                resealed: Err(Unsealed::Failed("not attempted".to_owned())),
                 wiped: Err("not attempted".to_owned()),
             });
+    let id = guest.id;
+    // The run record goes with the process; the key with the sealed state.
+    if let Err(e) = shared.store.remove_run_record(id) {
+        tracing::warn!(guest = %id, "{}", chain(&e));
+    }
+    slot.unsealed_leftover = outcome.resealed.is_err();
+    if !slot.unsealed_leftover {
+        shared.handover.remove(id);
+    }
 
     let (state, failure) = settle(ending, &outcome);
+    let reason = match &outcome.resealed {
+        Err(Unsealed::NoKey) => Some(LEFTOVER_REASON.to_owned()),
+        _ => None,
+    };
     let info = guest.update(|i| {
         i.state = state;
         i.pid = None;
@@ -84,22 +107,36 @@ pub(super) async fn finish(
             i.generation = i.generation.max(generation);
         }
         i.failure.clone_from(&failure);
+        i.reason.clone_from(&reason);
     });
     match state {
         GuestState::Failed => {
             tracing::warn!(guest = %guest.id, reason = failure.as_deref().unwrap_or(""), "guest failed")
         }
-        _ => tracing::info!(guest = %guest.id, generation = info.generation, "guest stopped"),
+        _ => {
+            tracing::info!(guest = %guest.id, generation = info.generation, reason = reason.as_deref().unwrap_or(""), "guest stopped")
+        }
     }
-    shared.publish(EventKind::settled(state), info.clone(), failure);
+    shared.publish(EventKind::settled(state), info.clone(), failure.or(reason));
     info
 }
 
-/// The blocking part: reap, final reseal, wipe. The key goes with the last
-/// handle on `sealer`, dropped here.
+/// What a stopped guest whose runtime directory was kept unsealed says.
+pub(super) const LEFTOVER_REASON: &str = "its runtime directory holds writes that are not sealed yet (no key was at hand when its swtpm ended): the next Start seals them first";
+
+/// Why the final state could not be sealed.
+#[derive(Debug)]
+enum Unsealed {
+    /// The run had no key (adopted after a restart without one).
+    NoKey,
+    Failed(String),
+}
+
+/// The blocking part: reap, final reseal, wipe (only when sealed). The key
+/// goes with the last handle on `sealer`, dropped here.
 fn wind_down(
     mut swtpm: Swtpm,
-    sealer: Sealer,
+    sealer: Option<Sealer>,
     dir: &Path,
     socket: &Path,
     ending: Ending,
@@ -114,11 +151,19 @@ fn wind_down(
     // Reaps (and if need be kills) whatever is left; removes the socket
     // and `.lock`.
     drop(swtpm);
-    let resealed = reseal_now(&sealer, dir).map_err(|e| chain(&e));
+    let resealed = match &sealer {
+        Some(sealer) => reseal_now(sealer, dir).map_err(|e| Unsealed::Failed(chain(&e))),
+        None => Err(Unsealed::NoKey),
+    };
     drop(sealer);
-    let wiped = store::wipe_dir(dir)
-        .and_then(|()| store::remove_socket(socket))
-        .map_err(|e| chain(&e));
+    // Unsealed writes are sacred: a directory whose state did not make it
+    // into the sealed file stays for the next Start.
+    let wiped = match resealed {
+        Ok(_) => store::wipe_dir(dir),
+        Err(_) => Ok(()),
+    }
+    .and_then(|()| store::remove_socket(socket))
+    .map_err(|e| chain(&e));
     Outcome {
         exit,
         log_tail,
@@ -132,7 +177,7 @@ fn settle(ending: Ending, outcome: &Outcome) -> (GuestState, Option<String>) {
     let mut reasons = Vec::new();
     match (&outcome.exit, ending) {
         (Err(e), _) => reasons.push(format!("swtpm could not be reaped: {e}")),
-        (Ok(Some(ExitReason::Exited(0))), _) | (Ok(_), Ending::Stop) => {}
+        (Ok(Some(ExitReason::Exited(0) | ExitReason::Unknown)), _) | (Ok(_), Ending::Stop) => {}
         (Ok(Some(reason)), Ending::Exited) => {
             let last = outcome
                 .log_tail
@@ -143,9 +188,9 @@ fn settle(ending: Ending, outcome: &Outcome) -> (GuestState, Option<String>) {
         }
         (Ok(None), Ending::Exited) => reasons.push("swtpm did not exit".to_owned()),
     }
-    if let Err(e) = &outcome.resealed {
+    if let Err(Unsealed::Failed(e)) = &outcome.resealed {
         reasons.push(format!(
-            "the final reseal failed ({e}); the last sealed generation is kept"
+            "the final reseal failed ({e}); its runtime directory is kept and the next Start seals it"
         ));
     }
     if let Err(e) = &outcome.wiped {
@@ -195,7 +240,7 @@ mod tests {
     #[test]
     fn a_failed_final_reseal_fails_the_guest() {
         let mut o = outcome(Ok(Some(ExitReason::Exited(0))));
-        o.resealed = Err("disk full".to_owned());
+        o.resealed = Err(Unsealed::Failed("disk full".to_owned()));
         let (state, reason) = settle(Ending::Stop, &o);
         assert_eq!(state, GuestState::Failed);
         assert!(reason.unwrap_or_default().contains("disk full"));

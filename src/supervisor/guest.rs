@@ -39,6 +39,11 @@ pub(super) struct Slot {
     pub(super) run: Option<Run>,
     /// Set by Delete: whoever takes the lock afterwards finds no guest.
     pub(super) deleted: bool,
+    /// The runtime directory holds writes that are not sealed yet and no
+    /// swtpm uses it (its swtpm ended while no key was at hand, or a final
+    /// reseal failed): the next Start seals them before anything else, and
+    /// nothing wipes the directory until then.
+    pub(super) unsealed_leftover: bool,
     next_epoch: u64,
 }
 
@@ -56,8 +61,11 @@ impl Slot {
 pub(super) struct Run {
     pub(super) epoch: u64,
     pub(super) swtpm: Swtpm,
-    pub(super) sealer: Sealer,
-    pub(super) resealer: JoinHandle<()>,
+    /// `None` for a swtpm adopted after a restart that brought no key:
+    /// nothing can be resealed until a Start brings the passphrase.
+    pub(super) sealer: Option<Sealer>,
+    /// Present with `sealer`.
+    pub(super) resealer: Option<JoinHandle<()>>,
     pub(super) watcher: Option<JoinHandle<()>>,
     pub(super) dir: PathBuf,
     pub(super) socket: PathBuf,

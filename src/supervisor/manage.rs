@@ -44,6 +44,8 @@ pub(super) async fn delete(shared: Arc<Shared>, id: GuestId) -> Result<(), Super
     })
     .await??;
     slot.deleted = true;
+    slot.unsealed_leftover = false;
+    shared.handover.remove(id);
     shared.registry.remove(id);
     if let Some(pool) = &shared.uids {
         pool.release(id);
@@ -66,15 +68,21 @@ pub(super) async fn rekey(
     let guest = shared.guest(id)?;
     let slot = guest.lock(shared.config.lock_wait).await?;
     let state = guest.state();
-    let allowed = permit(id, state, Action::Rekey)?;
+    let allowed = match permit(id, state, Action::Rekey)? {
+        // Running without its key (adopted): nothing in memory to keep in
+        // step, so the files are rewrapped as at rest.
+        Allowed::RekeyRunning if slot.run.as_ref().is_some_and(|r| r.sealer.is_none()) => {
+            Allowed::RekeyAtRest
+        }
+        allowed => allowed,
+    };
     let paths = shared.store.sealed_paths(id);
     let policy = shared.config.kdf;
     match allowed {
         Allowed::RekeyRunning => {
-            let Some(run) = slot.run.as_ref() else {
+            let Some(sealer) = slot.run.as_ref().and_then(|r| r.sealer.clone()) else {
                 return Err(SupervisorError::GuestNotRunning { guest: id, state });
             };
-            let sealer = Arc::clone(&run.sealer);
             shared
                 .kdf(id, "rekey", move || {
                     // The old passphrase must open the file: holding the

@@ -25,6 +25,7 @@
 
 #![forbid(unsafe_code)]
 
+mod adopted;
 mod config;
 mod create;
 mod error;
@@ -32,10 +33,13 @@ mod exit;
 mod fdwatch;
 mod finish;
 mod guest;
+mod handover;
 mod manage;
+mod reattach;
 mod recover;
 mod registry;
 mod reseal;
+mod scopes;
 mod start;
 mod state;
 mod stop;
@@ -51,12 +55,13 @@ use tokio::sync::{OwnedRwLockReadGuard, RwLock, Semaphore, broadcast};
 
 use crate::protocol::{GuestId, TpmModel, TpmSpec, TpmVersion};
 use crate::secret::SecretBuf;
-use crate::store::Store;
+use crate::store::{DaemonLock, Store};
 use crate::swtpm::probe::HostSupport;
 use crate::swtpm::provision::LocalCa;
 
 pub use config::{SupervisorConfig, default_kdf_parallelism};
 pub use error::SupervisorError;
+pub use handover::KeyStore;
 pub use state::{Action, Allowed, GuestState, Refused, decide};
 pub use uids::UidRange;
 
@@ -82,6 +87,11 @@ pub struct GuestInfo {
     pub generation: u64,
     /// Why the guest is `failed`.
     pub failure: Option<String>,
+    /// What an operator must know about a guest that is not failed: a
+    /// running guest whose key is needed to reseal (adopted after a
+    /// restart without it), a stopped one whose runtime directory holds
+    /// writes not sealed yet.
+    pub reason: Option<String>,
 }
 
 /// What this host can serve.
@@ -109,6 +119,9 @@ pub enum EventKind {
     Stopped,
     Failed,
     Deleted,
+    /// A restarted vtpmd took over a swtpm an earlier one started (the
+    /// detail says whether its key came back and what was resealed).
+    Adopted,
     /// A write of swtpm is durable; `latency` runs from the moment vtpmd
     /// saw the write (inotify) to the end of the directory fsync.
     Resealed {
@@ -126,6 +139,7 @@ impl EventKind {
             EventKind::Stopped => "stopped",
             EventKind::Failed => "failed",
             EventKind::Deleted => "deleted",
+            EventKind::Adopted => "adopted",
             EventKind::Resealed { .. } => "resealed",
         }
     }
@@ -196,6 +210,12 @@ pub(crate) struct Shared {
     /// waits for every operation in flight and no new one starts.
     gate: Arc<RwLock<()>>,
     registry: Registry,
+    /// Keys across restarts (the service manager's fd store).
+    handover: handover::Handover,
+    /// Each swtpm's transient systemd scope.
+    scopes: scopes::Scopes,
+    /// One vtpmd per state directory, for as long as this one lives.
+    _daemon_lock: DaemonLock,
 }
 
 impl Shared {
@@ -291,6 +311,18 @@ impl Supervisor {
     /// directory (never what a live swtpm still uses: that guest is marked
     /// failed instead).
     pub async fn start(config: SupervisorConfig) -> Result<Arc<Supervisor>, SupervisorError> {
+        Self::start_with(config, KeyStore::default()).await
+    }
+
+    /// [`start`](Self::start) under a service manager: `keys` is where
+    /// keys go while guests run, and what came back from there. Every
+    /// swtpm an earlier vtpmd left running is adopted: with its key when
+    /// one came back (resealed at once), else `running` with the reason
+    /// until a Start brings the passphrase.
+    pub async fn start_with(
+        config: SupervisorConfig,
+        keys: KeyStore,
+    ) -> Result<Arc<Supervisor>, SupervisorError> {
         if config.socket_mode & !0o777 != 0 {
             return Err(SupervisorError::Config {
                 what: format!(
@@ -321,9 +353,14 @@ impl Supervisor {
         let bins = config.binaries.clone();
         let for_setup = store.clone();
         let uid_range = config.swtpm_uids;
-        let (host, ca, guests, uids) = tokio::task::spawn_blocking(move || {
-            let host = crate::swtpm::probe::probe(&bins).map_err(SupervisorError::ProbeSwtpm)?;
+        let (host, ca, guests, uids, daemon_lock) = tokio::task::spawn_blocking(move || {
             for_setup.init().map_err(SupervisorError::InitStore)?;
+            // Before anything is read or removed: a second vtpmd on this
+            // state would take the first one's guests for leftovers.
+            let daemon_lock = for_setup
+                .lock_daemon()
+                .map_err(SupervisorError::InitStore)?;
+            let host = crate::swtpm::probe::probe(&bins).map_err(SupervisorError::ProbeSwtpm)?;
             if uid_range.is_some() {
                 for_setup
                     .check_reachable()
@@ -334,9 +371,9 @@ impl Supervisor {
             } else {
                 None
             };
-            let guests = recover::recover(&for_setup)?;
+            let guests = recover::recover(&for_setup, &bins.swtpm)?;
             let uids = uid_range.map(|range| recover::recover_uids(&for_setup, range, &guests));
-            Ok::<_, SupervisorError>((host, ca, guests, uids))
+            Ok::<_, SupervisorError>((host, ca, guests, uids, daemon_lock))
         })
         .await
         .map_err(|source| SupervisorError::Config {
@@ -348,31 +385,41 @@ impl Supervisor {
         })?;
         let (events, _) = broadcast::channel(EVENT_CAPACITY);
         let registry = Registry::default();
-        for info in guests {
-            registry.insert_recovered(Guest::new(info));
+        let mut found = Vec::new();
+        for recovered in guests {
+            let guest = Guest::new(recovered.info);
+            if let Some(f) = recovered.found {
+                found.push((Arc::clone(&guest), f));
+            }
+            registry.insert_recovered(guest);
         }
+        let shared = Arc::new(Shared {
+            kdf_permits: Arc::new(Semaphore::new(config.kdf_parallelism.max(1))),
+            watcher,
+            config,
+            store,
+            host,
+            ca,
+            uids,
+            events,
+            shutting_down: AtomicBool::new(false),
+            gate: Arc::new(RwLock::new(())),
+            registry,
+            handover: handover::Handover::new(keys),
+            scopes: scopes::Scopes::default(),
+            _daemon_lock: daemon_lock,
+        });
+        let adopted = adopted::take_over(&shared, found).await;
+        shared.handover.forget_unclaimed();
         tracing::info!(
-            guests = registry.len(),
-            kdf_parallelism = config.kdf_parallelism,
-            state_dir = %config.state_dir.display(),
-            runtime_dir = %config.runtime_dir.display(),
+            guests = shared.registry.len(),
+            adopted,
+            kdf_parallelism = shared.config.kdf_parallelism,
+            state_dir = %shared.config.state_dir.display(),
+            runtime_dir = %shared.config.runtime_dir.display(),
             "supervisor ready"
         );
-        Ok(Arc::new(Supervisor {
-            shared: Arc::new(Shared {
-                kdf_permits: Arc::new(Semaphore::new(config.kdf_parallelism.max(1))),
-                watcher,
-                config,
-                store,
-                host,
-                ca,
-                uids,
-                events,
-                shutting_down: AtomicBool::new(false),
-                gate: Arc::new(RwLock::new(())),
-                registry,
-            }),
-        }))
+        Ok(Arc::new(Supervisor { shared }))
     }
 
     pub fn capabilities(&self) -> Capabilities {
@@ -474,8 +521,19 @@ impl Supervisor {
             .unwrap_or_default()
     }
 
+    /// Stops every running guest, each with a final reseal and wipe (host
+    /// maintenance: a restart of vtpmd stops none). Returns those stopped.
+    pub async fn drain(&self) -> Result<Vec<GuestInfo>, SupervisorError> {
+        let shared = Arc::clone(&self.shared);
+        detached(GuestId::from_bytes([0; 16]), "drain", async move {
+            stop::drain(shared).await
+        })
+        .await
+    }
+
     /// The daemon's SIGTERM: refuse new operations, wait for those in
-    /// flight, stop every running guest with a final reseal and wipe.
+    /// flight, reseal every running guest once and leave its swtpm running
+    /// for the next vtpmd to adopt.
     pub async fn shutdown(&self) {
         stop::shutdown(Arc::clone(&self.shared)).await;
     }

@@ -1,14 +1,21 @@
 //! At start-up: the registry rebuilt from `<state_dir>/guests/*` (headers
-//! only, no passphrase needed), and the runtime directory cleaned of what a
-//! crash left: plaintext directories, sockets, provisioning directories.
-//! A directory a live swtpm still uses (one that outlived an earlier
-//! vtpmd) is never wiped; its guest is marked failed with the reason.
+//! only, no passphrase needed), and the runtime directory read for what an
+//! earlier vtpmd left: the swtpms it started that still run (found through
+//! their run records and proven to be them, to be adopted), runtime
+//! directories whose swtpm ended meanwhile (kept: they may hold writes
+//! never sealed), and what is safe to remove (stale sockets and records,
+//! provisioning directories). Nothing a live process uses, and nothing
+//! that may hold unsealed writes, is ever wiped here.
 
 use std::collections::BTreeSet;
+use std::path::Path;
+
+use nix::unistd::{Gid, Uid};
 
 use crate::error_chain::chain;
 use crate::protocol::{GuestId, TpmModel, TpmSpec, TpmVersion};
 use crate::store::{self, InUse, RuntimeEntry, Store};
+use crate::swtpm::spawn::{Adoption, Swtpm, adopt};
 use crate::vault::{self, HeaderInfo, VaultError};
 
 use super::state::GuestState;
@@ -18,14 +25,34 @@ use super::{GuestInfo, SupervisorError};
 /// Shown as the spec of a guest whose headers are both unreadable.
 const UNKNOWN_SPEC_NOTE: &str = "(its TPM version and model are unknown; shown as 2.0/tpm-tis)";
 
-pub(super) fn recover(store: &Store) -> Result<Vec<GuestInfo>, SupervisorError> {
+/// What recovery found of a guest in the runtime directory.
+#[derive(Debug)]
+pub(super) enum Found {
+    /// The swtpm an earlier vtpmd started, still running, proven to be it.
+    Live(Swtpm),
+    /// Its runtime directory, with no process using it: possibly writes
+    /// that were never sealed.
+    Leftover,
+}
+
+/// One guest as recovery found it.
+#[derive(Debug)]
+pub(super) struct Recovered {
+    pub(super) info: GuestInfo,
+    pub(super) found: Option<Found>,
+}
+
+/// The registry rebuilt from the state root, and what each guest left in
+/// the runtime directory. `swtpm` is the binary vtpmd runs: an adopted
+/// process must be it.
+pub(super) fn recover(store: &Store, swtpm: &Path) -> Result<Vec<Recovered>, SupervisorError> {
     let mut guests = Vec::new();
     for id in store.list_guests().map_err(SupervisorError::ScanStore)? {
         if let Some(info) = recover_guest(store, id) {
-            guests.push(info);
+            guests.push(Recovered { info, found: None });
         }
     }
-    clean_runtime(store, &mut guests)?;
+    clean_runtime(store, swtpm, &mut guests)?;
     Ok(guests)
 }
 
@@ -53,6 +80,7 @@ fn recover_guest(store: &Store, id: GuestId) -> Option<GuestInfo> {
         ctrl_socket: None,
         generation,
         failure,
+        reason: None,
     };
     match header {
         Ok(h) if h.guest == id => match spec_of(&h) {
@@ -96,10 +124,10 @@ fn recover_guest(store: &Store, id: GuestId) -> Option<GuestInfo> {
 
 /// The uid pool rebuilt from the guests' owner records. A guest without a
 /// usable record gets a uid at its next Start.
-pub(super) fn recover_uids(store: &Store, range: UidRange, guests: &[GuestInfo]) -> UidPool {
+pub(super) fn recover_uids(store: &Store, range: UidRange, guests: &[Recovered]) -> UidPool {
     let pool = UidPool::new(range);
     for guest in guests {
-        let id = guest.guest;
+        let id = guest.info.guest;
         match store.read_owner(id) {
             Ok(Some(uid)) if pool.assign(id, uid) => {}
             Ok(Some(uid)) => tracing::warn!(
@@ -129,29 +157,60 @@ fn fallback_spec() -> TpmSpec {
     TpmSpec::new(TpmVersion::V2_0, TpmModel::Tis).expect("TPM 2.0 with TIS is a valid pair")
 }
 
-fn clean_runtime(store: &Store, guests: &mut [GuestInfo]) -> Result<(), SupervisorError> {
+fn clean_runtime(
+    store: &Store,
+    swtpm: &Path,
+    guests: &mut [Recovered],
+) -> Result<(), SupervisorError> {
     let entries = store.scan_runtime().map_err(SupervisorError::ScanStore)?;
+    // Guests whose socket and run record belong to a live swtpm.
     let mut live = BTreeSet::new();
     for entry in &entries {
-        if let RuntimeEntry::StateDir(id) = entry {
-            let dir = store.runtime_state_dir(*id);
-            let socket = store.ctrl_socket(*id);
+        let RuntimeEntry::StateDir(id) = entry else {
+            continue;
+        };
+        let dir = store.runtime_state_dir(*id);
+        let socket = store.ctrl_socket(*id);
+        let Some(guest) = guests.iter_mut().find(|g| g.info.guest == *id) else {
+            // No sealed state to reseal into (an interrupted Create, a
+            // guest deleted meanwhile): only a live process keeps it.
             match store::in_use(&dir, Some(&socket)) {
+                InUse::No => wipe(&dir, store::wipe_dir(&dir)),
+                InUse::Yes { .. } => {
+                    live.insert(*id);
+                    tracing::warn!(guest = %id, dir = %dir.display(), "a live process uses the runtime directory of a guest without sealed state; left alone");
+                }
+            }
+            continue;
+        };
+        match find_swtpm(store, *id, swtpm) {
+            Ok(found) => {
+                tracing::info!(guest = %id, pid = found.pid(), "found the swtpm an earlier vtpmd started");
+                live.insert(*id);
+                guest.found = Some(Found::Live(found));
+            }
+            Err(why) => match store::in_use(&dir, Some(&socket)) {
                 InUse::Yes { holder } => {
+                    // Alive but not provably the swtpm vtpmd started:
+                    // neither adopted nor ever wiped.
                     live.insert(*id);
                     let who = holder.map(|p| format!(" (pid {p})")).unwrap_or_default();
                     let reason = format!(
-                        "a swtpm{who} from an earlier vtpmd still runs on {}; its writes since then are not sealed: stop it, then Start",
+                        "a process{who} still uses {} but cannot be adopted ({why}); its writes are not sealed: end it, then Start",
                         dir.display()
                     );
                     tracing::error!(guest = %id, "{reason}");
-                    if let Some(info) = guests.iter_mut().find(|g| g.guest == *id) {
-                        info.state = GuestState::Failed;
-                        info.failure = Some(reason);
-                    }
+                    guest.info.state = GuestState::Failed;
+                    guest.info.failure = Some(reason);
                 }
-                InUse::No => wipe(&dir, store::wipe_dir(&dir)),
-            }
+                InUse::No => {
+                    // Its swtpm ended while no vtpmd ran: the directory
+                    // may hold writes newer than the sealed file. Kept
+                    // until a key seals them.
+                    tracing::warn!(guest = %id, dir = %dir.display(), "runtime directory left by a swtpm that ended while vtpmd was down; kept until its key seals it ({why})");
+                    guest.found = Some(Found::Leftover);
+                }
+            },
         }
     }
     for entry in entries {
@@ -164,6 +223,12 @@ fn clean_runtime(store: &Store, guests: &mut [GuestInfo]) -> Result<(), Supervis
                     wipe(&socket, store::remove_socket(&socket));
                 }
             }
+            RuntimeEntry::RunRecord(id) => {
+                if !live.contains(&id) {
+                    let path = store.run_record_path(id);
+                    wipe(&path, store.remove_run_record(id));
+                }
+            }
             RuntimeEntry::CreateDir(id) => {
                 let dir = store.create_dir(id);
                 wipe(&dir, store::wipe_dir(&dir));
@@ -174,6 +239,27 @@ fn clean_runtime(store: &Store, guests: &mut [GuestInfo]) -> Result<(), Supervis
         }
     }
     Ok(())
+}
+
+/// The swtpm recorded for `id`, once it has proven to be that process.
+fn find_swtpm(store: &Store, id: GuestId, swtpm: &Path) -> Result<Swtpm, String> {
+    let record = store
+        .read_run_record(id)
+        .map_err(|e| chain(&e))?
+        .ok_or_else(|| "no run record".to_owned())?;
+    let adoption = Adoption {
+        guest: id,
+        pid: record.pid,
+        start_time: record.start_time,
+        swtpm: swtpm.to_owned(),
+        state_dir: store.runtime_state_dir(id),
+        ctrl_socket: store.ctrl_socket(id),
+        ctrl_id: record.ctrl_id,
+        run_as: record
+            .uid
+            .map(|uid| (Uid::from_raw(uid), Gid::from_raw(uid))),
+    };
+    adopt(&adoption).map_err(|e| chain(&e))
 }
 
 fn wipe(path: &std::path::Path, result: Result<(), store::StoreError>) {

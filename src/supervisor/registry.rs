@@ -113,6 +113,7 @@ mod tests {
             ctrl_socket: None,
             generation: 1,
             failure: None,
+            reason: None,
         })
     }
 

@@ -20,7 +20,7 @@ use std::time::Instant;
 
 use tokio::task::JoinHandle;
 
-use crate::vault::{StateArchive, VaultError};
+use crate::vault::{SealedState, StateArchive, VaultError};
 
 use super::guest::{Guest, Sealer};
 use super::watcher::Watch;
@@ -38,18 +38,33 @@ pub(super) fn is_state_file(name: &str) -> bool {
 /// Archives `dir` and seals it as the next generation.
 pub(super) fn reseal_now(sealer: &Sealer, dir: &Path) -> Result<u64, VaultError> {
     let mut state = sealer.lock().unwrap_or_else(PoisonError::into_inner);
+    state.seal(&archive_dir(dir)?)
+}
+
+/// The state files of `dir`, retried when one vanished under the reader.
+fn archive_dir(dir: &Path) -> Result<StateArchive, VaultError> {
     let mut attempt = 1;
-    let archive = loop {
+    loop {
         match StateArchive::from_dir_matching(dir, is_state_file) {
-            Ok(archive) => break archive,
+            Ok(archive) => return Ok(archive),
             Err(e) if attempt < ARCHIVE_ATTEMPTS => {
                 tracing::debug!(dir = %dir.display(), "archive attempt {attempt} failed: {e}");
                 attempt += 1;
             }
             Err(e) => return Err(VaultError::Archive(e)),
         }
-    };
-    state.seal(&archive)
+    }
+}
+
+/// Seals what a runtime directory holds (writes a swtpm made that were
+/// never sealed) as the next generation; returns it with the archive.
+pub(super) fn seal_leftover(
+    state: &mut SealedState,
+    dir: &Path,
+) -> Result<(u64, StateArchive), VaultError> {
+    let archive = archive_dir(dir)?;
+    let generation = state.seal(&archive)?;
+    Ok((generation, archive))
 }
 
 /// Starts the resealer of one run. It ends when aborted (the run ends) or

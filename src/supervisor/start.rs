@@ -13,14 +13,16 @@ use nix::unistd::{Gid, Uid};
 use crate::error_chain::chain;
 use crate::protocol::GuestId;
 use crate::secret::SecretBuf;
-use crate::store::{self, StoreError};
+use crate::store::{self, RunRecord, StoreError};
 use crate::swtpm::ctrl::CtrlClient;
 use crate::swtpm::spawn::{self, SpawnError, SpawnSpec, Swtpm};
 use crate::vault::{Opened, SealedState, VaultError};
 
 use super::guest::{Guest, Run, Slot};
 use super::state::{Action, GuestState, permit};
-use super::{EventKind, GuestInfo, Shared, StartTimings, SupervisorError, blocking, exit, reseal};
+use super::{
+    EventKind, GuestInfo, Shared, StartTimings, SupervisorError, blocking, exit, reattach, reseal,
+};
 
 /// How long swtpm has to answer CMD_GET_CAPABILITY on its control socket.
 const READY_TIMEOUT: Duration = Duration::from_secs(2);
@@ -34,6 +36,11 @@ pub(super) async fn start_guest(
     let _admitted = shared.enter().await?;
     let guest = shared.guest(id)?;
     let mut slot = guest.lock(shared.config.lock_wait).await?;
+    if slot.run.as_ref().is_some_and(|r| r.sealer.is_none()) {
+        // Running without its key (adopted after a restart that brought
+        // none): the passphrase lets vtpmd take over that swtpm again.
+        return reattach::reattach(&shared, &guest, &mut slot, passphrase).await;
+    }
     let before = guest.info();
     // Start is the only thing the table allows for Action::Start.
     permit(id, before.state, Action::Start)?;
@@ -125,18 +132,46 @@ async fn launch(
         })
         .await?;
     let Opened {
-        state,
-        archive,
+        mut state,
+        mut archive,
         fell_back,
         kdf_time,
     } = opened.map_err(|e| SupervisorError::from_vault(id, "open", e))?;
-    let detail = fell_back.map(|f| {
+    let mut detail = Vec::new();
+    if slot.unsealed_leftover {
+        // Writes a swtpm made that were never sealed: sealed first, and
+        // what this run starts from.
+        let dir = store.runtime_state_dir(id);
+        let (sealed, state_back) = blocking(id, "seal the writes left behind", move || {
+            let sealed = reseal::seal_leftover(&mut state, &dir);
+            (sealed, state)
+        })
+        .await?;
+        state = state_back;
+        let (generation, recovered) = sealed.map_err(|source| SupervisorError::Vault {
+            guest: id,
+            op: "seal the writes left in the runtime directory by",
+            source,
+        })?;
+        tracing::info!(guest = %id, generation, "writes left in the runtime directory sealed");
+        detail.push(format!(
+            "the writes its last swtpm left unsealed are sealed as generation {generation}"
+        ));
+        archive = recovered;
+        slot.unsealed_leftover = false;
+        guest.update(|i| {
+            i.generation = generation;
+            i.reason = None;
+        });
+    }
+    if let Some(f) = fell_back {
         tracing::warn!(guest = %id, problem = %f.current_problem, "started from the previous sealed generation");
-        format!(
+        detail.push(format!(
             "the current sealed file is damaged ({}); started from the previous generation",
             f.current_problem
-        )
-    });
+        ));
+    }
+    let detail = (!detail.is_empty()).then(|| detail.join("; "));
     let spec = state.spec();
     if !shared.host.supports(spec.version()) {
         return Err(SupervisorError::UnsupportedTpm {
@@ -158,9 +193,10 @@ async fn launch(
     })
     .await?;
     let unpacked = unpacking.elapsed();
+    // A directory found in use was not touched, and must not be now.
     let mut dir_guard = DirGuard {
         dir: dir.clone(),
-        armed: true,
+        armed: !matches!(prepared, Err(Unpack::Store(StoreError::InUse { .. }))),
     };
     prepared.map_err(|e| match e {
         Unpack::Store(StoreError::InUse { path, holder }) => SupervisorError::RuntimeInUse {
@@ -215,6 +251,7 @@ async fn launch(
         seccomp: shared.host.seccomp,
         grace: shared.config.stop_grace,
     };
+    let grace = shared.config.stop_grace;
     let (dir2, socket2) = (dir.clone(), socket.clone());
     let version = spec.version();
     let (swtpm, pidfd, spawn_time, ready_time) = blocking(id, "spawn swtpm", move || {
@@ -224,7 +261,32 @@ async fn launch(
     })
     .await??;
 
-    // 5. Running: the resealer and the exit watcher take over.
+    // 5. Recorded for a later vtpmd (it adopts this swtpm if this vtpmd
+    //    exits first), and the key handed to the fd store.
+    let record = RunRecord {
+        pid: swtpm.pid(),
+        start_time: swtpm.start_time(),
+        uid,
+        ctrl_id: swtpm.ctrl_id(),
+    };
+    let store2 = store.clone();
+    let recorded = blocking(id, "write the run record", move || {
+        store2.write_run_record(id, &record)
+    })
+    .await?;
+    if let Err(source) = recorded {
+        let mut swtpm = swtpm;
+        let _ = blocking(id, "stop swtpm", move || swtpm.stop(grace)).await;
+        return Err(SupervisorError::Store {
+            guest: id,
+            op: "record the running swtpm",
+            source,
+        });
+    }
+    shared.handover.push(id, &state);
+    shared.scopes.place(id, swtpm.pid()).await;
+
+    // 6. Running: the resealer and the exit watcher take over.
     let generation = state.generation();
     let sealer = Arc::new(Mutex::new(state));
     let epoch = slot.next_epoch();
@@ -240,8 +302,8 @@ async fn launch(
     slot.run = Some(Run {
         epoch,
         swtpm,
-        sealer,
-        resealer,
+        sealer: Some(sealer),
+        resealer: Some(resealer),
         watcher: Some(watcher),
         dir,
         socket: socket.clone(),
@@ -253,6 +315,7 @@ async fn launch(
         i.ctrl_socket = Some(socket);
         i.generation = generation;
         i.failure = None;
+        i.reason = None;
     });
     tracing::debug!(guest = %id, pid, generation, swtpm_uid = ?uid, "swtpm serving");
     let timings = StartTimings {

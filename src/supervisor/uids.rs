@@ -137,13 +137,29 @@ impl UidPool {
     }
 
     /// `guest`'s uid, or the lowest free one, now held by it; `None` if the
-    /// range is exhausted.
+    /// range is exhausted. A uid is free only when no guest holds it and
+    /// no live process runs as it: a swtpm that outlived its guest's
+    /// record (a Delete while a crashed vtpmd's swtpm still ran) must
+    /// never share a uid with a new guest, whose files it could reach.
     pub(super) fn allocate(&self, guest: GuestId) -> Option<u32> {
+        let live = match crate::swtpm::spawn::procfs::live_uids() {
+            Ok(live) => live,
+            Err(e) => {
+                // Without /proc nothing can be ruled out: refuse rather than guess.
+                tracing::error!("cannot list the uids of live processes: {e}");
+                return None;
+            }
+        };
+        self.allocate_avoiding(guest, &live)
+    }
+
+    fn allocate_avoiding(&self, guest: GuestId, live: &BTreeSet<u32>) -> Option<u32> {
         let mut held = self.held();
         if let Some(uid) = held.by_guest.get(&guest) {
             return Some(*uid);
         }
-        let uid = (self.range.first..=self.range.last).find(|uid| !held.taken.contains(uid))?;
+        let uid = (self.range.first..=self.range.last)
+            .find(|uid| !held.taken.contains(uid) && !live.contains(uid))?;
         held.by_guest.insert(guest, uid);
         held.taken.insert(uid);
         Some(uid)
@@ -193,6 +209,14 @@ mod tests {
         ] {
             assert!(UidRange::parse(bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn a_uid_a_live_process_holds_is_never_given_out() {
+        let pool = UidPool::new(UidRange::new(70000, 70002).unwrap());
+        let live = BTreeSet::from([70000, 70001]);
+        assert_eq!(pool.allocate_avoiding(guest(1), &live), Some(70002));
+        assert_eq!(pool.allocate_avoiding(guest(2), &live), None);
     }
 
     #[test]

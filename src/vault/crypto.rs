@@ -33,6 +33,21 @@ impl DataKey {
         Ok(Self(SecretBuf::random(DATA_KEY_LEN)?))
     }
 
+    /// The key's bytes copied into `out` (locked memory), for a handover.
+    pub(crate) fn copy_into(&self, out: &mut [u8]) {
+        out.copy_from_slice(self.0.expose_secret());
+    }
+
+    /// A data key from its bytes (a handover); `None` for a wrong length.
+    pub(crate) fn from_bytes(bytes: &[u8]) -> Result<Option<Self>, VaultError> {
+        if bytes.len() != DATA_KEY_LEN {
+            return Ok(None);
+        }
+        let mut key = SecretBuf::zeroed(DATA_KEY_LEN)?;
+        key.expose_secret_mut().copy_from_slice(bytes);
+        Ok(Some(Self(key)))
+    }
+
     /// The key swtpm encrypts its state files with (`--key fd=…,
     /// format=binary,mode=aes-256-cbc`): derived, so the data key itself
     /// never leaves vtpmd, and bound to the guest.

@@ -57,6 +57,10 @@ pub enum VaultError {
     Secret(#[from] SecretError),
     #[error("cryptographic failure: {what}")]
     Crypto { what: &'static str },
+    #[error("the key handed across the restart does not open {path}")]
+    WrongHandover { path: PathBuf },
+    #[error("the key handed across the restart is not a vtpmd handover")]
+    BadHandover,
     #[error("the system's random number generator failed: {what}")]
     Random { what: String },
 }

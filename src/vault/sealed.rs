@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use crate::protocol::{GuestId, TpmSpec};
 use crate::secret::SecretBuf;
+use secrecy::{ExposeSecret, ExposeSecretMut};
 
 use super::archive::{ArchiveError, StateArchive};
 use super::crypto::{self, DataKey};
@@ -312,6 +313,92 @@ impl SealedState {
         &self.paths
     }
 
+    /// What a later vtpmd needs to go on resealing this state without the
+    /// passphrase ([`SealedState::resume`]): a version byte, the index of
+    /// the keyslot that was unlocked (0xff: none) and the data key, in
+    /// locked memory. It is only ever handed to the service manager's fd
+    /// store, never written to a file.
+    pub fn handover(&self) -> Result<SecretBuf, VaultError> {
+        let mut out = SecretBuf::zeroed(HANDOVER_LEN)?;
+        let bytes = out.expose_secret_mut();
+        bytes[0] = HANDOVER_VERSION;
+        bytes[1] = self
+            .unlocked_slot
+            .and_then(|i| u8::try_from(i).ok())
+            .unwrap_or(NO_SLOT);
+        self.data_key.copy_into(&mut bytes[2..]);
+        Ok(out)
+    }
+
+    /// Opens the guest's sealed state with a [`handover`](Self::handover)
+    /// instead of a passphrase: no KDF. The current file, or the previous
+    /// generation when the current one is damaged, must open with it.
+    pub fn resume(
+        paths: SealedPaths,
+        guest: GuestId,
+        handover: &SecretBuf,
+    ) -> Result<Opened, VaultError> {
+        let bytes = handover.expose_secret();
+        if bytes.len() != HANDOVER_LEN || bytes[0] != HANDOVER_VERSION {
+            return Err(VaultError::BadHandover);
+        }
+        let slot = (bytes[1] != NO_SLOT).then_some(usize::from(bytes[1]));
+        let data_key = DataKey::from_bytes(&bytes[2..])?.ok_or(VaultError::BadHandover)?;
+        let current = match resume_file(paths.current(), &guest, &data_key) {
+            Ok((header, archive)) => {
+                let state = SealedState::from_header(paths, guest, header, data_key, slot, false);
+                return Ok(Opened {
+                    state,
+                    archive,
+                    fell_back: None,
+                    kdf_time: Duration::ZERO,
+                });
+            }
+            Err(e) if e.is_damage() => e,
+            Err(e) => return Err(e),
+        };
+        let Ok((header, archive)) = resume_file(paths.previous(), &guest, &data_key) else {
+            tracing::debug!(%guest, problem = %current, "the handover opens neither generation");
+            return Err(VaultError::WrongHandover {
+                path: paths.current().to_owned(),
+            });
+        };
+        let problem = format!(
+            "{} does not open with the handed-over key",
+            paths.current().display()
+        );
+        let state = SealedState::from_header(paths, guest, header, data_key, slot, true);
+        Ok(Opened {
+            state,
+            archive,
+            fell_back: Some(Fallback {
+                current_problem: problem,
+            }),
+            kdf_time: Duration::ZERO,
+        })
+    }
+
+    fn from_header(
+        paths: SealedPaths,
+        guest: GuestId,
+        header: Header,
+        data_key: DataKey,
+        unlocked_slot: Option<usize>,
+        current_damaged: bool,
+    ) -> SealedState {
+        let unlocked_slot = unlocked_slot.filter(|i| *i < header.keyslots.len());
+        SealedState {
+            paths,
+            guest,
+            spec: header.bound.spec,
+            generation: header.bound.generation,
+            keyslots: header.keyslots,
+            data_key,
+            unlocked_slot,
+            current_damaged,
+        }
+    }
+
     /// The key for swtpm's own state encryption (see [`DataKey::swtpm_state_key`]).
     pub fn swtpm_state_key(&self) -> Result<SecretBuf, VaultError> {
         self.data_key.swtpm_state_key(&self.guest)
@@ -322,6 +409,35 @@ impl SealedState {
         self.current_damaged = current_damaged;
         self
     }
+}
+
+/// [`SealedState::handover`]'s layout.
+const HANDOVER_VERSION: u8 = 1;
+const NO_SLOT: u8 = 0xff;
+const HANDOVER_LEN: usize = 2 + format::DATA_KEY_LEN;
+
+/// Decodes one file and opens its body with `data_key` (a handover).
+/// A body that fails authentication counts as damage, so the previous
+/// generation is tried: the key cannot tell a corrupt body from its own
+/// mismatch.
+fn resume_file(
+    path: &Path,
+    guest: &GuestId,
+    data_key: &DataKey,
+) -> Result<(Header, StateArchive), VaultError> {
+    let bytes = durable::read(path, MAX_FILE_LEN)?.ok_or_else(|| VaultError::Missing {
+        path: path.to_owned(),
+    })?;
+    let (header, body) = decode(path, &bytes)?;
+    if header.bound.guest != *guest {
+        return Err(VaultError::GuestMismatch {
+            path: path.to_owned(),
+            expected: *guest,
+            found: header.bound.guest,
+        });
+    }
+    let archive = open_body(path, &header, body, data_key, guest)?;
+    Ok((header, archive))
 }
 
 fn refuse_existing(paths: &SealedPaths) -> Result<(), VaultError> {

@@ -116,7 +116,38 @@ impl Daemon {
         i32::try_from(self.child.as_ref().unwrap().id()).unwrap()
     }
 
-    /// SIGTERM and wait; returns the exit status code.
+    /// SIGKILL and reap (a crash); guests' swtpms keep running.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the binary on the same directories, where it must fail;
+    /// returns its exit code and stderr.
+    pub fn start_expecting_failure(&self, socket: &Path) -> (Option<i32>, String) {
+        let out = Command::new(env!("CARGO_BIN_EXE_vtpmd"))
+            .arg("--config")
+            .arg(&self.config)
+            .arg("--state-dir")
+            .arg(&self.state_dir)
+            .arg("--runtime-dir")
+            .arg(&self.runtime_dir)
+            .arg("--socket")
+            .arg(socket)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// SIGTERM and wait; returns the exit status code. Guests' swtpms keep
+    /// running (Drain stops them).
     pub fn stop(&mut self) -> Option<i32> {
         let mut child = self.child.take()?;
         let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap());
@@ -321,8 +352,60 @@ impl Events {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
+        // A SIGTERM leaves guests running (they outlive vtpmd): stop them
+        // first, then make sure no swtpm of this test outlives it.
+        if self.child.is_some() {
+            if let Ok(mut c) = Client::try_connect(&self.socket) {
+                let _ = c.manager("Drain", json!({}));
+            }
+        }
         self.stop();
+        kill_swtpms_under(&self.runtime_dir);
     }
+}
+
+/// SIGKILLs every swtpm whose command line names `runtime_dir` (what a
+/// test that fails half-way would otherwise leave behind).
+pub fn kill_swtpms_under(runtime_dir: &Path) {
+    for pid in swtpms_under(runtime_dir) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+}
+
+/// The live (not zombie) swtpm processes whose command line names
+/// `runtime_dir`.
+pub fn swtpms_under(runtime_dir: &Path) -> Vec<i32> {
+    let needle = format!("dir={}/", runtime_dir.display());
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if cmdline.contains("swtpm") && cmdline.contains(&needle) && is_alive(pid) {
+            found.push(pid);
+        }
+    }
+    found
+}
+
+/// Whether `pid` runs (exists and is not a zombie).
+pub fn is_alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().next().map(|st| st != "Z"))
+        })
+        .unwrap_or(false)
 }
 
 pub struct Client {

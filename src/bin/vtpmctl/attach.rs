@@ -203,6 +203,7 @@ mod tests {
             ctrl_socket: Some("/run/vtpmd/g/0f6a/ctrl.sock".into()),
             generation: 3,
             failure: None,
+            reason: None,
         }
     }
 

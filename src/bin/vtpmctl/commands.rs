@@ -129,6 +129,12 @@ pub enum Online {
         #[command(flatten)]
         conn: Conn,
     },
+    /// Stop every running guest (final reseal, plaintext wiped), for host
+    /// maintenance; restarting vtpmd stops none.
+    Drain {
+        #[command(flatten)]
+        conn: Conn,
+    },
     /// Remove a guest's sealed state for good (refused while it runs).
     Delete {
         /// The guest's id: a canonical lowercase UUID.
@@ -200,6 +206,7 @@ impl Online {
             | Self::Stop { conn, .. }
             | Self::Status { conn, .. }
             | Self::List { conn }
+            | Self::Drain { conn }
             | Self::Delete { conn, .. }
             | Self::Rekey { conn, .. }
             | Self::Monitor { conn, .. }
@@ -287,20 +294,8 @@ pub fn run(command: Online) -> Result<Option<Printed>, ClientError> {
         Online::Status { guest, conn } => {
             guest_reply(conn.connect()?.call("Status", &guest_params(guest))?)
         }
-        Online::List { conn } => {
-            let reply = conn.connect()?.call("List", &Map::new())?;
-            let guests = reply
-                .get("guests")
-                .and_then(Value::as_array)
-                .ok_or_else(|| unexpected("no guests array"))?
-                .iter()
-                .map(guest_view)
-                .collect::<Result<Vec<_>, _>>()?;
-            Ok(Some(Printed {
-                human: output::guest_table(&guests),
-                json: reply,
-            }))
-        }
+        Online::List { conn } => list_like(conn, "List"),
+        Online::Drain { conn } => list_like(conn, "Drain"),
         Online::Delete { guest, conn } => {
             let reply = conn.connect()?.call("Delete", &guest_params(guest))?;
             Ok(Some(Printed {
@@ -480,6 +475,22 @@ fn decode<T: serde::de::DeserializeOwned>(reply: &Value) -> Result<T, ClientErro
 
 fn unexpected(what: &str) -> ClientError {
     ClientError::UnexpectedReply(serde::de::Error::custom(what))
+}
+
+/// List and Drain: a call that answers with guests, shown as a table.
+fn list_like(conn: Conn, method: &str) -> Result<Option<Printed>, ClientError> {
+    let reply = conn.connect()?.call(method, &Map::new())?;
+    let guests = reply
+        .get("guests")
+        .and_then(Value::as_array)
+        .ok_or_else(|| unexpected("no guests array"))?
+        .iter()
+        .map(guest_view)
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Some(Printed {
+        human: output::guest_table(&guests),
+        json: reply,
+    }))
 }
 
 #[cfg(test)]

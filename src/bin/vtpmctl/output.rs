@@ -113,6 +113,9 @@ pub fn guest(g: &GuestView) -> String {
     if let Some(failure) = &g.failure {
         rows.push(("failure", failure.clone()));
     }
+    if let Some(reason) = &g.reason {
+        rows.push(("reason", reason.clone()));
+    }
     key_values(&rows)
 }
 
@@ -195,6 +198,9 @@ pub fn event(e: &MonitorReply) -> String {
     if let Some(failure) = &g.failure {
         let _ = write!(line, " failure={failure:?}");
     }
+    if let Some(reason) = &g.reason {
+        let _ = write!(line, " reason={reason:?}");
+    }
     if let Some(ms) = e.reseal_ms {
         let _ = write!(line, " reseal_ms={ms:.1}");
     }
@@ -229,6 +235,7 @@ mod tests {
             ctrl_socket: Some(format!("/run/vtpmd/guests/{G}/ctrl.sock")),
             generation: 7,
             failure: None,
+            reason: None,
         }
     }
 

@@ -47,6 +47,9 @@ pub enum ExitReason {
     Signaled(Signal),
     /// It was killed by a signal nix has no name for (a real-time signal).
     SignaledNumber(i32),
+    /// An adopted swtpm ended; its status went to its parent (init or the
+    /// service manager), not to vtpmd.
+    Unknown,
 }
 
 impl std::fmt::Display for ExitReason {
@@ -55,6 +58,7 @@ impl std::fmt::Display for ExitReason {
             ExitReason::Exited(code) => write!(f, "exited with status {code}"),
             ExitReason::Signaled(sig) => write!(f, "was killed by {sig}"),
             ExitReason::SignaledNumber(n) => write!(f, "was killed by signal {n}"),
+            ExitReason::Unknown => write!(f, "exited (status unknown: not vtpmd's child)"),
         }
     }
 }
@@ -85,7 +89,13 @@ impl ExitReason {
 #[derive(Debug)]
 pub struct Swtpm {
     guest: GuestId,
-    child: Child,
+    /// `None` for a swtpm adopted from an earlier vtpmd: it is not our
+    /// child, so its exit is seen on the pidfd only and never reaped here.
+    child: Option<Child>,
+    pid: u32,
+    /// Its start time in clock ticks since boot (`/proc/PID/stat` field
+    /// 22): with the pid, what tells this process from a later one.
+    start_time: u64,
     pidfd: OwnedFd,
     ctrl_path: PathBuf,
     /// (st_dev, st_ino) of the socket vtpmd bound, so cleanup never removes
@@ -100,7 +110,11 @@ pub struct Swtpm {
     ready_probe: Option<UnixStream>,
     exit: Option<ExitReason>,
     cleaned: bool,
-    log: LogReader,
+    /// `None` for an adopted swtpm: its log pipe died with the vtpmd that
+    /// started it.
+    log: Option<LogReader>,
+    /// Set by [`Swtpm::detach`]: `Drop` leaves the process running.
+    detached: bool,
 }
 
 /// Starts swtpm as `spec` says; see the [module docs](super) for the steps.
@@ -133,7 +147,7 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> Result<Swtpm, SpawnError> {
     //    level=` without `fd=`: see `SpawnSpec::args` for why). Its reader
     //    starts once swtpm runs (the pipe holds what comes before), so
     //    creating that thread does not delay the exec.
-    let (log_read, log_write) = pipe("log pipe")?;
+    let (log_read, log_write) = log_pipe()?;
     let stdout = log_write.try_clone().map_err(|e| SpawnError::Fd {
         what: "log pipe",
         source: io_to_nix(&e),
@@ -210,11 +224,26 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> Result<Swtpm, SpawnError> {
         }
     };
 
+    // Not reaped yet, so the pid is still this child's.
+    let start_time = match super::procfs::start_time(child.id()) {
+        Ok(t) => t,
+        Err(source) => {
+            let _ = send_signal(child.id(), Signal::SIGKILL, other_user);
+            let _ = child.wait();
+            return Err(SpawnError::PidfdOpen {
+                pid: child.id(),
+                source,
+            });
+        }
+    };
+
     // From here on the guard's Drop (stop, reap, clean up) owns the socket.
     socket.armed = false;
     let mut swtpm = Swtpm {
         guest: spec.guest,
-        child,
+        pid: child.id(),
+        child: Some(child),
+        start_time,
         pidfd,
         ctrl_path: spec.ctrl_socket.clone(),
         ctrl_id,
@@ -223,7 +252,8 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> Result<Swtpm, SpawnError> {
         ready_probe,
         exit: None,
         cleaned: false,
-        log,
+        log: Some(log),
+        detached: false,
     };
 
     // 6. An immediate exit (bad option, key unreadable, state directory
@@ -240,12 +270,57 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> Result<Swtpm, SpawnError> {
 }
 
 impl Swtpm {
+    /// The guard of an adopted swtpm (see [`adopt`](super::adopt)).
+    pub(super) fn adopted(
+        a: &super::Adoption,
+        pidfd: OwnedFd,
+        other_user: Option<(Uid, Gid)>,
+    ) -> Swtpm {
+        Swtpm {
+            guest: a.guest,
+            child: None,
+            pid: a.pid,
+            start_time: a.start_time,
+            pidfd,
+            ctrl_path: a.ctrl_socket.clone(),
+            ctrl_id: a.ctrl_id,
+            lock_path: a.state_dir.join(".lock"),
+            other_user,
+            ready_probe: None,
+            exit: None,
+            cleaned: false,
+            log: None,
+            detached: false,
+        }
+    }
+
     pub fn guest(&self) -> GuestId {
         self.guest
     }
 
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.pid
+    }
+
+    /// Clock ticks since boot when the process started (`/proc/PID/stat`).
+    pub fn start_time(&self) -> u64 {
+        self.start_time
+    }
+
+    /// (st_dev, st_ino) of the control socket vtpmd bound.
+    pub fn ctrl_id(&self) -> (u64, u64) {
+        self.ctrl_id
+    }
+
+    /// Whether this swtpm was adopted from an earlier vtpmd (not our child).
+    pub fn is_adopted(&self) -> bool {
+        self.child.is_none()
+    }
+
+    /// Lets the process go on running when this guard is dropped: vtpmd is
+    /// exiting and a later vtpmd adopts it. Nothing is cleaned up.
+    pub fn detach(mut self) {
+        self.detached = true;
     }
 
     /// Readable (POLLIN) once the child has exited; register it with an
@@ -260,7 +335,7 @@ impl Swtpm {
 
     /// swtpm's last log lines (stderr included), oldest first.
     pub fn log_tail(&self) -> Vec<String> {
-        self.log.tail()
+        self.log.as_ref().map(LogReader::tail).unwrap_or_default()
     }
 
     /// The control connection made before swtpm started, if
@@ -279,17 +354,32 @@ impl Swtpm {
     /// then still recorded ([`exit_reason`](Swtpm::exit_reason)).
     pub fn try_exit(&mut self) -> Result<Option<ExitReason>, SpawnError> {
         if self.exit.is_none() {
-            let status = self.child.try_wait().map_err(|source| SpawnError::Wait {
-                pid: self.child.id(),
-                source,
-            })?;
-            let Some(status) = status else {
-                return Ok(None);
+            let reason = match self.child.as_mut() {
+                Some(child) => {
+                    let status = child.try_wait().map_err(|source| SpawnError::Wait {
+                        pid: self.pid,
+                        source,
+                    })?;
+                    let Some(status) = status else {
+                        return Ok(None);
+                    };
+                    ExitReason::from_status(status)
+                }
+                None => {
+                    if !pidfd_exited(self.pidfd.as_fd()).map_err(|source| SpawnError::Wait {
+                        pid: self.pid,
+                        source,
+                    })? {
+                        return Ok(None);
+                    }
+                    ExitReason::Unknown
+                }
             };
-            let reason = ExitReason::from_status(status);
             self.exit = Some(reason);
-            self.log.wait_eof(LOG_EOF_WAIT);
-            tracing::debug!(guest = %self.guest, pid = self.pid(), "swtpm {reason}");
+            if let Some(log) = self.log.as_mut() {
+                log.wait_eof(LOG_EOF_WAIT);
+            }
+            tracing::debug!(guest = %self.guest, pid = self.pid, "swtpm {reason}");
         }
         self.cleanup()?;
         Ok(self.exit)
@@ -315,7 +405,7 @@ impl Swtpm {
                 Ok(_) | Err(Errno::EINTR) => {}
                 Err(e) => {
                     return Err(SpawnError::Wait {
-                        pid: self.child.id(),
+                        pid: self.pid,
                         source: e.into(),
                     });
                 }
@@ -343,9 +433,30 @@ impl Swtpm {
     }
 
     fn signal(&self, signal: Signal) -> Result<(), SpawnError> {
-        // The child is not reaped yet (only this guard reaps), so the pid
-        // still names it, even as a zombie.
-        send_signal(self.child.id(), signal, self.other_user)
+        if self.child.is_some() {
+            // The child is not reaped yet (only this guard reaps), so the
+            // pid still names it, even as a zombie.
+            return send_signal(self.pid, signal, self.other_user);
+        }
+        // Adopted: someone else reaps it, so its pid could be reused once
+        // it exits. Through the pidfd when it runs as vtpmd's uid; as its
+        // own uid otherwise, after checking it still runs (a reused pid
+        // would need a process of that uid, which is this guest's alone).
+        match self.other_user {
+            None => {
+                pidfd_send_signal(self.pidfd.as_fd(), signal).map_err(|source| SpawnError::Signal {
+                    pid: self.pid,
+                    signal,
+                    source,
+                })
+            }
+            Some(_) => {
+                if pidfd_exited(self.pidfd.as_fd()).unwrap_or(false) {
+                    return Ok(());
+                }
+                send_signal(self.pid, signal, self.other_user)
+            }
+        }
     }
 
     fn cleanup(&mut self) -> Result<(), SpawnError> {
@@ -360,6 +471,9 @@ impl Swtpm {
 
 impl Drop for Swtpm {
     fn drop(&mut self) {
+        if self.detached {
+            return;
+        }
         // Never leave a zombie: stop a running child, reap an exited one.
         if let Err(e) = self.stop(DROP_GRACE) {
             tracing::warn!(guest = %self.guest, pid = self.pid(),
@@ -531,13 +645,26 @@ fn place_fds(fds: &[(RawFd, RawFd); 2], cloexec_flag: libc::c_int) -> std::io::R
 }
 
 /// Runs in the child after `place_fds`: umask 022 (vtpmd's own is 077), so
-/// swtpm's state files get exactly `--tpmstate mode=`, and no new
-/// privileges, so nothing swtpm could exec gains any (setuid bits and file
-/// capabilities are ignored). Async-signal-safe: two syscalls, no
+/// swtpm's state files get exactly `--tpmstate mode=`; no new privileges,
+/// so nothing swtpm could exec gains any (setuid bits and file
+/// capabilities are ignored); and detached from vtpmd, whose restart or
+/// crash must not end a guest's TPM: its own session (no signal for
+/// vtpmd's process group or terminal reaches it) and SIGPIPE ignored
+/// (std resets it to the default before this runs; a log pipe without a
+/// reader must not kill it). Async-signal-safe: four syscalls, no
 /// allocation.
 fn restrict_child() -> std::io::Result<()> {
     // SAFETY: umask(2) takes an integer and cannot fail.
     unsafe { libc::umask(0o022) };
+    // SAFETY: setsid(2) takes nothing; a fresh child is never a group
+    // leader, so it cannot fail with EPERM.
+    if unsafe { libc::setsid() } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: signal(2) with SIG_IGN installs no handler code.
+    if unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) } == libc::SIG_ERR {
+        return Err(std::io::Error::last_os_error());
+    }
     // SAFETY: prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) takes integers only.
     if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
         return Err(std::io::Error::last_os_error());
@@ -545,7 +672,56 @@ fn restrict_child() -> std::io::Result<()> {
     Ok(())
 }
 
-fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
+/// Whether the process behind `pidfd` has exited (the pidfd is readable),
+/// without waiting.
+fn pidfd_exited(pidfd: BorrowedFd<'_>) -> std::io::Result<bool> {
+    let mut fds = [PollFd::new(pidfd, PollFlags::POLLIN)];
+    loop {
+        match poll(&mut fds, PollTimeout::ZERO) {
+            Ok(n) => return Ok(n > 0),
+            Err(Errno::EINTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+fn pidfd_send_signal(pidfd: BorrowedFd<'_>, signal: Signal) -> nix::Result<()> {
+    let sig = signal as libc::c_int;
+    let null: *const libc::siginfo_t = std::ptr::null();
+    let flags: libc::c_uint = 0;
+    // SAFETY: pidfd_send_signal(2) with a pidfd we hold open, a signal
+    // number, a null siginfo (the kernel fills in a default) and no flags.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            sig,
+            null,
+            flags,
+        )
+    };
+    if ret < 0 { Err(Errno::last()) } else { Ok(()) }
+}
+
+/// The log pipe, its write end (swtpm's) non-blocking: swtpm outlives
+/// vtpmd, and with nobody reading a full pipe must cost swtpm a log line,
+/// never a blocked TPM command. (It also ignores SIGPIPE, so a pipe whose
+/// reader is gone is an error for its write, not its death.)
+fn log_pipe() -> Result<(OwnedFd, OwnedFd), SpawnError> {
+    let (read, write) = pipe("log pipe")?;
+    let flags = fcntl(write.as_fd(), FcntlArg::F_GETFL).map_err(|source| SpawnError::Fd {
+        what: "log pipe",
+        source,
+    })?;
+    let flags = OFlag::from_bits_retain(flags) | OFlag::O_NONBLOCK;
+    fcntl(write.as_fd(), FcntlArg::F_SETFL(flags)).map_err(|source| SpawnError::Fd {
+        what: "log pipe",
+        source,
+    })?;
+    Ok((read, write))
+}
+
+pub(super) fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
     let pid =
         libc::pid_t::try_from(pid).map_err(|_| std::io::Error::from(ErrorKind::InvalidInput))?;
     let flags: libc::c_uint = 0;

@@ -28,11 +28,14 @@
 //! a short-lived helper that takes on its uid ([`signal_as`]), so vtpmd
 //! needs no `CAP_KILL`.
 
+mod adopt;
 mod as_user;
 mod child;
 mod log;
+pub(crate) mod procfs;
 mod spec;
 
+pub use adopt::{AdoptError, Adoption, adopt};
 pub use as_user::{AsUserError, listening_as, signal_as};
 pub use child::{ExitReason, Swtpm};
 pub use spec::{SpawnSpec, SpecError};

@@ -1,0 +1,219 @@
+//! Taking over at start-up what an earlier vtpmd left running or unsealed.
+//!
+//! A live swtpm (found and proven by `recover`) becomes the guest's run
+//! again, with the same pid and control socket, watched through its pidfd
+//! like a child. With its key back from the fd store, the sealed state is
+//! resumed, whatever swtpm wrote while no vtpmd ran is sealed at once, and
+//! resealing goes on; without it the guest is `running` with the reason,
+//! until a Start brings the passphrase (`reattach`). A runtime directory
+//! whose swtpm ended meanwhile is sealed when its key came back, and kept
+//! for the next Start otherwise.
+
+use std::sync::{Arc, Mutex};
+
+use tokio::task::JoinSet;
+
+use crate::error_chain::chain;
+use crate::store;
+use crate::swtpm::spawn::Swtpm;
+use crate::vault::SealedState;
+
+use super::finish::LEFTOVER_REASON;
+use super::guest::{Guest, Run, Slot};
+use super::recover::Found;
+use super::reseal::{self, reseal_now};
+use super::state::GuestState;
+use super::{EventKind, Shared, blocking, exit};
+
+/// Why an adopted guest runs without resealing.
+pub(super) const KEY_NEEDED_REASON: &str = "key needed to reseal: its swtpm was adopted after a vtpmd restart that brought no key back; Start with the passphrase re-attaches to it (the VMM stays attached)";
+
+/// Takes over every guest recovery found something of; returns how many
+/// swtpms were adopted.
+pub(super) async fn take_over(shared: &Arc<Shared>, found: Vec<(Arc<Guest>, Found)>) -> usize {
+    let mut tasks = JoinSet::new();
+    for (guest, what) in found {
+        let shared = Arc::clone(shared);
+        tasks.spawn(async move {
+            let mut slot = guest.lock_unbounded().await;
+            match what {
+                Found::Live(swtpm) => {
+                    adopt_live(&shared, &guest, &mut slot, swtpm).await;
+                    true
+                }
+                Found::Leftover => {
+                    seal_leftover(&shared, &guest, &mut slot).await;
+                    false
+                }
+            }
+        });
+    }
+    let mut adopted = 0;
+    while let Some(done) = tasks.join_next().await {
+        match done {
+            Ok(true) => adopted += 1,
+            Ok(false) => {}
+            Err(e) => tracing::error!("taking over a guest failed: {e}"),
+        }
+    }
+    adopted
+}
+
+async fn adopt_live(shared: &Arc<Shared>, guest: &Arc<Guest>, slot: &mut Slot, swtpm: Swtpm) {
+    let id = guest.id;
+    let pid = swtpm.pid();
+    let dir = shared.store.runtime_state_dir(id);
+    let socket = shared.store.ctrl_socket(id);
+    let pidfd = swtpm.pidfd().try_clone_to_owned();
+    shared.scopes.place(id, pid).await;
+    let epoch = slot.next_epoch();
+    let mut run = Run {
+        epoch,
+        swtpm,
+        sealer: None,
+        resealer: None,
+        watcher: None,
+        dir: dir.clone(),
+        socket: socket.clone(),
+    };
+    let mut generation = None;
+    let (reason, detail) = match shared.handover.take(id) {
+        None => (
+            Some(KEY_NEEDED_REASON.to_owned()),
+            format!(
+                "adopted the running swtpm (pid {pid}); no key came back, so nothing is resealed until a Start with the passphrase"
+            ),
+        ),
+        Some(key) => match resume(shared, guest, &mut run, key).await {
+            Ok(g) => {
+                generation = Some(g);
+                (
+                    None,
+                    format!(
+                        "adopted the running swtpm (pid {pid}) with its key; resealed after restart as generation {g}"
+                    ),
+                )
+            }
+            Err(e) => (
+                Some(KEY_NEEDED_REASON.to_owned()),
+                format!(
+                    "adopted the running swtpm (pid {pid}), but its key did not serve ({e}); nothing is resealed until a Start with the passphrase"
+                ),
+            ),
+        },
+    };
+    match pidfd {
+        Ok(pidfd) => {
+            run.watcher = Some(exit::spawn(
+                Arc::clone(shared),
+                Arc::clone(guest),
+                epoch,
+                pidfd,
+            ))
+        }
+        Err(e) => {
+            tracing::error!(guest = %id, "cannot watch the adopted swtpm's pidfd: {e}; its exit will only be seen by Stop")
+        }
+    }
+    slot.run = Some(run);
+    let info = guest.update(|i| {
+        i.state = GuestState::Running;
+        i.pid = Some(pid);
+        i.ctrl_socket = Some(socket);
+        i.failure = None;
+        i.reason = reason;
+        if let Some(g) = generation {
+            i.generation = i.generation.max(g);
+        }
+    });
+    tracing::info!(guest = %id, pid, "{detail}");
+    shared.publish(EventKind::Adopted, info, Some(detail));
+}
+
+/// Resumes the sealed state with the key that came back, seals what
+/// swtpm wrote while no vtpmd ran and starts resealing. Returns the
+/// generation sealed.
+async fn resume(
+    shared: &Arc<Shared>,
+    guest: &Arc<Guest>,
+    run: &mut Run,
+    key: crate::secret::SecretBuf,
+) -> Result<u64, String> {
+    let id = guest.id;
+    let paths = shared.store.sealed_paths(id);
+    let opened = blocking(id, "resume", move || SealedState::resume(paths, id, &key))
+        .await
+        .map_err(|e| chain(&e))?
+        .map_err(|e| chain(&e))?;
+    // Watch before reading: a write after this point raises a reseal.
+    let watch = shared
+        .watcher
+        .watch(&run.dir)
+        .map_err(|e| format!("cannot watch {}: {e}", run.dir.display()))?;
+    let sealer = Arc::new(Mutex::new(opened.state));
+    let (for_seal, dir) = (Arc::clone(&sealer), run.dir.clone());
+    let generation = blocking(id, "reseal", move || reseal_now(&for_seal, &dir))
+        .await
+        .map_err(|e| chain(&e))?
+        .map_err(|e| chain(&e))?;
+    run.resealer = Some(reseal::spawn(
+        Arc::clone(shared),
+        Arc::clone(guest),
+        Arc::clone(&sealer),
+        run.dir.clone(),
+        watch,
+    ));
+    run.sealer = Some(sealer);
+    Ok(generation)
+}
+
+/// A runtime directory whose swtpm ended while no vtpmd ran.
+async fn seal_leftover(shared: &Arc<Shared>, guest: &Arc<Guest>, slot: &mut Slot) {
+    let id = guest.id;
+    let dir = shared.store.runtime_state_dir(id);
+    let socket = shared.store.ctrl_socket(id);
+    let sealed = match shared.handover.take(id) {
+        None => Err("no key came back".to_owned()),
+        Some(key) => {
+            let paths = shared.store.sealed_paths(id);
+            blocking(id, "seal the writes left behind", move || {
+                let mut state = SealedState::resume(paths, id, &key)
+                    .map_err(|e| chain(&e))?
+                    .state;
+                let (generation, _) =
+                    reseal::seal_leftover(&mut state, &dir).map_err(|e| chain(&e))?;
+                // Sealed: now the plaintext may go.
+                store::wipe_dir(&dir)
+                    .and_then(|()| store::remove_socket(&socket))
+                    .map_err(|e| chain(&e))?;
+                Ok(generation)
+            })
+            .await
+            .map_err(|e| chain(&e))
+            .and_then(|r| r)
+        }
+    };
+    match sealed {
+        Ok(generation) => {
+            shared.handover.remove(id);
+            let info = guest.update(|i| {
+                i.generation = i.generation.max(generation);
+                i.reason = None;
+            });
+            let detail = format!(
+                "the writes its swtpm made before it ended while vtpmd was down are sealed as generation {generation}"
+            );
+            tracing::info!(guest = %id, generation, "{detail}");
+            shared.publish(EventKind::Stopped, info, Some(detail));
+        }
+        Err(why) => {
+            tracing::warn!(guest = %id, "runtime directory kept for the next Start: {why}");
+            slot.unsealed_leftover = true;
+            guest.update(|i| {
+                if i.state != GuestState::Failed {
+                    i.reason = Some(LEFTOVER_REASON.to_owned());
+                }
+            });
+        }
+    }
+}

@@ -1,0 +1,94 @@
+//! Start of a guest that runs without its key: a swtpm adopted after a
+//! restart of vtpmd that brought no key back (no fd store, e.g. vtpmd run
+//! by hand, or `systemctl stop` then `start`). The passphrase opens the
+//! sealed state again; vtpmd then takes that same swtpm over (no new
+//! process: the VMM stays attached and notices nothing), seals what it
+//! wrote meanwhile, and reseals it from then on.
+
+use std::sync::{Arc, Mutex, PoisonError};
+
+use crate::secret::SecretBuf;
+use crate::store::StoreError;
+use crate::vault::SealedState;
+
+use super::guest::{Guest, Slot};
+use super::reseal::{self, reseal_now};
+use super::state::GuestState;
+use super::{EventKind, GuestInfo, Shared, SupervisorError, blocking};
+
+pub(super) async fn reattach(
+    shared: &Arc<Shared>,
+    guest: &Arc<Guest>,
+    slot: &mut Slot,
+    passphrase: SecretBuf,
+) -> Result<GuestInfo, SupervisorError> {
+    let id = guest.id;
+    let paths = shared.store.sealed_paths(id);
+    let policy = shared.config.kdf;
+    let opened = shared
+        .kdf(id, "unseal", move || {
+            let opened = SealedState::open(paths, id, &passphrase, &policy);
+            drop(passphrase);
+            opened
+        })
+        .await?
+        .map_err(|e| SupervisorError::from_vault(id, "open", e))?;
+    let Some(run) = slot.run.as_mut() else {
+        return Err(not_running(guest));
+    };
+    let dir = run.dir.clone();
+    let pid = run.swtpm.pid();
+    // Watch before reading: a write after this point raises a reseal.
+    let watch = shared
+        .watcher
+        .watch(&dir)
+        .map_err(|e| SupervisorError::Store {
+            guest: id,
+            op: "watch the runtime directory",
+            source: StoreError::ReadDir {
+                path: dir.clone(),
+                source: e,
+            },
+        })?;
+    let sealer = Arc::new(Mutex::new(opened.state));
+    let (for_seal, dir2) = (Arc::clone(&sealer), dir.clone());
+    let generation = blocking(id, "reseal", move || reseal_now(&for_seal, &dir2))
+        .await?
+        .map_err(|source| SupervisorError::Vault {
+            guest: id,
+            op: "seal the writes made without a key by",
+            source,
+        })?;
+    shared
+        .handover
+        .push(id, &sealer.lock().unwrap_or_else(PoisonError::into_inner));
+    let resealer = reseal::spawn(
+        Arc::clone(shared),
+        Arc::clone(guest),
+        Arc::clone(&sealer),
+        dir,
+        watch,
+    );
+    run.sealer = Some(sealer);
+    run.resealer = Some(resealer);
+    let info = guest.update(|i| {
+        i.generation = i.generation.max(generation);
+        i.reason = None;
+    });
+    tracing::info!(guest = %id, pid, generation, "re-attached to the running swtpm; its writes are sealed");
+    shared.publish(
+        EventKind::Running { start: None },
+        info.clone(),
+        Some(format!(
+            "re-attached to the running swtpm (pid {pid}); its writes are sealed as generation {generation}"
+        )),
+    );
+    Ok(info)
+}
+
+fn not_running(guest: &Guest) -> SupervisorError {
+    SupervisorError::GuestNotRunning {
+        guest: guest.id,
+        state: GuestState::Stopped,
+    }
+}
