@@ -65,7 +65,7 @@ async fn adopt_live(shared: &Arc<Shared>, guest: &Arc<Guest>, slot: &mut Slot, s
     let dir = shared.store.runtime_state_dir(id);
     let socket = shared.store.ctrl_socket(id);
     let pidfd = swtpm.pidfd().try_clone_to_owned();
-    shared.scopes.place(id, pid).await;
+    shared.scopes.place(id, pid, true).await;
     let epoch = slot.next_epoch();
     let mut run = Run {
         epoch,

@@ -384,6 +384,7 @@ impl Supervisor {
             what: format!("cannot create an inotify instance: {e}"),
         })?;
         let (events, _) = broadcast::channel(EVENT_CAPACITY);
+        let scopes = scopes::Scopes::connect().await;
         let registry = Registry::default();
         let mut found = Vec::new();
         for recovered in guests {
@@ -406,7 +407,7 @@ impl Supervisor {
             gate: Arc::new(RwLock::new(())),
             registry,
             handover: handover::Handover::new(keys),
-            scopes: scopes::Scopes::default(),
+            scopes,
             _daemon_lock: daemon_lock,
         });
         let adopted = adopted::take_over(&shared, found).await;

@@ -284,7 +284,7 @@ async fn launch(
         });
     }
     shared.handover.push(id, &state);
-    shared.scopes.place(id, swtpm.pid()).await;
+    shared.scopes.place(id, swtpm.pid(), false).await;
 
     // 6. Running: the resealer and the exit watcher take over.
     let generation = state.generation();
