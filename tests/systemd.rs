@@ -595,16 +595,38 @@ systemctl poweroff
 /// because its own seccomp filter refuses mlock without that capability
 /// and it would cap LimitMEMLOCK= at this host's 8 MiB; the service's
 /// bounding set still holds just CAP_SETUID CAP_SETGID CAP_CHOWN.
-#[test]
-// Ignored until Start works under RestrictSUIDSGID=yes: the per-guest
-// runtime directory is chmod'ed to 02770, which that filter refuses (EPERM).
-fn the_shipped_unit_runs_guests_under_a_booted_systemd() {
-    let Some(nspawn) = tool("systemd-nspawn") else {
-        return;
-    };
+/// What a boot of the probe wrote: `key=value` lines of /out/result.
+struct Booted {
+    result: String,
+}
+
+impl Booted {
+    fn get(&self, key: &str) -> String {
+        self.result
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{key}=")))
+            .unwrap_or_else(|| panic!("no {key} in the result"))
+            .to_owned()
+    }
+}
+
+/// Boots systemd in a container (systemd-nspawn on this machine's /usr
+/// and a copy of /etc) with vtpmd.service and vtpmd.socket exactly as
+/// shipped, vtpmd and vtpmctl (and the example VMM) in /usr/local/bin, the
+/// repository read-only at /src and the binaries at /bins (for
+/// scripts/install), and runs `probe` as a oneshot unit after
+/// vtpmd.socket; it writes `key=value` lines to /out/result and powers the
+/// container off. `None` (with the reason printed) where nspawn cannot run.
+/// nspawn itself gets CAP_IPC_LOCK and an unlimited RLIMIT_MEMLOCK only
+/// because its own seccomp filter refuses mlock without that capability
+/// and it would cap LimitMEMLOCK= at this host's 8 MiB, and memfd_secret
+/// in its filter (which the unit allows too); the service's bounding set
+/// still holds just CAP_SETUID CAP_SETGID CAP_CHOWN.
+fn boot_with_probe(probe: &str) -> Option<Booted> {
+    let nspawn = tool("systemd-nspawn")?;
     if !nix::unistd::geteuid().is_root() {
         eprintln!("SKIPPED: systemd-nspawn needs root");
-        return;
+        return None;
     }
     let work = tempfile::Builder::new()
         .prefix("vtboot")
@@ -613,7 +635,7 @@ fn the_shipped_unit_runs_guests_under_a_booted_systemd() {
     let w = |p: &str| work.path().join(p);
     let root = w("root");
     for dir in [
-        "dev", "proc", "sys", "run", "tmp", "var/tmp", "usr/lib", "etc", "root",
+        "dev", "proc", "sys", "run", "tmp", "var/tmp", "usr/lib", "etc", "root", "src", "bins",
     ] {
         std::fs::create_dir_all(root.join(dir)).unwrap();
     }
@@ -633,16 +655,24 @@ fn the_shipped_unit_runs_guests_under_a_booted_systemd() {
     std::fs::write(root.join("etc/hostname"), "vtpmd-boot\n").unwrap();
     std::fs::write(root.join("etc/machine-id"), "").unwrap();
     std::fs::create_dir_all(w("local/bin")).unwrap();
+    std::fs::create_dir_all(w("bins")).unwrap();
     for bin in ["vtpmd", "vtpmctl"] {
-        std::fs::copy(
-            Path::new(VTPMD).with_file_name(bin),
-            w("local/bin").join(bin),
-        )
-        .unwrap();
+        let built = Path::new(VTPMD).with_file_name(bin);
+        std::fs::copy(&built, w("local/bin").join(bin)).unwrap();
+        std::fs::copy(&built, w("bins").join(bin)).unwrap();
+    }
+    // The example VMM, built beside the test binaries.
+    let vmm = Path::new(VTPMD)
+        .parent()
+        .unwrap()
+        .join("examples")
+        .join("vmm");
+    if vmm.exists() {
+        std::fs::copy(&vmm, w("local/bin").join("vmm")).unwrap();
     }
     std::fs::create_dir(w("out")).unwrap();
     std::fs::write(w("vtpmd.toml"), TEST_CONFIG).unwrap();
-    std::fs::write(w("probe.sh"), BOOT_PROBE).unwrap();
+    std::fs::write(w("probe.sh"), probe).unwrap();
     std::fs::set_permissions(w("probe.sh"), std::fs::Permissions::from_mode(0o755)).unwrap();
     std::fs::write(
         w("vtpmd-probe.service"),
@@ -651,16 +681,20 @@ fn the_shipped_unit_runs_guests_under_a_booted_systemd() {
     .unwrap();
     let bind = |src: PathBuf, dst: &str| format!("--bind-ro={}:{dst}", src.display());
     let mut cmd = Command::new("timeout");
-    cmd.arg("180")
+    cmd.arg("240")
         .arg(nspawn)
         .args(["--register=no", "--keep-unit", "--quiet", "-D"])
         .arg(&root)
         .args([
             "--capability=CAP_IPC_LOCK",
             "--rlimit=RLIMIT_MEMLOCK=infinity",
+            "--system-call-filter=memfd_secret",
             "--bind-ro=/usr",
         ])
-        .arg(bind(w("local"), "/usr/local"))
+        // Writable: scripts/install puts the binaries here.
+        .arg(format!("--bind={}:/usr/local", w("local").display()))
+        .arg(bind(PathBuf::from(REPO), "/src"))
+        .arg(bind(w("bins"), "/bins"))
         .arg(bind(
             unit("vtpmd.service"),
             "/etc/systemd/system/vtpmd.service",
@@ -689,25 +723,172 @@ fn the_shipped_unit_runs_guests_under_a_booted_systemd() {
     let log = std::fs::read_to_string(w("out/probe.log")).unwrap_or_default();
     let result = std::fs::read_to_string(w("out/result")).unwrap_or_default();
     eprintln!("--- probe.log\n{log}\n--- result\n{result}");
-    let get = |key: &str| {
-        result
-            .lines()
-            .find_map(|l| l.strip_prefix(&format!("{key}=")))
-            .unwrap_or_else(|| panic!("no {key} in the result"))
-            .to_owned()
+    Some(Booted { result })
+}
+
+#[test]
+fn the_shipped_unit_runs_guests_under_a_booted_systemd() {
+    let Some(b) = boot_with_probe(BOOT_PROBE) else {
+        return;
     };
-    assert_eq!(get("done"), "1");
-    assert_eq!(get("create"), "0", "Create failed under the unit");
-    assert_eq!(get("start"), "0", "Start failed under the unit");
-    assert_eq!(get("status"), "1 guest running");
+    assert_eq!(b.get("done"), "1");
+    assert_eq!(b.get("create"), "0", "Create failed under the unit");
+    assert_eq!(b.get("start"), "0", "Start failed under the unit");
+    assert_eq!(b.get("status"), "1 guest running");
     // CAP_CHOWN | CAP_SETGID | CAP_SETUID at most.
-    let caps = u64::from_str_radix(&get("vtpmd_capeff"), 16).unwrap();
+    let caps = u64::from_str_radix(&b.get("vtpmd_capeff"), 16).unwrap();
     assert_eq!(caps & !0xc1, 0, "vtpmd has more than its bounding set");
-    assert_eq!(get("vtpmd_seccomp"), "2");
-    assert_ne!(get("swtpm_uid"), "0");
-    assert_eq!(get("swtpm_capeff"), "0000000000000000");
-    assert_eq!(get("swtpm_nonewprivs"), "1");
-    assert_eq!(get("stop"), "0");
-    assert_eq!(get("service_result"), "success");
-    assert_eq!(get("socket_kept"), "yes");
+    assert_eq!(b.get("vtpmd_seccomp"), "2");
+    assert_ne!(b.get("swtpm_uid"), "0");
+    assert_eq!(b.get("swtpm_capeff"), "0000000000000000");
+    assert_eq!(b.get("swtpm_nonewprivs"), "1");
+    assert_eq!(b.get("stop"), "0");
+    assert_eq!(b.get("service_result"), "success");
+    assert_eq!(b.get("socket_kept"), "yes");
+}
+
+/// The guest side of the continuity boot test: a guest's VMM writes its
+/// TPM in a loop while the service is restarted, its main process
+/// SIGKILLed (Restart=on-failure brings it back), vtpmd reinstalled with
+/// scripts/install and restarted, then stopped and started; after each,
+/// Status and the unit's fd store say what vtpmd knows.
+const CONTINUITY_PROBE: &str = r#"#!/bin/bash
+exec 2>/out/probe.log
+set -x
+out=/out/result
+G=5d0c3f9e-1b2a-4c6d-8e7f-9a0b1c2d3e4f
+ctl() { vtpmctl --socket /run/vtpmd/vtpmd.sock "$@"; }
+field() { ctl status $G --json | tr -d '\n' | sed -n "s/.*\"$1\": *\"\{0,1\}\([^\",}]*\).*/\1/p"; }
+say() { echo "$1=$2" >>$out; }
+ready() { # the unit active again (a new main pid) and answering
+    for _ in $(seq 100); do
+        if [ "$(systemctl is-active vtpmd.service)" = active ] && ctl list >/dev/null 2>&1; then
+            return 0
+        fi
+        sleep 0.2
+    done
+    return 1
+}
+printf 'correct horse' >/tmp/pass
+ctl create $G --version 2.0 --passphrase-file /tmp/pass >&2
+ctl start $G --passphrase-file /tmp/pass >&2
+say start $?
+S=$(field ctrl_socket)
+P=$(field pid)
+vmm $S loop /tmp/stop >/tmp/acked 2>/tmp/vmm.err &
+V=$!
+sleep 1
+say scope "$(systemctl is-active vtpmd-guest-$G.scope)"
+say swtpm_scope "$(grep -o 'vtpmd-guest-[^/]*\.scope' /proc/$P/cgroup | head -1)"
+say scope_memory "$(systemctl show -p MemoryCurrent --value vtpmd-guest-$G.scope)"
+say fdstore "$(systemctl show -p NFileDescriptorStore --value vtpmd.service)"
+check() { # after an event: same swtpm, resealing (a key came back), writes go on
+    ready; say "$1_ready" $?
+    say "$1_pid" "$(field pid)"
+    say "$1_state" "$(field state)"
+    say "$1_reason" "$(field reason | cut -c1-20)"
+    g1=$(field generation); sleep 1; g2=$(field generation)
+    [ "$g2" -gt "$g1" ]; say "$1_resealing" $?
+    kill -0 $V; say "$1_vmm_alive" $?
+}
+systemctl restart vtpmd.service
+check restart
+kill -9 "$(systemctl show -p MainPID --value vtpmd.service)"
+sleep 2
+check crash
+/src/scripts/install --no-build --bin-dir /bins >&2
+say install $?
+systemctl restart vtpmd.service
+check reinstall
+say fdstore_after "$(systemctl show -p NFileDescriptorStore --value vtpmd.service)"
+systemctl stop vtpmd.service
+kill -0 $P; say stop_swtpm_alive $?
+say stop_fdstore "$(systemctl show -p NFileDescriptorStore --value vtpmd.service)"
+systemctl start vtpmd.service
+ready
+say stopped_state "$(field state)"
+say stopped_reason "$(field reason | cut -c1-20)"
+ctl start $G --passphrase-file /tmp/pass >&2
+say reattach $?
+say reattach_pid "$(field pid)"
+say reattach_reason "$(field reason)"
+touch /tmp/stop
+wait $V
+say vmm_exit $?
+last=$(grep '^acked ' /tmp/acked | tail -1 | cut -d' ' -f2)
+say acked "$last"
+for _ in $(seq 50); do [ "$(field state)" = stopped ] && break; sleep 0.2; done
+say final_state "$(field state)"
+ctl start $G --passphrase-file /tmp/pass >&2
+S=$(field ctrl_socket)
+say sealed "$(vmm $S read-counter - | sed -n 's/^counter //p')"
+say swtpm_pid "$P"
+journalctl -u vtpmd.service --no-pager >&2
+echo "done=1" >>$out
+systemctl poweroff
+"#;
+
+/// Continuity under a real systemd 252: a guest keeps its swtpm and its
+/// key across `systemctl restart`, a SIGKILL of the main process with
+/// `Restart=on-failure`, and a reinstall with scripts/install plus a
+/// restart (each time the key comes back from the fd store, so vtpmd
+/// goes on resealing with no passphrase); `systemctl stop` leaves the
+/// swtpm serving but drops the fd store, so after `start` the guest runs
+/// with "key needed to reseal" until a Start with the passphrase
+/// re-attaches. No write the VMM saw acknowledged is lost.
+#[test]
+fn under_systemd_guests_keep_their_tpm_and_key_across_restart_crash_and_reinstall() {
+    let Some(b) = boot_with_probe(CONTINUITY_PROBE) else {
+        return;
+    };
+    assert_eq!(b.get("done"), "1");
+    assert_eq!(b.get("start"), "0");
+    let pid = b.get("swtpm_pid");
+    assert_eq!(b.get("scope"), "active", "swtpm is not in its scope");
+    assert_eq!(
+        b.get("swtpm_scope"),
+        "vtpmd-guest-5d0c3f9e-1b2a-4c6d-8e7f-9a0b1c2d3e4f.scope"
+    );
+    assert_eq!(b.get("fdstore"), "1", "the key is not in the fd store");
+    for event in ["restart", "crash", "reinstall"] {
+        assert_eq!(b.get(&format!("{event}_ready")), "0", "{event}: not back");
+        assert_eq!(
+            b.get(&format!("{event}_pid")),
+            pid,
+            "{event}: another swtpm"
+        );
+        assert_eq!(b.get(&format!("{event}_state")), "running", "{event}");
+        assert_eq!(
+            b.get(&format!("{event}_reason")),
+            "",
+            "{event}: no key came back"
+        );
+        assert_eq!(
+            b.get(&format!("{event}_resealing")),
+            "0",
+            "{event}: not resealing"
+        );
+        assert_eq!(
+            b.get(&format!("{event}_vmm_alive")),
+            "0",
+            "{event}: the VMM failed"
+        );
+    }
+    assert_eq!(b.get("install"), "0");
+    assert_eq!(
+        b.get("stop_swtpm_alive"),
+        "0",
+        "stop killed the guest's swtpm"
+    );
+    assert_eq!(b.get("stop_fdstore"), "0");
+    assert_eq!(b.get("stopped_state"), "running");
+    assert_eq!(b.get("stopped_reason"), "key needed to reseal");
+    assert_eq!(b.get("reattach"), "0");
+    assert_eq!(b.get("reattach_pid"), pid);
+    assert_eq!(b.get("reattach_reason"), "");
+    assert_eq!(b.get("vmm_exit"), "0", "a TPM write failed");
+    assert_eq!(b.get("final_state"), "stopped");
+    let acked: u64 = b.get("acked").parse().unwrap();
+    assert!(acked > 100, "{acked}");
+    assert_eq!(b.get("sealed"), b.get("acked"), "acknowledged writes lost");
 }
