@@ -65,7 +65,11 @@ async fn adopt_live(shared: &Arc<Shared>, guest: &Arc<Guest>, slot: &mut Slot, s
     let dir = shared.store.runtime_state_dir(id);
     let socket = shared.store.ctrl_socket(id);
     let pidfd = swtpm.pidfd().try_clone_to_owned();
-    shared.scopes.place(id, pid, true).await;
+    // In the background: a scope's start job waits for vtpmd.service's own
+    // (the scope is ordered after it), which ends only at READY=1, after
+    // this start-up. Normally the swtpm is in its scope already.
+    let for_scope = Arc::clone(shared);
+    tokio::spawn(async move { for_scope.scopes.place(id, pid, true).await });
     let epoch = slot.next_epoch();
     let mut run = Run {
         epoch,
