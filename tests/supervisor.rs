@@ -253,7 +253,14 @@ async fn lifecycle(version: TpmVersion, model: TpmModel, ek_certificate: bool) {
     let stopped = sup.stop_guest(g).await.unwrap();
     drop(vmm);
     assert_eq!(stopped.state, GuestState::Stopped, "{:?}", stopped.failure);
-    assert!(stopped.generation >= 2, "generation {}", stopped.generation);
+    // A TPM 2.0 NV write changes the state; a TPM 1.2 GetRandom need not
+    // (an unchanged state is not sealed again).
+    let written = if version == TpmVersion::V2_0 { 2 } else { 1 };
+    assert!(
+        stopped.generation >= written,
+        "generation {}",
+        stopped.generation
+    );
     assert!(!is_our_swtpm(running.pid.unwrap()));
     assert_no_trace(&env, g);
 
@@ -440,9 +447,12 @@ async fn errors_are_typed_and_change_nothing() {
     sup.start_guest(g, pass("pw")).await.unwrap();
     sup.stop_guest(g).await.unwrap();
 
-    // Damage the body of both generations.
+    // Damage the body of both generations (a start that changed nothing
+    // wrote no second one).
     for path in [env.sealed(g), env.sealed(g).with_extension("sealed.prev")] {
-        let mut bytes = std::fs::read(&path).unwrap();
+        let Ok(mut bytes) = std::fs::read(&path) else {
+            continue;
+        };
         let last = bytes.len() - 1;
         bytes[last] ^= 0x01;
         std::fs::write(&path, bytes).unwrap();

@@ -515,3 +515,27 @@ fn a_handover_of_another_guest_or_a_damaged_one_is_refused() {
         "a refusal changed the file"
     );
 }
+
+#[test]
+fn an_unchanged_state_is_not_sealed_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let paths = create_small(dir.path());
+    let mut state = open_state(&paths);
+    let before = sha256_of(paths.current());
+
+    assert_eq!(state.seal_if_changed(&small_archive(1)).unwrap(), None);
+    assert_eq!(
+        sha256_of(paths.current()),
+        before,
+        "an unchanged state was rewritten"
+    );
+    assert_eq!(state.seal_if_changed(&small_archive(2)).unwrap(), Some(2));
+    assert_eq!(state.seal_if_changed(&small_archive(2)).unwrap(), None);
+    // Resumed from a handover, it knows what is sealed too.
+    let handover = state.handover().unwrap();
+    let mut resumed = SealedState::resume(paths.clone(), guest(), &handover)
+        .unwrap()
+        .state;
+    assert_eq!(resumed.seal_if_changed(&small_archive(2)).unwrap(), None);
+    assert_eq!(resumed.seal_if_changed(&small_archive(3)).unwrap(), Some(3));
+}

@@ -41,7 +41,7 @@ pub(super) async fn serve(mut stream: UnixStream, ctx: Arc<Context>) {
         }
     };
     loop {
-        let next = match timeout(ctx.limits.idle, rx.next(&mut stream)).await {
+        let (call, next) = match timeout(ctx.limits.idle, rx.next(&mut stream)).await {
             Err(_) => {
                 tracing::debug!(uid = peer.uid.as_raw(), "client idle too long; closing");
                 return;
@@ -53,13 +53,17 @@ pub(super) async fn serve(mut stream: UnixStream, ctx: Arc<Context>) {
                     limit,
                     "client message too large; closing"
                 );
-                Next::Close(invalid("message"))
+                (ctx.inflight.enter(), Next::Close(invalid("message")))
             }
             Ok(Err(e)) => {
                 tracing::debug!(error = %e, "client connection ended");
                 return;
             }
-            Ok(Ok(Some(message))) => handle(message, access, &peer, &ctx).await,
+            Ok(Ok(Some(message))) => {
+                let call = ctx.inflight.enter();
+                let next = handle(message, access, &peer, &ctx).await;
+                (call, next)
+            }
         };
         match next {
             Next::Reply(bytes) => {
@@ -72,11 +76,14 @@ pub(super) async fn serve(mut stream: UnixStream, ctx: Arc<Context>) {
                 return;
             }
             Next::Monitor => {
+                // A stream of events, not a call to wait for.
+                drop(call);
                 monitor(&mut stream, &ctx).await;
                 return;
             }
             Next::Silent => {}
         }
+        drop(call);
     }
 }
 

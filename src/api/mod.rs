@@ -12,6 +12,7 @@
 mod auth;
 mod connection;
 mod dispatch;
+mod inflight;
 mod recv;
 
 use std::io;
@@ -82,6 +83,7 @@ struct Context {
     supervisor: Arc<Supervisor>,
     groups: Groups,
     limits: Limits,
+    inflight: Arc<inflight::InFlight>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -136,25 +138,28 @@ pub fn bind(path: &Path) -> Result<UnixListener, ApiError> {
 }
 
 /// Serves clients until `shutdown` resolves; then stops accepting. Calls in
-/// progress finish on their own tasks.
+/// progress finish on their own tasks; the returned [`Answering`] lets the
+/// caller wait for their replies before the process exits.
 pub async fn serve(
     listener: UnixListener,
     supervisor: Arc<Supervisor>,
     groups: Groups,
     limits: Limits,
     shutdown: impl Future<Output = ()>,
-) {
+) -> Answering {
+    let inflight = Arc::new(inflight::InFlight::default());
     let ctx = Arc::new(Context {
         supervisor,
         groups,
         limits,
+        inflight: Arc::clone(&inflight),
     });
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     let mut refused = RefusedLog::default();
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
-            () = &mut shutdown => return,
+            () = &mut shutdown => return Answering(inflight),
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
                     let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
@@ -174,6 +179,19 @@ pub async fn serve(
                 }
             },
         }
+    }
+}
+
+/// The calls still being answered after [`serve`] returned.
+#[derive(Debug)]
+pub struct Answering(Arc<inflight::InFlight>);
+
+impl Answering {
+    /// Waits until every call in progress has written its reply, at most
+    /// `limit` (a client that does not read its reply must not hold the
+    /// exit).
+    pub async fn settle(&self, limit: Duration) {
+        self.0.settle(limit).await;
     }
 }
 

@@ -229,7 +229,7 @@ async fn serve(
             _ = sigint.recv() => tracing::info!("SIGINT: shutting down"),
         }
     };
-    api::serve(listener, Arc::clone(&supervisor), groups, limits, stop).await;
+    let answering = api::serve(listener, Arc::clone(&supervisor), groups, limits, stop).await;
     stopping.store(true, Ordering::SeqCst);
     if let Some(n) = &notifier {
         let running = running_guests(&supervisor);
@@ -242,6 +242,9 @@ async fn serve(
         }
     }
     supervisor.shutdown().await;
+    // Calls the shutdown refused or that finished meanwhile still owe
+    // their callers a reply.
+    answering.settle(Duration::from_secs(2)).await;
     if let Some(task) = notify_task {
         task.abort();
     }

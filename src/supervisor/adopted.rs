@@ -21,7 +21,7 @@ use crate::vault::SealedState;
 use super::finish::LEFTOVER_REASON;
 use super::guest::{Guest, Run, Slot};
 use super::recover::Found;
-use super::reseal::{self, reseal_now};
+use super::reseal;
 use super::state::GuestState;
 use super::{EventKind, Shared, blocking, exit};
 
@@ -89,12 +89,13 @@ async fn adopt_live(shared: &Arc<Shared>, guest: &Arc<Guest>, slot: &mut Slot, s
             ),
         ),
         Some(key) => match resume(shared, guest, &mut run, key).await {
-            Ok(g) => {
-                generation = Some(g);
+            Ok(caught_up) => {
+                generation = Some(caught_up.generation);
                 (
                     None,
                     format!(
-                        "adopted the running swtpm (pid {pid}) with its key; resealed after restart as generation {g}"
+                        "adopted the running swtpm (pid {pid}) with its key; resealed after restart: {}",
+                        caught_up.describe()
                     ),
                 )
             }
@@ -142,7 +143,7 @@ async fn resume(
     guest: &Arc<Guest>,
     run: &mut Run,
     key: crate::secret::SecretBuf,
-) -> Result<u64, String> {
+) -> Result<reseal::CaughtUp, String> {
     let id = guest.id;
     let paths = shared.store.sealed_paths(id);
     let opened = blocking(id, "resume", move || SealedState::resume(paths, id, &key))
@@ -154,12 +155,15 @@ async fn resume(
         .watcher
         .watch(&run.dir)
         .map_err(|e| format!("cannot watch {}: {e}", run.dir.display()))?;
-    let sealer = Arc::new(Mutex::new(opened.state));
-    let (for_seal, dir) = (Arc::clone(&sealer), run.dir.clone());
-    let generation = blocking(id, "reseal", move || reseal_now(&for_seal, &dir))
-        .await
-        .map_err(|e| chain(&e))?
-        .map_err(|e| chain(&e))?;
+    let (mut state, sealed, dir) = (opened.state, opened.archive, run.dir.clone());
+    let (caught_up, state) = blocking(id, "reseal", move || {
+        let caught_up = reseal::catch_up(&mut state, &sealed, &dir);
+        (caught_up, state)
+    })
+    .await
+    .map_err(|e| chain(&e))?;
+    let caught_up = caught_up.map_err(|e| chain(&e))?;
+    let sealer = Arc::new(Mutex::new(state));
     run.resealer = Some(reseal::spawn(
         Arc::clone(shared),
         Arc::clone(guest),
@@ -168,7 +172,7 @@ async fn resume(
         watch,
     ));
     run.sealer = Some(sealer);
-    Ok(generation)
+    Ok(caught_up)
 }
 
 /// A runtime directory whose swtpm ended while no vtpmd ran.
@@ -181,16 +185,15 @@ async fn seal_leftover(shared: &Arc<Shared>, guest: &Arc<Guest>, slot: &mut Slot
         Some(key) => {
             let paths = shared.store.sealed_paths(id);
             blocking(id, "seal the writes left behind", move || {
-                let mut state = SealedState::resume(paths, id, &key)
-                    .map_err(|e| chain(&e))?
-                    .state;
-                let (generation, _) =
-                    reseal::seal_leftover(&mut state, &dir).map_err(|e| chain(&e))?;
+                let opened = SealedState::resume(paths, id, &key).map_err(|e| chain(&e))?;
+                let mut state = opened.state;
+                let caught_up =
+                    reseal::catch_up(&mut state, &opened.archive, &dir).map_err(|e| chain(&e))?;
                 // Sealed: now the plaintext may go.
                 store::wipe_dir(&dir)
                     .and_then(|()| store::remove_socket(&socket))
                     .map_err(|e| chain(&e))?;
-                Ok(generation)
+                Ok(caught_up)
             })
             .await
             .map_err(|e| chain(&e))
@@ -198,14 +201,16 @@ async fn seal_leftover(shared: &Arc<Shared>, guest: &Arc<Guest>, slot: &mut Slot
         }
     };
     match sealed {
-        Ok(generation) => {
+        Ok(caught_up) => {
             shared.handover.remove(id);
+            let generation = caught_up.generation;
             let info = guest.update(|i| {
                 i.generation = i.generation.max(generation);
                 i.reason = None;
             });
             let detail = format!(
-                "the writes its swtpm made before it ended while vtpmd was down are sealed as generation {generation}"
+                "its swtpm ended while vtpmd was down; what it wrote is recovered: {}",
+                caught_up.describe()
             );
             tracing::info!(guest = %id, generation, "{detail}");
             shared.publish(EventKind::Stopped, info, Some(detail));

@@ -152,7 +152,9 @@ fn wind_down(
     // and `.lock`.
     drop(swtpm);
     let resealed = match &sealer {
-        Some(sealer) => reseal_now(sealer, dir).map_err(|e| Unsealed::Failed(chain(&e))),
+        Some(sealer) => reseal_now(sealer, dir)
+            .map(|(generation, _)| generation)
+            .map_err(|e| Unsealed::Failed(chain(&e))),
         None => Err(Unsealed::NoKey),
     };
     drop(sealer);

@@ -12,7 +12,7 @@ use crate::store::StoreError;
 use crate::vault::SealedState;
 
 use super::guest::{Guest, Slot};
-use super::reseal::{self, reseal_now};
+use super::reseal;
 use super::state::GuestState;
 use super::{EventKind, GuestInfo, Shared, SupervisorError, blocking};
 
@@ -50,15 +50,19 @@ pub(super) async fn reattach(
                 source: e,
             },
         })?;
-    let sealer = Arc::new(Mutex::new(opened.state));
-    let (for_seal, dir2) = (Arc::clone(&sealer), dir.clone());
-    let generation = blocking(id, "reseal", move || reseal_now(&for_seal, &dir2))
-        .await?
-        .map_err(|source| SupervisorError::Vault {
-            guest: id,
-            op: "seal the writes made without a key by",
-            source,
-        })?;
+    let (mut state, sealed, dir2) = (opened.state, opened.archive, dir.clone());
+    let (caught_up, state) = blocking(id, "reseal", move || {
+        let caught_up = reseal::catch_up(&mut state, &sealed, &dir2);
+        (caught_up, state)
+    })
+    .await?;
+    let caught_up = caught_up.map_err(|source| SupervisorError::Vault {
+        guest: id,
+        op: "seal the writes made without a key by",
+        source,
+    })?;
+    let generation = caught_up.generation;
+    let sealer = Arc::new(Mutex::new(state));
     shared
         .handover
         .push(id, &sealer.lock().unwrap_or_else(PoisonError::into_inner));
@@ -80,7 +84,8 @@ pub(super) async fn reattach(
         EventKind::Running { start: None },
         info.clone(),
         Some(format!(
-            "re-attached to the running swtpm (pid {pid}); its writes are sealed as generation {generation}"
+            "re-attached to the running swtpm (pid {pid}): {}",
+            caught_up.describe()
         )),
     );
     Ok(info)

@@ -35,10 +35,15 @@ pub(super) fn is_state_file(name: &str) -> bool {
     !name.starts_with("TMP") && !name.starts_with('.')
 }
 
-/// Archives `dir` and seals it as the next generation.
-pub(super) fn reseal_now(sealer: &Sealer, dir: &Path) -> Result<u64, VaultError> {
+/// Archives `dir` and seals it as the next generation, unless it holds
+/// exactly what is sealed already. Returns the generation that now holds
+/// the directory's state, and whether it was written just now.
+pub(super) fn reseal_now(sealer: &Sealer, dir: &Path) -> Result<(u64, bool), VaultError> {
     let mut state = sealer.lock().unwrap_or_else(PoisonError::into_inner);
-    state.seal(&archive_dir(dir)?)
+    Ok(match state.seal_if_changed(&archive_dir(dir)?)? {
+        Some(generation) => (generation, true),
+        None => (state.generation(), false),
+    })
 }
 
 /// The state files of `dir`, retried when one vanished under the reader.
@@ -56,15 +61,65 @@ fn archive_dir(dir: &Path) -> Result<StateArchive, VaultError> {
     }
 }
 
-/// Seals what a runtime directory holds (writes a swtpm made that were
-/// never sealed) as the next generation; returns it with the archive.
-pub(super) fn seal_leftover(
+/// What sealing writes made while no key was at hand brought in.
+#[derive(Debug)]
+pub(super) struct CaughtUp {
+    pub(super) generation: u64,
+    /// The state as now sealed.
+    pub(super) archive: StateArchive,
+    /// How many of its files differ from the generation sealed before
+    /// (added, changed or removed).
+    pub(super) changed: usize,
+}
+
+impl CaughtUp {
+    /// For operators: what was recovered, in words.
+    pub(super) fn describe(&self) -> String {
+        match self.changed {
+            0 => format!("nothing had changed since generation {}", self.generation),
+            n => format!(
+                "{n} of {} state files held writes not sealed before; sealed as generation {}",
+                self.archive.entries().len(),
+                self.generation
+            ),
+        }
+    }
+}
+
+/// Seals what `dir` holds now (writes swtpm made while no key was at
+/// hand: vtpmd down, or running without it) as the next generation of
+/// `state`, whose last sealed content is `sealed`.
+pub(super) fn catch_up(
     state: &mut SealedState,
+    sealed: &StateArchive,
     dir: &Path,
-) -> Result<(u64, StateArchive), VaultError> {
+) -> Result<CaughtUp, VaultError> {
     let archive = archive_dir(dir)?;
-    let generation = state.seal(&archive)?;
-    Ok((generation, archive))
+    let generation = match state.seal_if_changed(&archive)? {
+        Some(generation) => generation,
+        None => state.generation(),
+    };
+    let changed = changed_files(sealed, &archive);
+    Ok(CaughtUp {
+        generation,
+        archive,
+        changed,
+    })
+}
+
+/// Files added, removed or changed between two archives.
+fn changed_files(before: &StateArchive, after: &StateArchive) -> usize {
+    let added_or_changed = after
+        .entries()
+        .iter()
+        .filter(|e| before.get(e.name()) != Some(e.data()))
+        .count();
+    let removed = before
+        .entries()
+        .iter()
+        .filter(|e| after.get(e.name()).is_none())
+        .count();
+    added_or_changed + removed
 }
 
 /// Starts the resealer of one run. It ends when aborted (the run ends) or
@@ -88,7 +143,9 @@ pub(super) fn spawn(
             let (sealer, dir2) = (Arc::clone(&sealer), dir.clone());
             let sealed = tokio::task::spawn_blocking(move || reseal_now(&sealer, &dir2)).await;
             match sealed {
-                Ok(Ok(generation)) => {
+                // A write that left the state as it was (nothing to seal).
+                Ok(Ok((_, false))) => {}
+                Ok(Ok((generation, true))) => {
                     let latency = seen.elapsed();
                     guest.record_latency(latency);
                     let info = guest.update(|i| i.generation = i.generation.max(generation));
@@ -115,6 +172,18 @@ async fn gather(watch: &Watch, until: Instant) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn changed_files_counts_additions_changes_and_removals() {
+        let archive = |entries: &[(&str, u8)]| {
+            StateArchive::from_entries(entries.iter().map(|(n, b)| ((*n).to_owned(), vec![*b; 4])))
+                .unwrap_or_else(|e| panic!("{e}"))
+        };
+        let before = archive(&[("tpm2-00.permall", 1), ("tpm2-00.volatilestate", 2)]);
+        assert_eq!(changed_files(&before, &before), 0);
+        let after = archive(&[("tpm2-00.permall", 9), ("tpm2-00.savestate", 3)]);
+        assert_eq!(changed_files(&before, &after), 3);
+    }
 
     #[test]
     fn temporary_and_dot_files_are_not_state() {

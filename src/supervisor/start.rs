@@ -142,22 +142,24 @@ async fn launch(
         // Writes a swtpm made that were never sealed: sealed first, and
         // what this run starts from.
         let dir = store.runtime_state_dir(id);
-        let (sealed, state_back) = blocking(id, "seal the writes left behind", move || {
-            let sealed = reseal::seal_leftover(&mut state, &dir);
-            (sealed, state)
+        let (caught_up, state_back) = blocking(id, "seal the writes left behind", move || {
+            let caught_up = reseal::catch_up(&mut state, &archive, &dir);
+            (caught_up, state)
         })
         .await?;
         state = state_back;
-        let (generation, recovered) = sealed.map_err(|source| SupervisorError::Vault {
+        let caught_up = caught_up.map_err(|source| SupervisorError::Vault {
             guest: id,
             op: "seal the writes left in the runtime directory by",
             source,
         })?;
+        let generation = caught_up.generation;
         tracing::info!(guest = %id, generation, "writes left in the runtime directory sealed");
         detail.push(format!(
-            "the writes its last swtpm left unsealed are sealed as generation {generation}"
+            "the runtime directory its last swtpm left is recovered: {}",
+            caught_up.describe()
         ));
-        archive = recovered;
+        archive = caught_up.archive;
         slot.unsealed_leftover = false;
         guest.update(|i| {
             i.generation = generation;

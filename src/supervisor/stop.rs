@@ -128,8 +128,8 @@ async fn hand_over(guest: &Arc<Guest>) -> bool {
     })
     .await;
     match resealed {
-        Ok(Some(Ok(generation))) => {
-            tracing::info!(guest = %id, pid, generation, "resealed; swtpm left running for the next vtpmd")
+        Ok(Some(Ok((generation, written)))) => {
+            tracing::info!(guest = %id, pid, generation, written, "sealed; swtpm left running for the next vtpmd")
         }
         Ok(Some(Err(e))) => tracing::error!(
             guest = %id, pid,

@@ -30,6 +30,10 @@ pub struct SealedState {
     /// Set when opening fell back to the previous generation: the damaged
     /// current file must not become the new `.prev`.
     current_damaged: bool,
+    /// SHA-256 of the encoded archive the current generation holds (as
+    /// opened or last sealed), so a state that has not changed is not
+    /// sealed again ([`seal_if_changed`](Self::seal_if_changed)).
+    sealed_digest: Option<[u8; 32]>,
 }
 
 /// The result of [`SealedState::open`].
@@ -93,6 +97,7 @@ impl SealedState {
             data_key,
             unlocked_slot: Some(0),
             current_damaged: false,
+            sealed_digest: None,
         })
     }
 
@@ -165,7 +170,20 @@ impl SealedState {
             durable::write_new_generation(&self.paths, &file)?;
         }
         self.generation = generation;
+        self.sealed_digest = Some(archive_digest(archive));
         Ok(generation)
+    }
+
+    /// [`seal`](Self::seal), unless `archive` is exactly what the current
+    /// generation holds already (and that file is sound): then nothing is
+    /// written and `None` is returned. Writing an unchanged state again
+    /// would cost two fsyncs for nothing, at every restart of vtpmd for
+    /// every guest.
+    pub fn seal_if_changed(&mut self, archive: &StateArchive) -> Result<Option<u64>, VaultError> {
+        if !self.current_damaged && self.sealed_digest == Some(archive_digest(archive)) {
+            return Ok(None);
+        }
+        self.seal(archive).map(Some)
     }
 
     /// The whole sealed file of `archive` as generation `generation`: a
@@ -346,7 +364,9 @@ impl SealedState {
         let data_key = DataKey::from_bytes(&bytes[2..])?.ok_or(VaultError::BadHandover)?;
         let current = match resume_file(paths.current(), &guest, &data_key) {
             Ok((header, archive)) => {
-                let state = SealedState::from_header(paths, guest, header, data_key, slot, false);
+                let mut state =
+                    SealedState::from_header(paths, guest, header, data_key, slot, false);
+                state.sealed_digest = Some(archive_digest(&archive));
                 return Ok(Opened {
                     state,
                     archive,
@@ -367,6 +387,9 @@ impl SealedState {
             "{} does not open with the handed-over key",
             paths.current().display()
         );
+        // The previous generation's content is not what the current file
+        // holds: `sealed_digest` stays unset, and `current_damaged` makes
+        // the next seal replace the current file anyway.
         let state = SealedState::from_header(paths, guest, header, data_key, slot, true);
         Ok(Opened {
             state,
@@ -396,6 +419,7 @@ impl SealedState {
             data_key,
             unlocked_slot,
             current_damaged,
+            sealed_digest: None,
         }
     }
 
@@ -409,6 +433,12 @@ impl SealedState {
         self.current_damaged = current_damaged;
         self
     }
+}
+
+/// What identifies an archive's content, for [`SealedState::seal_if_changed`].
+fn archive_digest(archive: &StateArchive) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(archive.encode()).into()
 }
 
 /// [`SealedState::handover`]'s layout.
@@ -537,6 +567,7 @@ fn open_bytes(
         data_key,
         unlocked_slot: Some(slot_index),
         current_damaged: false,
+        sealed_digest: Some(archive_digest(&archive)),
     };
     Ok((state, archive))
 }
@@ -741,6 +772,7 @@ pub fn fuzz_seal_open(case: &FuzzSealCase) {
         data_key,
         unlocked_slot: Some(0),
         current_damaged: false,
+        sealed_digest: None,
     };
     let file = sealed
         .sealed_bytes(generation, &archive)
