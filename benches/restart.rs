@@ -3,7 +3,8 @@
 //! latency during the restart against the same load with no restart).
 //! Prints figures, asserts nothing.
 //!
-//! `cargo bench --bench restart -- [--guests N] [--seconds S]`
+//! `cargo bench --bench restart -- [--guests N] [--seconds S]` (256, 5: the
+//! length of each window compared)
 //!
 //! Real parts: the vtpmd binary, real swtpm, one VMM thread per guest
 //! attached as QEMU is, sending TPM2_GetRandom every 20 ms and an NV write
@@ -47,7 +48,7 @@ const TIMEOUT: Duration = Duration::from_secs(30);
 
 fn main() {
     let mut guests = 256;
-    let mut seconds = 10u64;
+    let mut seconds = 5u64;
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -89,23 +90,31 @@ fn main() {
     );
     let load = Load::start(&ctrls);
 
-    std::thread::sleep(Duration::from_secs(seconds));
-    let quiet = load.window();
+    // Each restart is compared with the same load just before it, over
+    // windows of the same length: the machine is shared and noisy, so
+    // only adjacent windows compare fairly.
+    let window = Duration::from_secs(seconds);
     println!(
-        "no restart, {seconds} s: {} commands, p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms, {} failed",
-        quiet.count, quiet.p50, quiet.p99, quiet.max, quiet.failed
+        "{guests} guests, each VMM sending TPM2_GetRandom every {} ms (an NV write every {NV_EVERY}th); windows of {seconds} s",
+        COMMAND_EVERY.as_millis()
     );
     println!(
-        "| restart | stop (s) | to READY (s) | all adopted (s) | all resealed (s) | VMM p99 (ms) | VMM max (ms) | p99 ratio | failed |"
+        "| restart | stop (s) | to READY (s) | all adopted (s) | all resealed (s) | VMM p99 before / during (ms) | p99 ratio | VMM max before / during (ms) | commands | failed |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     for (name, kill, keys) in [
         ("SIGTERM, fd store", false, true),
         ("SIGKILL, fd store", true, true),
         ("SIGTERM, by hand (Start re-attaches)", false, false),
     ] {
-        let before = generations(&m, &ids);
         load.window();
+        std::thread::sleep(window);
+        let quiet = load.window();
+        eprintln!(
+            "{name}: before, {} commands, p50 {:.2} ms",
+            quiet.count, quiet.p50
+        );
+        let before = generations(&m, &ids);
         let r = m.restart(kill, keys);
         let adopted = m.wait_all(&ids, |g| g["state"] == "running");
         if !keys {
@@ -116,26 +125,30 @@ fn main() {
         // Resealing again: the key is back (no reason), and what the guest
         // wrote meanwhile is sealed (caught up at adoption or re-attach).
         let resealed = m.wait_all(&ids, |g| g.get("reason").is_none());
-        std::thread::sleep(Duration::from_secs(2));
+        let end = r.signalled + window;
+        std::thread::sleep(end.saturating_duration_since(Instant::now()));
         let w = load.window();
         let after = generations(&m, &ids);
         let sealed_since: u64 = after
             .iter()
             .map(|(g, n)| n.saturating_sub(before.get(g).copied().unwrap_or(0)))
             .sum();
-        eprintln!("{name}: {sealed_since} generations sealed across the restart and the 2 s after");
         let since = |t: Instant| t.duration_since(r.signalled).as_secs_f64();
         println!(
-            "| {name} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {} |",
+            "| {name} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} / {:.2} | {:.2} | {:.1} / {:.1} | {} | {} |",
             since(r.exited),
             since(r.ready),
             since(adopted),
             since(resealed),
+            quiet.p99,
             w.p99,
-            w.max,
             w.p99 / quiet.p99,
-            w.failed
+            quiet.max,
+            w.max,
+            w.count,
+            w.failed + quiet.failed
         );
+        eprintln!("{name}: {sealed_since} generations sealed during the window");
     }
     load.stop();
     m.call("Drain", json!({}));

@@ -6,7 +6,8 @@
 //! `vmm CTRL_SOCKET write TEXT`: TPM2_Startup, GetRandom, NV_DefineSpace +
 //! NV_Write of TEXT at index 0x1500016.
 //! `vmm CTRL_SOCKET read LEN`: TPM2_Startup, NV_Read of LEN bytes.
-//! `vmm CTRL_SOCKET loop STOP_FILE`: TPM2_Startup, an 8-byte NV index, then
+//! `vmm CTRL_SOCKET loop STOP_FILE`: TPM2_Startup, an 8-byte NV index
+//! (0x1500017), then
 //! NV_Write of 1, 2, 3, ... every 10 ms until STOP_FILE exists; every
 //! acknowledged value is printed (`acked N`), a failed command ends it
 //! with an error. A guest writing its TPM while vtpmd restarts under it.
@@ -20,6 +21,8 @@ use vtpmd::swtpm::ctrl::client::Vmm;
 use vtpmd::swtpm::ctrl::tpm::{self, nv_attr};
 
 const NV_INDEX: u32 = 0x0150_0016;
+/// `loop` and `read-counter` use an index of their own (8 bytes).
+const COUNTER_INDEX: u32 = 0x0150_0017;
 
 fn main() -> Result<(), Box<dyn Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -61,7 +64,7 @@ fn main() -> Result<(), Box<dyn Error>> {
         "loop" => {
             let attrs =
                 nv_attr::OWNERREAD | nv_attr::OWNERWRITE | nv_attr::AUTHREAD | nv_attr::AUTHWRITE;
-            let define = vmm.transact(&tpm::tpm2_nv_define_space(NV_INDEX, attrs, 8))?;
+            let define = vmm.transact(&tpm::tpm2_nv_define_space(COUNTER_INDEX, attrs, 8))?;
             if define.rc != 0 {
                 return Err(format!("NV_DefineSpace rc={:#x}", define.rc).into());
             }
@@ -69,7 +72,8 @@ fn main() -> Result<(), Box<dyn Error>> {
             let mut value: u64 = 0;
             while !stop.exists() {
                 let next = value + 1;
-                let write = vmm.transact(&tpm::tpm2_nv_write(NV_INDEX, &next.to_be_bytes(), 0)?)?;
+                let write =
+                    vmm.transact(&tpm::tpm2_nv_write(COUNTER_INDEX, &next.to_be_bytes(), 0)?)?;
                 if write.rc != 0 {
                     return Err(format!("NV_Write of {next} rc={:#x}", write.rc).into());
                 }
@@ -79,7 +83,7 @@ fn main() -> Result<(), Box<dyn Error>> {
             }
         }
         "read-counter" => {
-            let read = vmm.transact(&tpm::tpm2_nv_read(NV_INDEX, 8, 0))?;
+            let read = vmm.transact(&tpm::tpm2_nv_read(COUNTER_INDEX, 8, 0))?;
             let data: [u8; 8] = read.tpm2_nv_data()?.try_into()?;
             println!("counter {}", u64::from_be_bytes(data));
         }
