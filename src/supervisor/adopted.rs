@@ -151,10 +151,7 @@ async fn resume(
         .map_err(|e| chain(&e))?
         .map_err(|e| chain(&e))?;
     // Watch before reading: a write after this point raises a reseal.
-    let watch = shared
-        .watcher
-        .watch(&run.dir)
-        .map_err(|e| format!("cannot watch {}: {e}", run.dir.display()))?;
+    let watch = shared.watch(id, &run.dir).map_err(|e| chain(&e))?;
     let (mut state, sealed, dir) = (opened.state, opened.archive, run.dir.clone());
     let (caught_up, state) = blocking(id, "reseal", move || {
         let caught_up = reseal::catch_up(&mut state, &sealed, &dir);

@@ -231,6 +231,19 @@ impl Shared {
         Ok(guard)
     }
 
+    /// A one-shot watch on guest `id`'s runtime directory (set before its
+    /// state is read, so a later write raises a reseal).
+    fn watch(&self, id: GuestId, dir: &std::path::Path) -> Result<watcher::Watch, SupervisorError> {
+        self.watcher.watch(dir).map_err(|e| SupervisorError::Store {
+            guest: id,
+            op: "watch the runtime directory",
+            source: crate::store::StoreError::ReadDir {
+                path: dir.to_owned(),
+                source: e,
+            },
+        })
+    }
+
     /// The registered guest `id`, or NoSuchGuest.
     fn guest(&self, id: GuestId) -> Result<Arc<guest::Guest>, SupervisorError> {
         self.registry

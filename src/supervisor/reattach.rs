@@ -8,7 +8,6 @@
 use std::sync::{Arc, Mutex, PoisonError};
 
 use crate::secret::SecretBuf;
-use crate::store::StoreError;
 use crate::vault::SealedState;
 
 use super::guest::{Guest, Slot};
@@ -39,17 +38,7 @@ pub(super) async fn reattach(
     let dir = run.dir.clone();
     let pid = run.swtpm.pid();
     // Watch before reading: a write after this point raises a reseal.
-    let watch = shared
-        .watcher
-        .watch(&dir)
-        .map_err(|e| SupervisorError::Store {
-            guest: id,
-            op: "watch the runtime directory",
-            source: StoreError::ReadDir {
-                path: dir.clone(),
-                source: e,
-            },
-        })?;
+    let watch = shared.watch(id, &dir)?;
     let (mut state, sealed, dir2) = (opened.state, opened.archive, dir.clone());
     let (caught_up, state) = blocking(id, "reseal", move || {
         let caught_up = reseal::catch_up(&mut state, &sealed, &dir2);

@@ -219,17 +219,7 @@ async fn launch(
     })?;
 
     // 3. Watch before swtpm can write anything.
-    let watch = shared
-        .watcher
-        .watch(&dir)
-        .map_err(|e| SupervisorError::Store {
-            guest: id,
-            op: "watch the runtime directory",
-            source: StoreError::ReadDir {
-                path: dir.clone(),
-                source: e,
-            },
-        })?;
+    let watch = shared.watch(id, &dir)?;
 
     // 4. Spawn, and make sure it serves before answering.
     let key = state

@@ -79,17 +79,8 @@ impl Daemon {
     /// (Re)starts the binary on the same directories.
     pub fn restart(&mut self) {
         self.stop();
-        let child = Command::new(env!("CARGO_BIN_EXE_vtpmd"))
-            .arg("--config")
-            .arg(&self.config)
-            .arg("--state-dir")
-            .arg(&self.state_dir)
-            .arg("--runtime-dir")
-            .arg(&self.runtime_dir)
-            .arg("--socket")
-            .arg(&self.socket)
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
+        let child = self
+            .command(&self.socket)
             .stderr(Stdio::inherit())
             .spawn()
             .unwrap();
@@ -116,6 +107,22 @@ impl Daemon {
         i32::try_from(self.child.as_ref().unwrap().id()).unwrap()
     }
 
+    /// The vtpmd command line on this fixture's directories and `socket`.
+    fn command(&self, socket: &Path) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_vtpmd"));
+        cmd.arg("--config")
+            .arg(&self.config)
+            .arg("--state-dir")
+            .arg(&self.state_dir)
+            .arg("--runtime-dir")
+            .arg(&self.runtime_dir)
+            .arg("--socket")
+            .arg(socket)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null());
+        cmd
+    }
+
     /// SIGKILL and reap (a crash); guests' swtpms keep running.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -127,19 +134,7 @@ impl Daemon {
     /// Starts the binary on the same directories, where it must fail;
     /// returns its exit code and stderr.
     pub fn start_expecting_failure(&self, socket: &Path) -> (Option<i32>, String) {
-        let out = Command::new(env!("CARGO_BIN_EXE_vtpmd"))
-            .arg("--config")
-            .arg(&self.config)
-            .arg("--state-dir")
-            .arg(&self.state_dir)
-            .arg("--runtime-dir")
-            .arg(&self.runtime_dir)
-            .arg("--socket")
-            .arg(socket)
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .output()
-            .unwrap();
+        let out = self.command(socket).output().unwrap();
         (
             out.status.code(),
             String::from_utf8_lossy(&out.stderr).into_owned(),

@@ -212,21 +212,12 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> Result<Swtpm, SpawnError> {
 
     // 5. The pidfd, before anything else can happen to the child. Only we
     //    reap it, so the pid is still ours here.
-    let pidfd = match pidfd_open(child.id()) {
-        Ok(fd) => fd,
-        Err(source) => {
-            let _ = send_signal(child.id(), Signal::SIGKILL, other_user);
-            let _ = child.wait();
-            return Err(SpawnError::PidfdOpen {
-                pid: child.id(),
-                source,
-            });
-        }
-    };
-
-    // Not reaped yet, so the pid is still this child's.
-    let start_time = match super::procfs::start_time(child.id()) {
-        Ok(t) => t,
+    //    With it, the start time that tells this process from a later one
+    //    of the same pid (for a vtpmd that adopts it after a restart).
+    let identity = pidfd_open(child.id())
+        .and_then(|pidfd| Ok((pidfd, super::procfs::start_time(child.id())?)));
+    let (pidfd, start_time) = match identity {
+        Ok(identity) => identity,
         Err(source) => {
             let _ = send_signal(child.id(), Signal::SIGKILL, other_user);
             let _ = child.wait();
