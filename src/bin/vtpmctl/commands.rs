@@ -446,7 +446,7 @@ fn guest_reply(reply: Value) -> Result<Option<Printed>, ClientError> {
 /// The fields of `type Guest` this client knows; a newer daemon may add
 /// more (the interface only grows), which are kept in `--json` output and
 /// left out of the human one.
-const GUEST_FIELDS: [&str; 8] = [
+const GUEST_FIELDS: [&str; 9] = [
     "guest",
     "version",
     "model",
@@ -455,6 +455,7 @@ const GUEST_FIELDS: [&str; 8] = [
     "ctrl_socket",
     "generation",
     "failure",
+    "reason",
 ];
 
 pub fn guest_view(value: &Value) -> Result<GuestView, ClientError> {

@@ -361,6 +361,13 @@ mod tests {
             "{text}"
         );
         assert!(!text.contains("pid"));
+        let mut adopted = running();
+        adopted.reason = Some("key needed to reseal".into());
+        assert!(
+            guest(&adopted).contains("reason:      key needed to reseal"),
+            "{}",
+            guest(&adopted)
+        );
     }
 
     #[test]
