@@ -821,6 +821,8 @@ for _ in $(seq 50); do [ "$(field state)" = stopped ] && break; sleep 0.2; done
 say final_state "$(field state)"
 ctl start $G --passphrase-file /tmp/pass >&2
 S=$(field ctrl_socket)
+# A new swtpm right after the last one ended: its scope name is free again.
+say next_scope "$(grep -o 'vtpmd-guest-[^/]*\.scope' /proc/$(field pid)/cgroup | head -1)"
 say sealed "$(vmm $S read-counter - | sed -n 's/^counter //p')"
 say swtpm_pid "$P"
 journalctl -u vtpmd.service --no-pager >&2
@@ -891,4 +893,9 @@ fn under_systemd_guests_keep_their_tpm_and_key_across_restart_crash_and_reinstal
     let acked: u64 = b.get("acked").parse().unwrap();
     assert!(acked > 100, "{acked}");
     assert_eq!(b.get("sealed"), b.get("acked"), "acknowledged writes lost");
+    assert_eq!(
+        b.get("next_scope"),
+        b.get("swtpm_scope"),
+        "a guest started again at once is not in its scope"
+    );
 }

@@ -8,7 +8,12 @@
 
 use crate::error_chain::chain;
 use crate::protocol::GuestId;
-use crate::systemd::scope::{ScopeSpec, Systemd, UnitName};
+use crate::systemd::scope::{ScopeError, ScopeSpec, Systemd, UnitName};
+
+/// How often a move into a scope whose name is still taken is tried, and
+/// how long apart: 3 s in all.
+const SCOPE_ATTEMPTS: u32 = 30;
+const SCOPE_RETRY: std::time::Duration = std::time::Duration::from_millis(100);
 
 #[derive(Debug, Default)]
 pub(super) struct Scopes {
@@ -48,12 +53,22 @@ impl Scopes {
         let placed = async {
             let name = UnitName::guest_scope(&id)?;
             if adopted && systemd.scope_of_pid(pid).await?.as_deref() == Some(name.as_str()) {
-                return Ok(false);
+                return Ok::<bool, ScopeError>(false);
             }
-            systemd
-                .move_into_scope(&ScopeSpec::for_guest(&id, pid)?)
-                .await?;
-            Ok::<_, crate::systemd::scope::ScopeError>(true)
+            let spec = ScopeSpec::for_guest(&id, pid)?;
+            let mut attempt = 1;
+            loop {
+                match systemd.move_into_scope(&spec).await {
+                    // The guest's previous scope, its swtpm just gone, is
+                    // still there until systemd collects it (within about
+                    // a second): a VM rebooted at once hits it.
+                    Err(ScopeError::UnitExists { .. }) if attempt < SCOPE_ATTEMPTS => {
+                        attempt += 1;
+                        tokio::time::sleep(SCOPE_RETRY).await;
+                    }
+                    result => return result.map(|()| true),
+                }
+            }
         };
         match placed.await {
             Ok(true) => tracing::debug!(%guest, pid, "swtpm moved into its scope"),
