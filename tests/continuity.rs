@@ -86,6 +86,27 @@ fn read_counter(ctrl: &Path) -> u64 {
     u64::from_be_bytes(data.try_into().unwrap())
 }
 
+/// G1 created and started, a VMM attached that has written `writes`
+/// values; returns swtpm's pid with the VMM.
+fn guest_writing(d: &Daemon, writes: u64) -> (i32, Writer) {
+    create(d, G1);
+    let running = d.start_guest(G1, PASS);
+    let mut vmm = Writer::attach(&ctrl_of(&running));
+    vmm.write(writes);
+    (pid_of(&running), vmm)
+}
+
+/// The next boot of G1 (a fresh Start) reads `last`: no acknowledged
+/// write was lost.
+fn assert_next_boot_reads(d: &Daemon, last: u64) {
+    let next = d.start_guest(G1, PASS);
+    assert_eq!(
+        read_counter(&ctrl_of(&next)),
+        last,
+        "acknowledged writes lost"
+    );
+}
+
 #[test]
 fn sigterm_leaves_swtpm_serving_and_a_restart_adopts_it_then_start_reattaches() {
     let mut d = Daemon::start();
@@ -126,22 +147,13 @@ fn sigterm_leaves_swtpm_serving_and_a_restart_adopts_it_then_start_reattaches() 
     d.wait_state(G1, "stopped", TIMEOUT);
     assert!(!d.runtime_dir.join(G1).exists(), "plaintext left behind");
 
-    let next = d.start_guest(G1, PASS);
-    assert_eq!(
-        read_counter(&ctrl_of(&next)),
-        last,
-        "acknowledged writes lost"
-    );
+    assert_next_boot_reads(&d, last);
 }
 
 #[test]
 fn sigkill_loses_nothing_and_writes_made_meanwhile_are_sealed_by_the_next_start() {
     let mut d = Daemon::start();
-    create(&d, G1);
-    let running = d.start_guest(G1, PASS);
-    let pid = pid_of(&running);
-    let mut vmm = Writer::attach(&ctrl_of(&running));
-    vmm.write(10);
+    let (pid, mut vmm) = guest_writing(&d, 10);
     d.wait_generation_above(G1, 1, TIMEOUT);
 
     d.kill();
@@ -156,18 +168,13 @@ fn sigkill_loses_nothing_and_writes_made_meanwhile_are_sealed_by_the_next_start(
     d.wait_generation_above(G1, sealed_at, TIMEOUT);
     let last = vmm.quit();
     d.wait_state(G1, "stopped", TIMEOUT);
-    let next = d.start_guest(G1, PASS);
-    assert_eq!(read_counter(&ctrl_of(&next)), last);
+    assert_next_boot_reads(&d, last);
 }
 
 #[test]
 fn a_vmm_quitting_while_vtpmd_is_down_keeps_its_writes_for_the_next_start() {
     let mut d = Daemon::start();
-    create(&d, G1);
-    let running = d.start_guest(G1, PASS);
-    let pid = pid_of(&running);
-    let mut vmm = Writer::attach(&ctrl_of(&running));
-    vmm.write(5);
+    let (pid, mut vmm) = guest_writing(&d, 5);
     d.wait_generation_above(G1, 1, TIMEOUT);
     d.kill();
     vmm.write(50);
@@ -196,22 +203,13 @@ fn a_vmm_quitting_while_vtpmd_is_down_keeps_its_writes_for_the_next_start() {
     d.restart();
     assert!(d.runtime_dir.join(G1).exists());
 
-    let next = d.start_guest(G1, PASS);
-    assert_eq!(
-        read_counter(&ctrl_of(&next)),
-        last,
-        "writes made while vtpmd was down lost"
-    );
+    assert_next_boot_reads(&d, last);
 }
 
 #[test]
 fn an_adopted_guest_without_its_key_stops_cleanly_and_keeps_its_writes() {
     let mut d = Daemon::start();
-    create(&d, G1);
-    let running = d.start_guest(G1, PASS);
-    let pid = pid_of(&running);
-    let mut vmm = Writer::attach(&ctrl_of(&running));
-    vmm.write(3);
+    let (pid, mut vmm) = guest_writing(&d, 3);
     d.kill();
     vmm.write(7);
     d.restart();
@@ -222,18 +220,13 @@ fn an_adopted_guest_without_its_key_stops_cleanly_and_keeps_its_writes() {
     assert!(swtpms_under(&d.runtime_dir).is_empty());
     let last = vmm.acknowledged;
     drop(vmm);
-    let next = d.start_guest(G1, PASS);
-    assert_eq!(read_counter(&ctrl_of(&next)), last);
+    assert_next_boot_reads(&d, last);
 }
 
 #[test]
 fn a_refused_start_leaves_a_live_swtpms_directory_alone() {
     let mut d = Daemon::start();
-    create(&d, G1);
-    let running = d.start_guest(G1, PASS);
-    let pid = pid_of(&running);
-    let mut vmm = Writer::attach(&ctrl_of(&running));
-    vmm.write(3);
+    let (pid, mut vmm) = guest_writing(&d, 3);
     d.kill();
     // Without its run record the swtpm cannot be proven to be vtpmd's:
     // it is not adopted, and nothing may touch what it uses.
@@ -296,8 +289,7 @@ fn drain_stops_every_guest_with_a_final_reseal() {
     assert!(swtpms_under(&d.runtime_dir).is_empty());
     let last = vmm.acknowledged;
     drop(vmm);
-    let next = d.start_guest(G1, PASS);
-    assert_eq!(read_counter(&ctrl_of(&next)), last);
+    assert_next_boot_reads(&d, last);
 }
 
 /// `rounds` SIGKILLs of vtpmd at random moments while three guests' VMMs
