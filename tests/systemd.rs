@@ -256,6 +256,14 @@ impl Dirs {
     }
 }
 
+impl Drop for Dirs {
+    /// A SIGTERM leaves guests running (they outlive vtpmd): no swtpm of a
+    /// test may outlive it.
+    fn drop(&mut self) {
+        common::kill_swtpms_under(&self.root.path().join("run"));
+    }
+}
+
 /// `program args` with a clean systemd environment plus `env`.
 fn spawn(program: &Path, args: &[OsString], env: &[(&str, &str)]) -> Child {
     let mut cmd = Command::new(program);
