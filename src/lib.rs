@@ -8,6 +8,7 @@ pub mod error_chain;
 pub mod paths;
 pub mod privileges;
 pub mod protocol;
+mod regular;
 pub mod secret;
 pub mod store;
 pub mod supervisor;

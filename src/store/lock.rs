@@ -4,10 +4,9 @@
 //! exits, and serves its control socket while it lives. Either sign means
 //! the directory must not be wiped (a swtpm outliving an earlier vtpmd).
 
-use std::fs::OpenOptions;
 use std::io::ErrorKind;
 use std::os::fd::AsFd;
-use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::Path;
 use std::time::Duration;
 
@@ -75,14 +74,9 @@ pub fn in_use(dir: &Path, socket: Option<&Path>) -> InUse {
 
 /// The pid holding a write-conflicting POSIX lock on `path`, if any.
 fn lock_holder(path: &Path) -> Option<i32> {
-    let file = match OpenOptions::new()
-        .read(true)
-        .write(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(path)
-    {
-        Ok(file) => file,
-        Err(e) if e.kind() == ErrorKind::NotFound => return None,
+    let file = match crate::regular::open(path, crate::regular::Access::ReadWrite) {
+        Ok(Some(file)) => file,
+        Ok(None) => return None,
         Err(e) => {
             tracing::warn!(path = %path.display(), "cannot check swtpm's lock: {e}");
             return None;

@@ -306,14 +306,10 @@ impl Store {
             path: path.clone(),
             source,
         };
-        let file = match fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_CLOEXEC)
-            .open(&path)
-        {
-            Ok(file) => file,
-            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(read_err(e)),
+        let Some(file) =
+            crate::regular::open(&path, crate::regular::Access::Read).map_err(read_err)?
+        else {
+            return Ok(None);
         };
         let mut text = String::new();
         file.take(MAX_OWNER_RECORD)

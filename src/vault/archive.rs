@@ -281,10 +281,10 @@ fn split_be<const N: usize>(bytes: &[u8]) -> Option<([u8; N], &[u8])> {
 
 fn read_no_follow(path: &Path) -> std::io::Result<Vec<u8>> {
     use std::io::Read;
-    let file = fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(nix::libc::O_NOFOLLOW)
-        .open(path)?;
+    // The directory is the guest's to write in: what was a file when it
+    // was listed may be a FIFO by now.
+    let file = crate::regular::open(path, crate::regular::Access::Read)?
+        .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::NotFound))?;
     let len = file.metadata()?.len();
     if len > MAX_ARCHIVE_LEN as u64 {
         return Err(std::io::Error::new(

@@ -134,14 +134,12 @@ fn remove_if_exists(path: &Path) -> Result<(), VaultError> {
 /// larger than a sealed file can be.
 pub(crate) fn read(path: &Path, max_len: usize) -> Result<Option<Vec<u8>>, VaultError> {
     use std::io::Read;
-    let file = OpenOptions::new()
-        .read(true)
-        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_CLOEXEC)
-        .open(path);
-    let file = match file {
-        Ok(file) => file,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(io_err(path)(e)),
+    // A FIFO or anything else but a regular file at the sealed path is
+    // refused at once, never waited on.
+    let Some(file) =
+        crate::regular::open(path, crate::regular::Access::Read).map_err(io_err(path))?
+    else {
+        return Ok(None);
     };
     let limit = u64::try_from(max_len).unwrap_or(u64::MAX).saturating_add(1);
     let mut bytes = Vec::new();

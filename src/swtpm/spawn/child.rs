@@ -1,9 +1,9 @@
 //! [`spawn`] and the [`Swtpm`] guard that tracks the child through a pidfd.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{ErrorKind, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
@@ -778,14 +778,14 @@ fn remove_lock(path: &Path) -> Result<(), SpawnError> {
         path: path.to_owned(),
         source,
     };
-    let file = match OpenOptions::new()
-        .write(true)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(path)
-    {
-        Ok(file) => Some(file),
-        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
+    let file = match crate::regular::open(path, crate::regular::Access::Write) {
+        Ok(Some(file)) => Some(file),
+        Ok(None) => return Ok(()),
+        // Not vtpmd's to open (another uid, 0660), or not a regular file
+        // (a guest may have put a FIFO there, which an open would wait on
+        // forever): nothing can hold a lock on it that matters; remove it.
         Err(e) if e.kind() == ErrorKind::PermissionDenied => None,
+        Err(e) if e.kind() == ErrorKind::InvalidData => None,
         Err(e) => return Err(cleanup_err(e)),
     };
     if let Some(file) = &file {
