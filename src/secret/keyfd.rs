@@ -12,7 +12,7 @@
 
 use std::ffi::c_void;
 use std::num::NonZeroUsize;
-use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::ptr::NonNull;
 
 use nix::errno::Errno;
@@ -26,6 +26,7 @@ use nix::sys::statfs::{FsType, TMPFS_MAGIC, fstatfs};
 use nix::unistd::{ftruncate, write};
 use secrecy::{ExposeSecret, ExposeSecretMut};
 
+use super::region::memfd_secret;
 use super::{Backing, SecretBuf, SecretError, backing};
 
 /// `SECRETMEM_MAGIC` from `<linux/magic.h>` ("SECM"); libc does not
@@ -249,20 +250,6 @@ fn limit_or(errno: Errno, requested: usize, other: impl FnOnce(Errno) -> KeyFdEr
     } else {
         other(errno)
     }
-}
-
-fn memfd_secret() -> Result<OwnedFd, Errno> {
-    let flags = libc::c_uint::try_from(libc::O_CLOEXEC).map_err(|_| Errno::EINVAL)?;
-    // SAFETY: memfd_secret takes one integer flags argument and touches no
-    // memory of ours; it returns a new fd or -1 with errno set.
-    let ret = unsafe { libc::syscall(libc::SYS_memfd_secret, flags) };
-    if ret < 0 {
-        return Err(Errno::last());
-    }
-    let raw = libc::c_int::try_from(ret).map_err(|_| Errno::EBADF)?;
-    // SAFETY: `raw` was just returned by the kernel as a new descriptor that
-    // nothing else owns, so OwnedFd may take ownership and close it.
-    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
 }
 
 /// A shared mapping of the start of a file, unmapped on every return path.

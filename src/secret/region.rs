@@ -60,7 +60,9 @@ pub(super) fn backing() -> Backing {
     })
 }
 
-fn memfd_secret() -> Result<OwnedFd, Errno> {
+/// A new close-on-exec `memfd_secret(2)` file (also what `keyfd` seals
+/// a key into).
+pub(super) fn memfd_secret() -> Result<OwnedFd, Errno> {
     let flags = libc::c_uint::try_from(libc::O_CLOEXEC).map_err(|_| Errno::EINVAL)?;
     // SAFETY: memfd_secret takes one integer flags argument and touches no
     // memory of ours; it returns a new fd or -1 with errno set.
