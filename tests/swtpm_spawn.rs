@@ -612,6 +612,70 @@ fn the_child_gets_an_empty_environment_seccomp_and_only_its_fds() {
     swtpm.stop(Duration::from_secs(2)).unwrap();
 }
 
+/// What swtpm is handed at exec, seen by a wrapper that lists its fds and
+/// then execs the real swtpm: 0-4, with the key pipe at 4 and no write end
+/// of it anywhere. The pipe swtpm holds at 4 and 5 afterwards is another
+/// one (its signal self-pipe, made after it read the key and closed 4).
+#[test]
+fn the_key_pipe_reaches_swtpm_read_end_only_and_is_gone_once_read() {
+    let _serial = serial();
+    let fx = Fixture::new();
+    let key = key(0);
+    let listing = fx.dir.path().join("fds-at-exec");
+    let wrapper = fx.dir.path().join("swtpm-wrapper");
+    fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nls -l /proc/$$/fd/ > {}\nexec {SWTPM} \"$@\"\n",
+            listing.display()
+        ),
+    )
+    .unwrap();
+    fs::set_permissions(&wrapper, fs::Permissions::from_mode(0o755)).unwrap();
+    let spec = SpawnSpec::new(
+        &wrapper,
+        TpmVersion::V2_0,
+        guest(),
+        fx.state(),
+        fx.sock(),
+        &key,
+    );
+    let mut swtpm = spawn(&spec).unwrap();
+    // The control socket answers only once swtpm (not the wrapper) runs.
+    assert_eq!(get_capability(swtpm.ctrl_path()), 0xffff);
+    let mut at_exec: Vec<(i32, String)> = fs::read_to_string(&listing)
+        .unwrap()
+        .lines()
+        .filter_map(|l| {
+            let (left, target) = l.split_once(" -> ")?;
+            let n = left.rsplit(' ').next()?.parse().ok()?;
+            Some((n, target.to_owned()))
+        })
+        // dash keeps its script and a saved fd at 10 and up, CLOEXEC.
+        .filter(|(n, _)| *n < 10)
+        .collect();
+    at_exec.sort();
+    let running = fd_targets(swtpm.pid());
+    println!("at exec: {at_exec:#?}\nrunning: {running:#?}");
+
+    let numbers: Vec<i32> = at_exec.iter().map(|(n, _)| *n).collect();
+    assert_eq!(numbers, [0, 1, 2, 3, 4], "fds handed to swtpm");
+    let key_pipe = &at_exec[4].1;
+    assert!(key_pipe.starts_with("pipe:"), "fd 4: {key_pipe}");
+    let key_pipe_mode = fs::read_to_string(fx.dir.path().join("fds-at-exec"))
+        .unwrap()
+        .lines()
+        .find(|l| l.ends_with(&format!(" 4 -> {key_pipe}")))
+        .map(|l| l[..3].to_owned())
+        .unwrap();
+    assert_eq!(key_pipe_mode, "lr-", "fd 4 is the read end only");
+    assert!(
+        running.iter().all(|(_, t)| t != key_pipe),
+        "swtpm still holds the key pipe {key_pipe}: {running:?}"
+    );
+    swtpm.stop(Duration::from_secs(2)).unwrap();
+}
+
 #[test]
 fn runs_as_the_requested_user_when_root() {
     let _serial = serial();
