@@ -4,7 +4,8 @@
 //! swtpm state key (raw or hex, as handed to swtpm). After every call that
 //! derives keys, no key derived from the passphrase and the sealed file
 //! (KEK, data key, body keys, state key, the HKDF PRKs and the AES key
-//! schedules) is either. Pages of locked secret memory
+//! schedules) is either. A passphrase refused for a JSON escape is found
+//! neither unescaped nor decoded. Pages of locked secret memory
 //! (memfd_secret) cannot be read through /proc at all, which is the point;
 //! mlocked pages (the fallback where secretmem is unavailable) are where
 //! secrets belong, so they are not searched.
@@ -634,4 +635,59 @@ fn no_passphrase_after_start_and_no_key_after_stop_in_readable_memory() {
         "hex state key in readable memory"
     );
     assert_eq!(occurrences(&regions, PASSPHRASE.as_bytes()), 0);
+}
+
+/// A passphrase whose base64 has a `/` (the bytes `???` encode as
+/// `Pz8/`), which PHP's json_encode writes as `\/`.
+const SLASHED_PASSPHRASE: &str = "unmistakable???escaped-passphrase-0815";
+
+#[test]
+fn an_escaped_passphrase_is_refused_before_it_is_unescaped() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: reading a non-dumpable daemon's memory needs root");
+        return;
+    }
+    let text = b64(SLASHED_PASSPHRASE);
+    assert!(text.contains('/'), "{text}");
+    let d = Daemon::start();
+    let mut c = d.client();
+    // A control for the scan: the guest id in an ordinary reply buffer.
+    let unknown = c.manager("Status", json!({"guest": GUEST}));
+    assert!(unknown.is_err());
+    let escaped = text.replace('/', "\\/");
+    let mut message = format!(
+        r#"{{"method":"io.vtpmd.Manager.Create","parameters":{{"guest":"{GUEST}","version":"2.0","passphrase":"{escaped}"}}}}"#
+    )
+    .into_bytes();
+    message.push(0);
+    c.send_raw(&message);
+    let reply = c.read_reply();
+    assert_eq!(
+        reply["error"], "org.varlink.service.InvalidParameter",
+        "{reply}"
+    );
+    assert_eq!(reply["parameters"], json!({"parameter": "passphrase"}));
+    assert!(!d.sealed_file(GUEST).exists(), "nothing was created");
+
+    let (regions, _) = readable_memory(d.pid());
+    assert!(
+        occurrences(&regions, GUEST.as_bytes()) > 0,
+        "the scan finds nothing at all"
+    );
+    assert_eq!(
+        occurrences(&regions, text.as_bytes()),
+        0,
+        "the unescaped base64 in readable memory"
+    );
+    assert_eq!(
+        occurrences(&regions, SLASHED_PASSPHRASE.as_bytes()),
+        0,
+        "the decoded passphrase in readable memory"
+    );
+    // Nor any part of the value longer than what serde could leave of it
+    // before the first escape.
+    let after_escape = &text[text.find('/').unwrap()..];
+    if after_escape.len() >= 8 {
+        assert_eq!(occurrences(&regions, after_escape.as_bytes()), 0);
+    }
 }
