@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 
 use super::{GuestId, TpmModel, TpmSpec, TpmSpecError, TpmVersion};
 
@@ -120,7 +121,7 @@ struct StartParams<'a> {
     #[serde(borrow)]
     guest: &'a str,
     #[serde(borrow)]
-    passphrase: &'a str,
+    passphrase: &'a RawValue,
 }
 
 #[derive(Deserialize)]
@@ -129,9 +130,9 @@ struct RekeyParams<'a> {
     #[serde(borrow)]
     guest: &'a str,
     #[serde(borrow)]
-    passphrase: &'a str,
+    passphrase: &'a RawValue,
     #[serde(borrow)]
-    new_passphrase: &'a str,
+    new_passphrase: &'a RawValue,
 }
 
 #[derive(Deserialize)]
@@ -148,7 +149,7 @@ struct CreateParams<'a> {
     #[serde(default)]
     image_properties: Option<BTreeMap<String, String>>,
     #[serde(borrow)]
-    passphrase: &'a str,
+    passphrase: &'a RawValue,
     #[serde(default)]
     ek_certificate: Option<bool>,
 }
@@ -222,8 +223,9 @@ pub fn parse_request<'a>(member: &str, parameters: &'a str) -> Result<Request<'a
 }
 
 /// Deserializes parameters, naming the offending field on failure
-/// (unknown, missing, wrong type, or a secret with escapes, which cannot be
-/// borrowed and is refused rather than unescaped into unlocked memory).
+/// (unknown, missing, wrong type). Secrets are taken as raw JSON text
+/// (`RawValue`), which serde_json skips over without unescaping, so that
+/// [`passphrase`] can refuse an escape from the bytes as received.
 fn decode<'a, T: Deserialize<'a>>(parameters: &'a str) -> Result<T, RequestError> {
     let mut de = serde_json::Deserializer::from_str(parameters);
     let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
@@ -255,9 +257,22 @@ fn guest_id(text: &str) -> Result<GuestId, RequestError> {
     })
 }
 
-/// Non-empty, bounded, and base64's alphabet; decoding (and the canonical
-/// form check) happens straight into locked memory later.
-fn passphrase<'a>(name: &str, text: &'a str) -> Result<Passphrase<'a>, RequestError> {
+/// A JSON string token with no escape in it, whose content is non-empty,
+/// bounded, and base64's alphabet; decoding (and the canonical form check)
+/// happens straight into locked memory later.
+///
+/// `raw` is the value's text exactly as received, in the locked receive
+/// buffer. Borrowing it as a `&str` instead would make serde_json unescape
+/// a string with an escape (`\/`, which PHP's json_encode writes for every
+/// `/` of base64) into its heap scratch buffer, and put it in its error
+/// message, before the value could be refused. The error names the
+/// parameter only, never the value.
+fn passphrase<'a>(name: &str, raw: &'a RawValue) -> Result<Passphrase<'a>, RequestError> {
+    let text = raw
+        .get()
+        .strip_prefix('"')
+        .and_then(|rest| rest.strip_suffix('"'))
+        .unwrap_or_default();
     let valid = !text.is_empty()
         && text.len() <= MAX_PASSPHRASE_BASE64
         && text.len() % 4 == 0
@@ -541,10 +556,25 @@ mod tests {
             &format!(r#"{{"guest":"{GUEST}","passphrase":"not base64!"}}"#),
             "passphrase",
         );
-        // An escaped secret cannot be borrowed: refused, not unescaped.
+        // An escaped secret is refused, not unescaped.
         check(
             "Start",
             &format!(r#"{{"guest":"{GUEST}","passphrase":"cGFz\u0063w=="}}"#),
+            "passphrase",
+        );
+        check(
+            "Start",
+            &format!(r#"{{"guest":"{GUEST}","passphrase":1}}"#),
+            "passphrase",
+        );
+        check(
+            "Start",
+            &format!(r#"{{"guest":"{GUEST}","passphrase":null}}"#),
+            "passphrase",
+        );
+        check(
+            "Start",
+            &format!(r#"{{"guest":"{GUEST}","passphrase":["cGFzcw=="]}}"#),
             "passphrase",
         );
         let huge = "A".repeat(MAX_PASSPHRASE_BASE64 + 4);
@@ -553,6 +583,57 @@ mod tests {
             &format!(r#"{{"guest":"{GUEST}","passphrase":"{huge}"}}"#),
             "passphrase",
         );
+    }
+
+    #[test]
+    fn a_passphrase_with_any_escape_is_refused_without_being_unescaped() {
+        // `\/` is what PHP's json_encode writes for the `/` of base64; the
+        // others are every other escape JSON has.
+        for escaped in [
+            r"Pz8\/cGFzcw==",
+            r"Pz8/\/cGFzcw==",
+            r"\u0050z8/",
+            r"Pz8\\",
+            r#"Pz8\"Pz8="#,
+            r"Pz8\n",
+        ] {
+            let start = format!(r#"{{"guest":"{GUEST}","passphrase":"{escaped}"}}"#);
+            let rekey_old = format!(
+                r#"{{"guest":"{GUEST}","passphrase":"{escaped}","new_passphrase":"bmV3"}}"#
+            );
+            let rekey_new = format!(
+                r#"{{"guest":"{GUEST}","passphrase":"cGFzcw==","new_passphrase":"{escaped}"}}"#
+            );
+            let create =
+                format!(r#"{{"guest":"{GUEST}","version":"2.0","passphrase":"{escaped}"}}"#);
+            for (member, json, field) in [
+                ("Start", &start, "passphrase"),
+                ("Rekey", &rekey_old, "passphrase"),
+                ("Rekey", &rekey_new, "new_passphrase"),
+                ("Create", &create, "passphrase"),
+            ] {
+                let err = parse(member, json).map(|_| ()).unwrap_err();
+                assert_eq!(
+                    err,
+                    RequestError::InvalidParameter {
+                        parameter: field.to_owned()
+                    },
+                    "{member} {json}"
+                );
+                let shown = format!("{err} {err:?}");
+                assert!(!shown.contains("z8"), "{shown}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_passphrase_is_its_text_as_received() {
+        // Whitespace around the value is JSON's, not the passphrase's.
+        let start = format!(r#"{{"guest":"{GUEST}","passphrase" :  "Pz8/cGFzcw=="  }}"#);
+        match parse("Start", &start).unwrap() {
+            Request::Start { passphrase, .. } => assert_eq!(passphrase.base64(), b"Pz8/cGFzcw=="),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

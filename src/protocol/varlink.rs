@@ -3,9 +3,11 @@
 //!
 //! Decoding borrows from the caller's buffer and never copies a string:
 //! the daemon receives into locked memory, and a passphrase must stay
-//! there until it is decoded into its own locked buffer. A JSON string
-//! with escapes cannot be borrowed, so such a secret is refused instead of
-//! being unescaped into ordinary memory.
+//! there until it is decoded into its own locked buffer. The parameters
+//! stay raw JSON text here (serde_json skips over them without unescaping
+//! anything), and the Manager takes each secret as raw text too, refusing
+//! one with an escape instead of letting serde_json unescape it into
+//! ordinary memory.
 
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;

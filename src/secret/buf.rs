@@ -9,6 +9,7 @@ use zeroize::{Zeroize, ZeroizeOnDrop};
 
 use super::SecretError;
 use super::region::Region;
+use super::scrub::on_scrubbed_stack;
 
 /// Secret bytes in their own locked, undumpable, non-forkable pages.
 ///
@@ -73,9 +74,11 @@ impl SecretBuf {
             return Err(SecretError::TooLong { max: max_len });
         }
         let mut buf = SecretBuf::zeroed(decoded_len)?;
-        let written = Base64::decode(text, buf.expose_secret_mut())
-            .map_err(|_| SecretError::InvalidBase64)?
-            .len();
+        // base64ct decodes the final group through a stack buffer.
+        let written = on_scrubbed_stack(|| {
+            Base64::decode(text, buf.expose_secret_mut()).map(|decoded| decoded.len())
+        })
+        .map_err(|_| SecretError::InvalidBase64)?;
         if written != decoded_len {
             // e.g. "A===": rejected by the decoder already, but never trust
             // a length computed by hand over the decoder's.

@@ -33,6 +33,13 @@
 //!   are explicit ([`SecretBuf::try_clone`]) and land in locked memory too;
 //!   nothing formats the bytes, not even their length, into a log line.
 //!
+//! Two helpers keep what the crypto crates compute out of ordinary memory
+//! too: [`on_scrubbed_stack`](scrub::on_scrubbed_stack) runs a derivation or
+//! cipher one frame down and wipes the stack it used (the crates move key
+//! schedules and digests around by value), and `KdfMemory` holds Argon2's
+//! blocks in pages of their own that are wiped before they are unmapped
+//! (too large to lock, but never left in the heap).
+//!
 //! [`harden_process`] complements this at the process level: non-dumpable
 //! (which also blocks same-uid `ptrace` and `/proc/<pid>/mem`) and no core
 //! files.
@@ -40,14 +47,17 @@
 mod buf;
 mod error;
 mod harden;
+mod kdf_memory;
 mod keyfd;
 mod region;
+pub(crate) mod scrub;
 #[cfg(test)]
 mod test_support;
 
 pub use buf::SecretBuf;
 pub use error::SecretError;
 pub use harden::{HardenError, harden_process};
+pub(crate) use kdf_memory::KdfMemory;
 pub use keyfd::{KeyFdError, read_from_fd, seal_into_fd};
 
 /// Where the pages of every [`SecretBuf`] in this process come from.

@@ -1,8 +1,8 @@
-//! The one place in the crate that maps memory for secrets, and the only
-//! `unsafe` code of the `secret` module.
+//! The one place in the crate that maps memory for secrets.
 //!
 //! Every `unsafe` block below is a single call with its own `SAFETY:` note;
-//! the rest of the module only sees the safe [`Region`] type.
+//! the rest of the module only sees the safe [`Region`] type (and one
+//! `unsafe fn` giving typed access to its bytes, for Argon2's blocks).
 
 use std::ffi::c_void;
 use std::num::NonZeroUsize;
@@ -112,8 +112,17 @@ impl Drop for Reservation {
     }
 }
 
-/// Whole pages of locked, non-dumpable, non-forkable memory, fenced by a
-/// `PROT_NONE` guard page on each side, zeroized before they are unmapped.
+/// What a region's pages are: locked secret memory of the process-wide
+/// backing, or working memory that is everything else but locked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pages {
+    Locked(Backing),
+    Unlocked,
+}
+
+/// Whole pages of locked (unless made with [`Region::new_unlocked`]),
+/// non-dumpable, non-forkable memory, fenced by a `PROT_NONE` guard page on
+/// each side, zeroized before they are unmapped.
 pub(super) struct Region {
     // Field order matters only for clarity: Drop below wipes `usable`
     // before `_reservation` is dropped (and unmapped).
@@ -139,6 +148,19 @@ impl Region {
     /// Maps at least `len` usable bytes with the given backing; tests use it
     /// to exercise the mlock path on kernels that have secretmem.
     pub(super) fn new_with(backing: Backing, len: usize) -> Result<Region, SecretError> {
+        Region::map(Pages::Locked(backing), len)
+    }
+
+    /// Maps at least `len` usable bytes that are *not* locked: working
+    /// memory too large for `RLIMIT_MEMLOCK` (Argon2's blocks). Everything
+    /// else holds: own pages, guard pages, `MADV_DONTDUMP`,
+    /// `MADV_DONTFORK`, wiped before unmapping. The pages are not touched
+    /// here; their first write faults them in.
+    pub(super) fn new_unlocked(len: usize) -> Result<Region, SecretError> {
+        Region::map(Pages::Unlocked, len)
+    }
+
+    fn map(kind: Pages, len: usize) -> Result<Region, SecretError> {
         #[cfg(test)]
         test_hook::count_new();
         let page = page_size();
@@ -178,8 +200,8 @@ impl Region {
         });
         let usable_void = usable_ptr.cast::<c_void>();
 
-        match backing {
-            Backing::SecretMem => {
+        match kind {
+            Pages::Locked(Backing::SecretMem) => {
                 let fd = memfd_secret().map_err(map_err)?;
                 let size = libc::off_t::try_from(usable_len)
                     .map_err(|_| Errno::EFBIG)
@@ -213,7 +235,7 @@ impl Region {
                 // not work on secretmem), so they are faulted in when first
                 // written; see `Region::prefault`.
             }
-            Backing::Mlock => {
+            Pages::Locked(Backing::Mlock) | Pages::Unlocked => {
                 // SAFETY: changes protection of the middle pages of our own
                 // reservation only; nothing references them yet.
                 unsafe {
@@ -224,14 +246,17 @@ impl Region {
                     )
                 }
                 .map_err(map_err)?;
-                // SAFETY: locks pages of our own mapping; no memory is written.
-                unsafe { mman::mlock(usable_void, usable_len) }.map_err(|e| {
-                    if is_limit_errno(e) {
-                        lock_error(len, e)
-                    } else {
-                        map_err(e)
-                    }
-                })?;
+                if kind == Pages::Locked(Backing::Mlock) {
+                    // SAFETY: locks pages of our own mapping; no memory is
+                    // written.
+                    unsafe { mman::mlock(usable_void, usable_len) }.map_err(|e| {
+                        if is_limit_errno(e) {
+                            lock_error(len, e)
+                        } else {
+                            map_err(e)
+                        }
+                    })?;
+                }
                 // SAFETY: advice on our own mapping; only affects core dumps.
                 unsafe { mman::madvise(usable_void, usable_len, MmapAdvise::MADV_DONTDUMP) }
                     .map_err(map_err)?;
@@ -246,7 +271,9 @@ impl Region {
             usable_len,
             _reservation: reservation,
         };
-        region.prefault();
+        if let Pages::Locked(_) = kind {
+            region.prefault();
+        }
         Ok(region)
     }
 
@@ -255,7 +282,52 @@ impl Region {
     /// secret (for secretmem that failure is a SIGBUS; the mlock path has
     /// its pages already).
     fn prefault(&mut self) {
-        self.as_mut_slice().zeroize();
+        self.wipe();
+    }
+
+    /// Zeroes every usable byte with volatile writes, which the compiler may
+    /// not drop as dead stores even when the memory is unmapped right
+    /// after. A word at a time: Argon2's blocks are tens of MiB, and a
+    /// volatile write cannot be merged into wider ones.
+    fn wipe(&mut self) {
+        self.as_mut_words().zeroize();
+    }
+
+    /// All usable bytes as 64-bit words.
+    fn as_mut_words(&mut self) -> &mut [u64] {
+        // SAFETY: `usable` is page-aligned (so aligned for u64) and points to
+        // `usable_len` bytes, a whole number of pages and so of words, mapped
+        // read-write for the lifetime of `self`; every bit pattern is a valid
+        // u64; `&mut self` makes this borrow unique.
+        unsafe {
+            std::slice::from_raw_parts_mut(
+                self.usable.as_ptr().cast::<u64>(),
+                self.usable_len / std::mem::size_of::<u64>(),
+            )
+        }
+    }
+
+    /// The first `count` elements of the usable bytes as `T`s, for working
+    /// memory that a crate wants as its own type (Argon2's `Block`); `None`
+    /// if they do not fit or `T` needs more than page alignment.
+    ///
+    /// # Safety
+    ///
+    /// Every bit pattern must be a valid `T` (plain integers and arrays of
+    /// them), and `T` must not need dropping: the caller gets typed access
+    /// to memory that was zero or held bytes of any earlier use.
+    pub(super) unsafe fn as_mut_slice_of<T>(&mut self, count: usize) -> Option<&mut [T]> {
+        let fits = count
+            .checked_mul(std::mem::size_of::<T>())
+            .is_some_and(|bytes| bytes <= self.usable_len);
+        if !fits || std::mem::align_of::<T>() > page_size() {
+            return None;
+        }
+        // SAFETY: `usable` is page-aligned, hence aligned for `T` (checked
+        // above); `count` `T`s fit in the mapping (checked above), which is
+        // read-write for the lifetime of `self`; the caller guarantees any
+        // bit pattern is a valid `T`; `&mut self` makes this borrow unique.
+        Some(unsafe { std::slice::from_raw_parts_mut(self.usable.as_ptr().cast::<T>(), count) })
     }
 
     /// All usable bytes (a whole number of pages).
@@ -275,9 +347,7 @@ impl Region {
 
 impl Drop for Region {
     fn drop(&mut self) {
-        // Volatile writes: the compiler may not drop them as dead stores
-        // even though the memory is unmapped right after.
-        self.as_mut_slice().zeroize();
+        self.wipe();
         #[cfg(test)]
         test_hook::record_drop(self.as_slice());
         // `self._reservation` is dropped (unmapped) after this body returns.

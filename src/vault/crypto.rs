@@ -1,6 +1,9 @@
 //! The AEAD and KDF steps of the format, each a small function over keys
-//! held in `SecretBuf`s.
+//! held in `SecretBuf`s. Every cipher and HKDF runs inside
+//! [`on_scrubbed_stack`]: no key, key schedule or PRK is left on a thread's
+//! stack once a function here has returned.
 
+use aes_gcm::aead::inout::InOutBuf;
 use aes_gcm::aead::{AeadInOut, KeyInit};
 use aes_gcm::{Aes256Gcm, Nonce, Tag};
 use hkdf::Hkdf;
@@ -9,6 +12,7 @@ use sha2::Sha256;
 
 use crate::protocol::GuestId;
 use crate::secret::SecretBuf;
+use crate::secret::scrub::on_scrubbed_stack;
 
 use super::VaultError;
 use super::format::{DATA_KEY_LEN, Keyslot, NONCE_LEN, SALT_LEN, TAG_LEN, WRAPPED_KEY_LEN};
@@ -65,13 +69,18 @@ impl DataKey {
         self.expand(Some(body_salt), BODY_KEY_LABEL)
     }
 
+    /// HKDF-SHA256 of the data key into locked memory. The hkdf crate keeps
+    /// the PRK and each HMAC output in stack arrays of its own, and its
+    /// HMAC states (key-equivalent) are moved by value: all of that is
+    /// wiped with the stack it used.
     fn expand(&self, salt: Option<&[u8]>, info: &[u8]) -> Result<SecretBuf, VaultError> {
-        let hkdf = Hkdf::<Sha256>::new(salt, self.0.expose_secret());
         let mut out = SecretBuf::zeroed(DATA_KEY_LEN)?;
-        hkdf.expand(info, out.expose_secret_mut())
-            .map_err(|_| VaultError::Crypto {
-                what: "HKDF expand",
-            })?;
+        on_scrubbed_stack(|| {
+            Hkdf::<Sha256>::new(salt, self.0.expose_secret()).expand(info, out.expose_secret_mut())
+        })
+        .map_err(|_| VaultError::Crypto {
+            what: "HKDF expand",
+        })?;
         Ok(out)
     }
 }
@@ -87,7 +96,9 @@ fn keyslot_aad(guest: &GuestId, slot: &Keyslot) -> Vec<u8> {
 }
 
 /// Wraps `data_key` under `kek` into `slot` (whose parameters and salt are
-/// already set), with a fresh nonce.
+/// already set), with a fresh nonce. The data key is read from its locked
+/// pages and only its ciphertext is written into the slot: no plaintext
+/// copy of it exists outside locked memory, not even for an instant.
 pub(crate) fn wrap_key(
     kek: &SecretBuf,
     data_key: &DataKey,
@@ -96,39 +107,45 @@ pub(crate) fn wrap_key(
 ) -> Result<(), VaultError> {
     slot.nonce = random_array()?;
     let aad = keyslot_aad(guest, slot);
-    let cipher = cipher(kek)?;
+    let nonce = Nonce::from(slot.nonce);
     let (body, tag) = slot.wrapped_key.split_at_mut(DATA_KEY_LEN);
-    body.copy_from_slice(data_key.0.expose_secret());
-    let produced = cipher
-        .encrypt_inout_detached(&Nonce::from(slot.nonce), &aad, body.into())
-        .map_err(|_| VaultError::Crypto {
-            what: "wrap data key",
-        })?;
+    let produced = on_scrubbed_stack(|| {
+        let buffer =
+            InOutBuf::new(data_key.0.expose_secret(), body).map_err(|_| VaultError::Crypto {
+                what: "wrapped key length",
+            })?;
+        let tag = cipher(kek)?
+            .encrypt_inout_detached(&nonce, &aad, buffer)
+            .map_err(|_| VaultError::Crypto {
+                what: "wrap data key",
+            })?;
+        Ok::<_, VaultError>(tag)
+    })?;
     tag.copy_from_slice(&produced);
     Ok(())
 }
 
 /// Unwraps a keyslot; `None` when the tag does not verify, which (the header
-/// checksum having passed) means the passphrase was wrong.
+/// checksum having passed) means the passphrase was wrong. The ciphertext
+/// is decrypted in place in the data key's locked pages.
 pub(crate) fn unwrap_key(
     kek: &SecretBuf,
     guest: &GuestId,
     slot: &Keyslot,
 ) -> Result<Option<DataKey>, VaultError> {
     let aad = keyslot_aad(guest, slot);
-    let cipher = cipher(kek)?;
     let mut key = SecretBuf::zeroed(DATA_KEY_LEN)?;
     let (ciphertext, tag) = slot.wrapped_key.split_at(DATA_KEY_LEN);
     key.expose_secret_mut().copy_from_slice(ciphertext);
     let tag = tag_from(tag)?;
-    let ok = cipher
-        .decrypt_inout_detached(
-            &Nonce::from(slot.nonce),
-            &aad,
-            key.expose_secret_mut().into(),
-            &tag,
+    let nonce = Nonce::from(slot.nonce);
+    let ok = on_scrubbed_stack(|| {
+        Ok::<_, VaultError>(
+            cipher(kek)?
+                .decrypt_inout_detached(&nonce, &aad, key.expose_secret_mut().into(), &tag)
+                .is_ok(),
         )
-        .is_ok();
+    })?;
     // On failure `key` holds garbage; it is zeroized on drop like any other.
     Ok(ok.then_some(DataKey(key)))
 }
@@ -141,10 +158,13 @@ pub(crate) fn seal_body(
     aad: &[u8],
     mut plaintext: Vec<u8>,
 ) -> Result<Vec<u8>, VaultError> {
-    let cipher = cipher(&data_key.body_key(body_salt)?)?;
-    let tag = cipher
-        .encrypt_inout_detached(&Nonce::from(*nonce), aad, plaintext.as_mut_slice().into())
-        .map_err(|_| VaultError::Crypto { what: "seal body" })?;
+    let body_key = data_key.body_key(body_salt)?;
+    let nonce = Nonce::from(*nonce);
+    let tag = on_scrubbed_stack(|| {
+        cipher(&body_key)?
+            .encrypt_inout_detached(&nonce, aad, plaintext.as_mut_slice().into())
+            .map_err(|_| VaultError::Crypto { what: "seal body" })
+    })?;
     plaintext.extend_from_slice(&tag);
     Ok(plaintext)
 }
@@ -162,19 +182,23 @@ pub(crate) fn open_body(
     };
     let (ciphertext, tag) = body.split_at(split);
     let tag = tag_from(tag)?;
-    let cipher = cipher(&data_key.body_key(body_salt)?)?;
+    let body_key = data_key.body_key(body_salt)?;
+    let nonce = Nonce::from(*nonce);
     let mut plaintext = ciphertext.to_vec();
-    let ok = cipher
-        .decrypt_inout_detached(
-            &Nonce::from(*nonce),
-            aad,
-            plaintext.as_mut_slice().into(),
-            &tag,
+    let ok = on_scrubbed_stack(|| {
+        Ok::<_, VaultError>(
+            cipher(&body_key)?
+                .decrypt_inout_detached(&nonce, aad, plaintext.as_mut_slice().into(), &tag)
+                .is_ok(),
         )
-        .is_ok();
+    })?;
     Ok(ok.then_some(plaintext))
 }
 
+/// An AES-256-GCM instance keyed from locked memory. Its key schedule and
+/// GHASH key are zeroized on drop (aes-gcm's `zeroize` feature), but it is
+/// built on the stack and returned by value, leaving copies behind: call it
+/// only inside [`on_scrubbed_stack`].
 fn cipher(key: &SecretBuf) -> Result<Aes256Gcm, VaultError> {
     Aes256Gcm::new_from_slice(key.expose_secret()).map_err(|_| VaultError::Crypto {
         what: "AES key length",

@@ -4,7 +4,8 @@ use std::fmt;
 
 use secrecy::{ExposeSecret, ExposeSecretMut};
 
-use crate::secret::SecretBuf;
+use crate::secret::scrub::on_scrubbed_stack;
+use crate::secret::{KdfMemory, SecretBuf};
 
 use super::format::{DATA_KEY_LEN, SALT_LEN};
 
@@ -133,9 +134,12 @@ impl KdfPolicy {
 
 /// Argon2id(passphrase, salt) into locked memory.
 ///
-/// Argon2's working memory (tens of MiB) is too large to lock; the argon2
-/// crate zeroizes it before freeing (its `zeroize` feature), so only the
-/// 32-byte output, which lands in a `SecretBuf`, outlives the call.
+/// The KEK is written straight into a `SecretBuf`; nothing else of it
+/// outlives the call. Argon2's blocks (a function of the passphrase) are
+/// a `KdfMemory`, wiped before it is unmapped, and the copies the argon2
+/// and blake2 crates leave in their own frames (the initial hash, the last
+/// Blake2b state, which is the KEK, the final block) are wiped with the
+/// stack they used.
 pub(crate) fn derive(
     passphrase: &SecretBuf,
     salt: &[u8; SALT_LEN],
@@ -155,12 +159,19 @@ pub(crate) fn derive(
         argon2::Version::V0x13,
         argon_params,
     );
+    let mut memory = KdfMemory::new(argon.params().block_count())?;
     let mut key = SecretBuf::zeroed(DATA_KEY_LEN)?;
-    argon
-        .hash_password_into(passphrase.expose_secret(), salt, key.expose_secret_mut())
-        .map_err(|e| super::VaultError::InvalidKdf {
-            what: e.to_string(),
-        })?;
+    on_scrubbed_stack(|| {
+        argon.hash_password_into_with_memory(
+            passphrase.expose_secret(),
+            salt,
+            key.expose_secret_mut(),
+            memory.blocks(),
+        )
+    })
+    .map_err(|e| super::VaultError::InvalidKdf {
+        what: e.to_string(),
+    })?;
     Ok(key)
 }
 
