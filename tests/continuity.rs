@@ -10,14 +10,12 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
-use common::nv::NV_INDEX;
+use common::nv::{Writer, read_counter};
 use common::{Daemon, assert_error, b64, is_alive, swtpms_under};
 use serde_json::{Value, json};
-use vtpmd::swtpm::ctrl::client::Vmm;
-use vtpmd::swtpm::ctrl::tpm::{self, nv_attr};
 
 const G1: &str = "2a4c6e80-1b3d-4f5a-8c7e-9d0f1a2b3c4d";
 const G2: &str = "3b5d7f91-2c4e-4a6b-9d8f-0e1a2b3c4d5e";
@@ -40,50 +38,6 @@ fn ctrl_of(guest: &Value) -> PathBuf {
 
 fn pid_of(guest: &Value) -> i32 {
     i32::try_from(guest["pid"].as_u64().unwrap()).unwrap()
-}
-
-/// A VMM that keeps writing a counter into one NV index.
-struct Writer {
-    vmm: Vmm,
-    acknowledged: u64,
-}
-
-impl Writer {
-    fn attach(ctrl: &Path) -> Self {
-        let mut vmm = Vmm::attach(ctrl, TIMEOUT).unwrap();
-        assert_eq!(vmm.transact(&tpm::tpm2_startup_clear()).unwrap().rc, 0);
-        let attrs =
-            nv_attr::OWNERREAD | nv_attr::OWNERWRITE | nv_attr::AUTHREAD | nv_attr::AUTHWRITE;
-        let define = tpm::tpm2_nv_define_space(NV_INDEX, attrs, 8);
-        assert_eq!(vmm.transact(&define).unwrap().rc, 0, "NV_DefineSpace");
-        Self {
-            vmm,
-            acknowledged: 0,
-        }
-    }
-
-    /// Writes the next values; each must be acknowledged with success.
-    fn write(&mut self, count: u64) {
-        for _ in 0..count {
-            let value = self.acknowledged + 1;
-            let cmd = tpm::tpm2_nv_write(NV_INDEX, &value.to_be_bytes(), 0).unwrap();
-            let rsp = self.vmm.transact(&cmd).unwrap();
-            assert_eq!(rsp.rc, 0, "NV_Write of {value} failed: {:#x}", rsp.rc);
-            self.acknowledged = value;
-        }
-    }
-
-    /// The VMM quits (CMD_SHUTDOWN): its swtpm exits.
-    fn quit(self) -> u64 {
-        self.vmm.shutdown().unwrap();
-        self.acknowledged
-    }
-}
-
-/// As a VMM on a fresh start: the value the TPM holds.
-fn read_counter(ctrl: &Path) -> u64 {
-    let data = common::nv::read_nv(ctrl, 8);
-    u64::from_be_bytes(data.try_into().unwrap())
 }
 
 /// G1 created and started, a VMM attached that has written `writes`

@@ -21,9 +21,9 @@ use crate::vault::SealedState;
 use super::finish::LEFTOVER_REASON;
 use super::guest::{Guest, Run, Slot};
 use super::recover::Found;
-use super::reseal;
 use super::state::GuestState;
 use super::{EventKind, Shared, blocking, exit};
+use super::{reseal, resealer};
 
 /// Why an adopted guest runs without resealing.
 pub(super) const KEY_NEEDED_REASON: &str = "key needed to reseal: its swtpm was adopted after a vtpmd restart that brought no key back; Start with the passphrase re-attaches to it (the VMM stays attached)";
@@ -161,7 +161,7 @@ async fn resume(
     .map_err(|e| chain(&e))?;
     let caught_up = caught_up.map_err(|e| chain(&e))?;
     let sealer = Arc::new(Mutex::new(state));
-    run.resealer = Some(reseal::spawn(
+    run.resealer = Some(resealer::spawn(
         Arc::clone(shared),
         Arc::clone(guest),
         Arc::clone(&sealer),

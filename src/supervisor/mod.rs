@@ -39,6 +39,7 @@ mod reattach;
 mod recover;
 mod registry;
 mod reseal;
+mod resealer;
 mod scopes;
 mod start;
 mod state;
@@ -127,6 +128,10 @@ pub enum EventKind {
     Resealed {
         latency: Duration,
     },
+    /// A reseal failed: writes exist only in the runtime directory until
+    /// a retry succeeds (the detail says why; the `resealed` that follows
+    /// says it recovered).
+    ResealFailed,
 }
 
 impl EventKind {
@@ -141,6 +146,7 @@ impl EventKind {
             EventKind::Deleted => "deleted",
             EventKind::Adopted => "adopted",
             EventKind::Resealed { .. } => "resealed",
+            EventKind::ResealFailed => "reseal-failed",
         }
     }
 

@@ -11,9 +11,9 @@ use crate::secret::SecretBuf;
 use crate::vault::SealedState;
 
 use super::guest::{Guest, Slot};
-use super::reseal;
 use super::state::GuestState;
 use super::{EventKind, GuestInfo, Shared, SupervisorError, blocking};
+use super::{reseal, resealer};
 
 pub(super) async fn reattach(
     shared: &Arc<Shared>,
@@ -55,7 +55,7 @@ pub(super) async fn reattach(
     shared
         .handover
         .push(id, &sealer.lock().unwrap_or_else(PoisonError::into_inner));
-    let resealer = reseal::spawn(
+    let resealer = resealer::spawn(
         Arc::clone(shared),
         Arc::clone(guest),
         Arc::clone(&sealer),

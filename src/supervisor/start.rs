@@ -22,6 +22,7 @@ use super::guest::{Guest, Run, Slot};
 use super::state::{Action, GuestState, permit};
 use super::{
     EventKind, GuestInfo, Shared, StartTimings, SupervisorError, blocking, exit, reattach, reseal,
+    resealer,
 };
 
 /// How long swtpm has to answer CMD_GET_CAPABILITY on its control socket.
@@ -282,7 +283,7 @@ async fn launch(
     let generation = state.generation();
     let sealer = Arc::new(Mutex::new(state));
     let epoch = slot.next_epoch();
-    let resealer = reseal::spawn(
+    let resealer = resealer::spawn(
         Arc::clone(shared),
         Arc::clone(guest),
         Arc::clone(&sealer),

@@ -50,6 +50,15 @@ impl Daemon {
     /// `runtime_dir` rather than beside the state directory: production
     /// keeps it on tmpfs (`/run`).
     pub fn start_on(config_text: &str, runtime_dir: Option<PathBuf>) -> Self {
+        let mut daemon = Self::unstarted(config_text, runtime_dir);
+        daemon.restart();
+        daemon
+    }
+
+    /// The fixture's directories and config, vtpmd not started yet (a test
+    /// mounts a file system on `state_dir` or `runtime_dir` first, then
+    /// calls [`restart`](Self::restart)).
+    pub fn unstarted(config_text: &str, runtime_dir: Option<PathBuf>) -> Self {
         let root = tempfile::Builder::new()
             .prefix("vt")
             .tempdir_in("/tmp")
@@ -64,16 +73,14 @@ impl Daemon {
         .unwrap();
         let config = root.path().join("vtpmd.toml");
         std::fs::write(&config, config_text).unwrap();
-        let mut daemon = Self {
+        Self {
             child: None,
             state_dir: root.path().join("state"),
             runtime_dir: runtime_dir.unwrap_or_else(|| root.path().join("run")),
             socket: root.path().join("api.sock"),
             config,
             root,
-        };
-        daemon.restart();
-        daemon
+        }
     }
 
     /// (Re)starts the binary on the same directories.

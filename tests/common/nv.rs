@@ -37,3 +37,47 @@ pub fn read_nv(ctrl: &Path, len: usize) -> Vec<u8> {
     vmm.shutdown().unwrap();
     data
 }
+
+/// A VMM that keeps writing a counter into one NV index.
+pub struct Writer {
+    vmm: Vmm,
+    pub acknowledged: u64,
+}
+
+impl Writer {
+    pub fn attach(ctrl: &Path) -> Self {
+        let mut vmm = Vmm::attach(ctrl, TIMEOUT).unwrap();
+        assert_eq!(vmm.transact(&tpm::tpm2_startup_clear()).unwrap().rc, 0);
+        let attrs =
+            nv_attr::OWNERREAD | nv_attr::OWNERWRITE | nv_attr::AUTHREAD | nv_attr::AUTHWRITE;
+        let define = tpm::tpm2_nv_define_space(NV_INDEX, attrs, 8);
+        assert_eq!(vmm.transact(&define).unwrap().rc, 0, "NV_DefineSpace");
+        Self {
+            vmm,
+            acknowledged: 0,
+        }
+    }
+
+    /// Writes the next values; each must be acknowledged with success.
+    pub fn write(&mut self, count: u64) {
+        for _ in 0..count {
+            let value = self.acknowledged + 1;
+            let cmd = tpm::tpm2_nv_write(NV_INDEX, &value.to_be_bytes(), 0).unwrap();
+            let rsp = self.vmm.transact(&cmd).unwrap();
+            assert_eq!(rsp.rc, 0, "NV_Write of {value} failed: {:#x}", rsp.rc);
+            self.acknowledged = value;
+        }
+    }
+
+    /// The VMM quits (CMD_SHUTDOWN): its swtpm exits.
+    pub fn quit(self) -> u64 {
+        self.vmm.shutdown().unwrap();
+        self.acknowledged
+    }
+}
+
+/// As a VMM on a fresh start: the value the TPM holds.
+pub fn read_counter(ctrl: &Path) -> u64 {
+    let data = read_nv(ctrl, 8);
+    u64::from_be_bytes(data.try_into().unwrap())
+}
