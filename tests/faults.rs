@@ -216,3 +216,40 @@ fn a_read_only_state_file_system_keeps_the_writes_through_a_stop_for_the_next_st
         "acknowledged writes lost"
     );
 }
+
+/// Every guest's runtime directory shares one file system (`/run` in
+/// production). When it is full, a swtpm that cannot store its state
+/// answers TPM_RC_FAILURE from then on and has lost the write: that guest
+/// is `failed`, not `stopped`, once its run ends, with swtpm's words.
+#[test]
+fn a_swtpm_that_could_not_store_its_state_is_reported_failed() {
+    let Some(fs) = Tmpfs::mount("2m") else { return };
+    let d = Daemon::start_on(common::TEST_CONFIG, Some(fs.path().join("run")));
+    d.client()
+        .manager(
+            "Create",
+            json!({"guest": G1, "version": "2.0", "passphrase": b64(PASS)}),
+        )
+        .unwrap();
+    let running = d.start_guest(G1, PASS);
+    let mut vmm = Writer::attach(&ctrl_of(&running));
+    vmm.write(2);
+    let mut events = d.events();
+
+    let _filler = fs.fill();
+    let cmd = vtpmd::swtpm::ctrl::tpm::tpm2_nv_write(common::nv::NV_INDEX, &9u64.to_be_bytes(), 0)
+        .unwrap();
+    let rc = vmm.vmm.transact(&cmd).unwrap().rc;
+    println!("NV_Write on a full runtime file system: rc {rc:#x}");
+    let (_, event) = events
+        .wait_for(G1, "store-failed", TIMEOUT)
+        .expect("no store-failed event");
+    println!("{event}");
+    let status = d.guest_status(G1);
+    assert!(reason_of(&status).contains("could not store"), "{status}");
+
+    let _ = vmm.quit();
+    let status = d.wait_state(G1, "failed", TIMEOUT);
+    let failure = status["failure"].as_str().unwrap_or_default();
+    assert!(failure.contains("could not store"), "{failure}");
+}

@@ -36,6 +36,8 @@ pub(super) enum Ending {
 struct Outcome {
     exit: Result<Option<ExitReason>, String>,
     log_tail: Vec<String>,
+    /// swtpm's line saying it could not store its state.
+    lost_write: Option<String>,
     resealed: Result<u64, Unsealed>,
     wiped: Result<(), String>,
 }
@@ -81,6 +83,7 @@ pub(super) async fn finish(
             .unwrap_or_else(|e| Outcome {
                 exit: Err(format!("the task ending swtpm failed: {e}")),
                 log_tail: Vec::new(),
+                lost_write: None,
                 resealed: Err(Unsealed::Failed("not attempted".to_owned())),
                 wiped: Err("not attempted".to_owned()),
             });
@@ -148,6 +151,7 @@ fn wind_down(
     }
     .map_err(|e| chain(&e));
     let log_tail = swtpm.log_tail();
+    let lost_write = swtpm.store_failure();
     // Reaps (and if need be kills) whatever is left; removes the socket
     // and `.lock`.
     drop(swtpm);
@@ -169,6 +173,7 @@ fn wind_down(
     Outcome {
         exit,
         log_tail,
+        lost_write,
         resealed,
         wiped,
     }
@@ -189,6 +194,9 @@ fn settle(ending: Ending, outcome: &Outcome) -> (GuestState, Option<String>) {
             reasons.push(format!("swtpm {reason}{last}"));
         }
         (Ok(None), Ending::Exited) => reasons.push("swtpm did not exit".to_owned()),
+    }
+    if let Some(line) = &outcome.lost_write {
+        reasons.push(super::lost_write::describe(line));
     }
     if let Err(Unsealed::Failed(e)) = &outcome.resealed {
         reasons.push(format!(
@@ -214,6 +222,7 @@ mod tests {
         Outcome {
             exit,
             log_tail: vec!["last line".to_owned()],
+            lost_write: None,
             resealed: Ok(3),
             wiped: Ok(()),
         }
@@ -236,6 +245,19 @@ mod tests {
         assert!(
             reason.contains("SIGKILL") && reason.contains("last line"),
             "{reason}"
+        );
+    }
+
+    #[test]
+    fn a_lost_write_fails_the_guest_even_after_a_clean_exit() {
+        let mut o = outcome(Ok(Some(ExitReason::Exited(0))));
+        o.lost_write = Some("SWTPM_NVRAM_StoreData: Error (fatal)".to_owned());
+        let (state, reason) = settle(Ending::Exited, &o);
+        assert_eq!(state, GuestState::Failed);
+        assert!(
+            reason
+                .unwrap_or_default()
+                .contains("could not store its state")
         );
     }
 

@@ -34,6 +34,7 @@ mod fdwatch;
 mod finish;
 mod guest;
 mod handover;
+mod lost_write;
 mod manage;
 mod reattach;
 mod recover;
@@ -132,6 +133,9 @@ pub enum EventKind {
     /// a retry succeeds (the detail says why; the `resealed` that follows
     /// says it recovered).
     ResealFailed,
+    /// swtpm said it could not store its state: a write is lost and its
+    /// TPM fails every command (detail: swtpm's words).
+    StoreFailed,
 }
 
 impl EventKind {
@@ -147,6 +151,7 @@ impl EventKind {
             EventKind::Adopted => "adopted",
             EventKind::Resealed { .. } => "resealed",
             EventKind::ResealFailed => "reseal-failed",
+            EventKind::StoreFailed => "store-failed",
         }
     }
 

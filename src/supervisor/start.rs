@@ -21,8 +21,8 @@ use crate::vault::{Opened, SealedState, VaultError};
 use super::guest::{Guest, Run, Slot};
 use super::state::{Action, GuestState, permit};
 use super::{
-    EventKind, GuestInfo, Shared, StartTimings, SupervisorError, blocking, exit, reattach, reseal,
-    resealer,
+    EventKind, GuestInfo, Shared, StartTimings, SupervisorError, blocking, exit, lost_write,
+    reattach, reseal, resealer,
 };
 
 /// How long swtpm has to answer CMD_GET_CAPABILITY on its control socket.
@@ -291,6 +291,7 @@ async fn launch(
         watch,
     );
     let watcher = exit::spawn(Arc::clone(shared), Arc::clone(guest), epoch, pidfd);
+    lost_write::report(shared, guest, &swtpm);
     let pid = swtpm.pid();
     slot.run = Some(Run {
         epoch,

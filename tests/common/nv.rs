@@ -40,7 +40,7 @@ pub fn read_nv(ctrl: &Path, len: usize) -> Vec<u8> {
 
 /// A VMM that keeps writing a counter into one NV index.
 pub struct Writer {
-    vmm: Vmm,
+    pub vmm: Vmm,
     pub acknowledged: u64,
 }
 

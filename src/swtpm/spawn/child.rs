@@ -329,6 +329,21 @@ impl Swtpm {
         self.log.as_ref().map(LogReader::tail).unwrap_or_default()
     }
 
+    /// swtpm's line saying it could not store its state (it lost a write
+    /// and answers TPM_RC_FAILURE since), if its log said so. Never for an
+    /// adopted swtpm, whose log went with the vtpmd that started it.
+    pub fn store_failure(&self) -> Option<String> {
+        self.log.as_ref().and_then(LogReader::store_failure)
+    }
+
+    /// Calls `hook` (once, from the log reader's thread) when swtpm says
+    /// it could not store its state; at once if it has said so already.
+    pub fn on_store_failure(&self, hook: super::log::StoreFailureHook) {
+        if let Some(log) = &self.log {
+            log.on_store_failure(hook);
+        }
+    }
+
     /// The control connection made before swtpm started, if
     /// [`SpawnSpec::ready_probe`] asked for one (once).
     pub fn take_ready_probe(&mut self) -> Option<UnixStream> {

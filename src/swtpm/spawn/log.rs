@@ -1,4 +1,10 @@
-//! The log pipe reader: swtpm's log and stderr into `tracing`, plus a tail.
+//! The log pipe reader: swtpm's log and stderr into `tracing`, plus a tail,
+//! and the one line that says swtpm lost a write.
+//!
+//! swtpm 0.7.1 says nothing else when it cannot store its state (a full or
+//! failing runtime file system): libtpms enters failure mode, every
+//! command from then on answers TPM_RC_FAILURE, and swtpm exits cleanly
+//! when its VMM quits. This line is the only sign that a write was lost.
 
 use std::collections::VecDeque;
 use std::fs::File;
@@ -14,11 +20,31 @@ use crate::protocol::GuestId;
 pub(super) const TAIL_LINES: usize = 50;
 /// Longer lines are cut (a line without a newline cannot grow memory).
 const MAX_LINE: u64 = 4096;
+/// How swtpm's NVRAM layer begins the line of a write it could not make
+/// (`SWTPM_NVRAM_StoreData: Error (fatal), data write of 1468 only wrote
+/// 4294967295`, measured on a full tmpfs).
+const STORE_FAILED: &str = "SWTPM_NVRAM_StoreData: Error";
 
-#[derive(Debug, Default)]
+/// Called once, from the reader thread, with the line that says swtpm
+/// could not store its state.
+pub type StoreFailureHook = Box<dyn FnOnce(String) + Send>;
+
+#[derive(Default)]
 struct Tail {
     lines: VecDeque<String>,
     eof: bool,
+    store_failure: Option<String>,
+    hook: Option<StoreFailureHook>,
+}
+
+impl std::fmt::Debug for Tail {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tail")
+            .field("lines", &self.lines.len())
+            .field("eof", &self.eof)
+            .field("store_failure", &self.store_failure)
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug, Default)]
@@ -57,6 +83,24 @@ impl LogReader {
 
     pub(super) fn tail(&self) -> Vec<String> {
         self.shared.lock().lines.iter().cloned().collect()
+    }
+
+    /// swtpm's line saying it could not store its state, if it said so.
+    pub(super) fn store_failure(&self) -> Option<String> {
+        self.shared.lock().store_failure.clone()
+    }
+
+    /// Calls `hook` when swtpm says it could not store its state (at once
+    /// if it has said so already).
+    pub(super) fn on_store_failure(&self, hook: StoreFailureHook) {
+        let mut tail = self.shared.lock();
+        match tail.store_failure.clone() {
+            Some(line) => {
+                drop(tail);
+                hook(line);
+            }
+            None => tail.hook = Some(hook),
+        }
     }
 
     /// Waits (on a condition variable, no polling) until the pipe reached
@@ -110,6 +154,13 @@ fn read_lines(guest: GuestId, pipe: File, shared: &Shared) {
             tail.lines.pop_front();
         }
         tail.lines.push_back(line.to_owned());
+        if tail.store_failure.is_none() && line.contains(STORE_FAILED) {
+            tail.store_failure = Some(line.to_owned());
+            if let Some(hook) = tail.hook.take() {
+                drop(tail);
+                hook(line.to_owned());
+            }
+        }
     }
     shared.lock().eof = true;
     shared.eof.notify_all();
@@ -137,5 +188,28 @@ mod tests {
         assert_eq!(tail.len(), TAIL_LINES);
         assert_eq!(tail[0], "line 11");
         assert_eq!(tail[TAIL_LINES - 1], "no newline at end");
+    }
+
+    #[test]
+    fn the_line_of_a_lost_write_is_kept_and_reported_once() {
+        let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
+        let guest = GuestId::parse("6f1c2e7a-1b2c-4d3e-8f90-0123456789ab").unwrap();
+        let reader = LogReader::start(guest, r).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        reader.on_store_failure(Box::new(move |line| tx.send(line).unwrap()));
+        let mut w = File::from(w);
+        writeln!(w, "a harmless line").unwrap();
+        for _ in 0..2 {
+            writeln!(
+                w,
+                "SWTPM_NVRAM_StoreData: Error (fatal), data write of 1468 only wrote 4294967295"
+            )
+            .unwrap();
+        }
+        drop(w);
+        let line = rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        assert!(line.starts_with(STORE_FAILED), "{line}");
+        assert!(rx.recv_timeout(Duration::from_millis(100)).is_err());
+        assert_eq!(reader.store_failure(), Some(line));
     }
 }

@@ -38,6 +38,7 @@ mod spec;
 pub use adopt::{AdoptError, Adoption, adopt};
 pub use as_user::{AsUserError, listening_as, signal_as};
 pub use child::{ExitReason, Swtpm};
+pub use log::StoreFailureHook;
 pub use spec::{SpawnSpec, SpecError};
 
 use std::path::PathBuf;
