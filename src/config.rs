@@ -56,6 +56,11 @@ pub struct SupervisorSection {
     pub lock_wait_ms: u64,
     /// PCR banks of new TPM 2.0 guests (default `sha256`).
     pub pcr_banks: String,
+    /// Size of the tmpfs each guest's runtime directory gets, MiB (default
+    /// 8; at most 1024): a guest that fills its own cannot starve the
+    /// others. Needs systemd (a transient mount unit); 0 = all guests
+    /// share the runtime directory's file system.
+    pub runtime_space_mib: u64,
 }
 
 impl Default for SupervisorSection {
@@ -71,6 +76,7 @@ impl Default for SupervisorSection {
             kdf_parallelism: 0,
             lock_wait_ms: 30_000,
             pcr_banks: "sha256".to_owned(),
+            runtime_space_mib: crate::supervisor::DEFAULT_RUNTIME_SPACE_MIB,
         }
     }
 }

@@ -14,6 +14,7 @@
 
 mod fdstore;
 mod listen;
+pub mod mount;
 pub mod scope;
 
 use std::io::{self, IoSlice};

@@ -907,3 +907,119 @@ fn under_systemd_guests_keep_their_tpm_and_key_across_restart_crash_and_reinstal
         "a guest started again at once is not in its scope"
     );
 }
+
+/// The guest side of the isolation boot test: two guests run, a process
+/// with guest A's swtpm uid fills A's runtime directory, guest B's VMM
+/// writes all along; then A's VMM writes (and quits), vtpmd restarts, B
+/// stops.
+const ISOLATION_PROBE: &str = r#"#!/bin/bash
+exec 2>/out/probe.log
+set -x
+out=/out/result
+A=5d0c3f9e-1b2a-4c6d-8e7f-9a0b1c2d3e4f
+B=0f1e2d3c-4b5a-4968-8776-a5b4c3d2e1f0
+ctl() { vtpmctl --socket /run/vtpmd/vtpmd.sock "$@"; }
+field() { ctl status $1 --json | tr -d '\n' | sed -n "s/.*\"$2\": *\"\{0,1\}\([^\",}]*\).*/\1/p"; }
+say() { echo "$1=$2" >>$out; }
+acked() { grep -c '^acked ' /tmp/acked_b; }
+printf 'correct horse' >/tmp/pass
+for G in $A $B; do
+    ctl create $G --version 2.0 --passphrase-file /tmp/pass >&2
+    ctl start $G --passphrase-file /tmp/pass >&2
+    say start_$G $?
+done
+say fstype "$(findmnt -n -o FSTYPE --mountpoint /run/vtpmd/$A)"
+say size "$(df -B1 --output=size /run/vtpmd/$A | tail -1 | tr -d ' ')"
+say mode "$(stat -c %a:%u /run/vtpmd/$A)"
+say unit "$(systemctl is-active "$(systemd-escape --path --suffix=mount /run/vtpmd/$A)")"
+UA=$(awk '/^Uid/{print $2}' /proc/$(field $A pid)/status)
+say group "$(stat -c %g /run/vtpmd/$A)"
+say uid_a "$UA"
+vmm "$(field $B ctrl_socket)" loop /tmp/stop_b >/tmp/acked_b 2>/tmp/vmm_b.err &
+V=$!
+sleep 1
+# Guest A's uid (what a compromised swtpm runs as) fills what it can.
+setpriv --reuid=$UA --regid=$UA --clear-groups \
+    dd if=/dev/zero of=/run/vtpmd/$A/fill bs=1M count=64 2>/tmp/dd.err
+say fill_exit $?
+say filled "$(stat -c %s /run/vtpmd/$A/fill)"
+say run_free "$(df -B1 --output=avail /run | tail -1 | tr -d ' ')"
+b1=$(acked); g1=$(field $B generation)
+sleep 2
+b2=$(acked); g2=$(field $B generation)
+[ "$b2" -gt "$b1" ]; say b_writing $?
+[ "$g2" -gt "$g1" ]; say b_resealing $?
+# A's own VMM: its swtpm cannot store the write and says so.
+vmm "$(field $A ctrl_socket)" write hello >/tmp/vmm_a 2>&1
+for _ in $(seq 50); do [ -n "$(field $A reason)" ] && break; sleep 0.1; done
+say a_reason "$(field $A reason | cut -c1-29)"
+say b_reason "$(field $B reason)"
+# swtpm --terminate ends once its VMM hangs up: the run is over, and lost.
+for _ in $(seq 50); do [ "$(field $A state)" != running ] && break; sleep 0.1; done
+say a_state "$(field $A state)"
+systemctl restart vtpmd.service
+for _ in $(seq 100); do ctl list >/dev/null 2>&1 && break; sleep 0.2; done
+say restart_fstype "$(findmnt -n -o FSTYPE --mountpoint /run/vtpmd/$B)"
+b3=$(acked); sleep 1; b4=$(acked)
+[ "$b4" -gt "$b3" ]; say restart_b_writing $?
+touch /tmp/stop_b
+wait $V
+say vmm_b_exit $?
+for _ in $(seq 50); do [ "$(field $B state)" = stopped ] && break; sleep 0.2; done
+say b_state "$(field $B state)"
+for _ in $(seq 50); do [ -z "$(findmnt -rn -o TARGET | grep '^/run/vtpmd/')" ] && break; sleep 0.1; done
+say mounts_left "$(findmnt -rn -o TARGET | grep -c '^/run/vtpmd/')"
+say mounts "$(findmnt -rn -o TARGET | grep '^/run/vtpmd/' | tr '\n' ' ')"
+say units_left "$(systemctl list-units --all --plain --no-legend 'run-vtpmd-*.mount' | wc -l)"
+say dirs_left "$(find /run/vtpmd -mindepth 1 -maxdepth 1 -type d | wc -l)"
+journalctl -u vtpmd.service --no-pager >&2
+echo "done=1" >>$out
+systemctl poweroff
+"#;
+
+/// A guest that fills its runtime directory hurts only itself: under a
+/// real systemd each guest's directory is a tmpfs of its own (8 MiB by
+/// default, a transient mount unit), so a process with guest A's swtpm uid
+/// writing 64 MiB stops at the bound, guest B's VMM goes on writing and B
+/// goes on being resealed, A's swtpm, unable to store its next write, is
+/// reported and its run ends `failed`; B's mount survives a restart of
+/// vtpmd, and every mount, unit and directory is gone once both guests
+/// have stopped.
+#[test]
+fn under_systemd_a_guest_that_fills_its_runtime_directory_hurts_only_itself() {
+    let Some(b) = boot_with_probe(ISOLATION_PROBE) else {
+        return;
+    };
+    assert_eq!(b.get("done"), "1");
+    for g in [GUEST, "0f1e2d3c-4b5a-4968-8776-a5b4c3d2e1f0"] {
+        assert_eq!(b.get(&format!("start_{g}")), "0");
+    }
+    assert_eq!(b.get("fstype"), "tmpfs", "no tmpfs of its own");
+    assert_eq!(b.get("size"), (8u64 << 20).to_string());
+    assert_eq!(b.get("mode"), "770:0");
+    assert_eq!(
+        b.get("group"),
+        b.get("uid_a"),
+        "the tmpfs is not the guest's group's"
+    );
+    assert_eq!(b.get("unit"), "active");
+    assert_ne!(
+        b.get("fill_exit"),
+        "0",
+        "64 MiB fit in the guest's directory"
+    );
+    let filled: u64 = b.get("filled").parse().unwrap();
+    assert!(filled <= 8 << 20, "{filled} bytes written");
+    assert_eq!(b.get("b_writing"), "0", "guest B's writes stopped");
+    assert_eq!(b.get("b_resealing"), "0", "guest B is not resealed");
+    assert_eq!(b.get("a_reason"), "swtpm could not store its sta");
+    assert_eq!(b.get("b_reason"), "");
+    assert_eq!(b.get("restart_fstype"), "tmpfs");
+    assert_eq!(b.get("restart_b_writing"), "0");
+    assert_eq!(b.get("vmm_b_exit"), "0", "a write of B failed");
+    assert_eq!(b.get("b_state"), "stopped");
+    assert_eq!(b.get("a_state"), "failed", "a lost write ended as a stop");
+    assert_eq!(b.get("mounts_left"), "0");
+    assert_eq!(b.get("units_left"), "0");
+    assert_eq!(b.get("dirs_left"), "0");
+}

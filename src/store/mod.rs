@@ -58,7 +58,7 @@ use crate::vault::SealedPaths;
 pub use daemon_lock::DaemonLock;
 pub use lock::{InUse, in_use};
 pub use run_record::RunRecord;
-pub use wipe::{hand_over_entries, lay_lock, remove_socket, wipe_dir};
+pub use wipe::{hand_over_entries, is_mount_point, lay_lock, remove_socket, wipe_dir};
 
 /// Name of the sealed file in a guest's directory.
 pub const SEALED_FILE: &str = "tpm.sealed";
@@ -479,13 +479,17 @@ impl Store {
             });
         }
         wipe_dir(path)?;
-        DirBuilder::new()
-            .mode(PRIVATE_DIR_MODE)
-            .create(path)
-            .map_err(|source| StoreError::CreateDir {
-                path: path.to_owned(),
-                source,
-            })?;
+        // A guest's own tmpfs from an earlier run stays (emptied), to be
+        // used again.
+        if !is_mount_point(path) {
+            DirBuilder::new()
+                .mode(PRIVATE_DIR_MODE)
+                .create(path)
+                .map_err(|source| StoreError::CreateDir {
+                    path: path.to_owned(),
+                    source,
+                })?;
+        }
         // The umask may have narrowed it; make it exact.
         let mode = match group {
             Some(_) => GUEST_RUNTIME_DIR_MODE,

@@ -8,7 +8,12 @@
 //! start_time=987654
 //! uid=1879048192
 //! ctrl=2049:1311
+//! lost_write=SWTPM_NVRAM_StoreData: Error (fatal)
 //! ```
+//!
+//! `lost_write` is there only once the swtpm has said it could not store
+//! its state: a later vtpmd that adopts it must still end its run
+//! `failed`, though the log line went with the vtpmd that read it.
 //!
 //! It lives in the runtime directory (RAM) because it describes processes,
 //! which a reboot ends anyway. It is written whole to a temporary file and
@@ -26,11 +31,13 @@ use std::path::Path;
 use super::StoreError;
 
 const MAGIC: &str = "vtpmd-run 1";
-/// A record is well under 200 bytes.
+/// A record is well under 400 bytes.
 const MAX_RECORD: u64 = 1024;
+/// How much of swtpm's line `lost_write` keeps.
+const MAX_LOST_WRITE: usize = 200;
 
 /// What vtpmd recorded about one running swtpm.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RunRecord {
     pub pid: u32,
     /// Clock ticks since boot when it started (`/proc/PID/stat` field 22).
@@ -39,6 +46,8 @@ pub struct RunRecord {
     pub uid: Option<u32>,
     /// (st_dev, st_ino) of the control socket vtpmd bound for it.
     pub ctrl_id: (u64, u64),
+    /// swtpm's line saying it could not store its state, once it has.
+    pub lost_write: Option<String>,
 }
 
 impl RunRecord {
@@ -51,6 +60,21 @@ impl RunRecord {
             text.push_str(&format!("uid={uid}\n"));
         }
         text.push_str(&format!("ctrl={}:{}\n", self.ctrl_id.0, self.ctrl_id.1));
+        if let Some(line) = &self.lost_write {
+            // One line of printable ASCII, whatever swtpm wrote.
+            let line: String = line
+                .chars()
+                .map(|c| {
+                    if c.is_ascii_graphic() || c == ' ' {
+                        c
+                    } else {
+                        '?'
+                    }
+                })
+                .take(MAX_LOST_WRITE)
+                .collect();
+            text.push_str(&format!("lost_write={line}\n"));
+        }
         text
     }
 
@@ -74,6 +98,10 @@ impl RunRecord {
         };
         let (dev, ino) = next.strip_prefix("ctrl=")?.split_once(':')?;
         let ctrl_id = (dev.parse().ok()?, ino.parse().ok()?);
+        let lost_write = match lines.next() {
+            Some(line) => Some(line.strip_prefix("lost_write=")?.to_owned()),
+            None => None,
+        };
         if lines.next().is_some() || pid == 0 {
             return None;
         }
@@ -82,6 +110,7 @@ impl RunRecord {
             start_time,
             uid,
             ctrl_id,
+            lost_write,
         })
     }
 }
@@ -167,12 +196,33 @@ mod tests {
                 start_time: 987_654,
                 uid,
                 ctrl_id: (2049, 1311),
+                lost_write: None,
             };
             write(&path, &record).unwrap();
             assert_eq!(read(&path).unwrap(), Some(record));
         }
         remove(&path).unwrap();
         assert_eq!(read(&path).unwrap(), None);
+    }
+
+    #[test]
+    fn a_lost_write_is_kept_as_one_printable_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("g.run");
+        let mut record = RunRecord {
+            pid: 4242,
+            start_time: 987_654,
+            uid: None,
+            ctrl_id: (2049, 1311),
+            lost_write: Some("SWTPM_NVRAM_StoreData: Error (fatal)".to_owned()),
+        };
+        write(&path, &record).unwrap();
+        assert_eq!(read(&path).unwrap().as_ref(), Some(&record));
+        record.lost_write = Some(format!("a\nb\u{1b}[31m{}", "x".repeat(500)));
+        write(&path, &record).unwrap();
+        let back = read(&path).unwrap().unwrap().lost_write.unwrap();
+        assert!(back.starts_with("a?b?[31mxxx"), "{back}");
+        assert_eq!(back.len(), MAX_LOST_WRITE);
     }
 
     #[test]
@@ -185,6 +235,7 @@ mod tests {
             "vtpmd-run 1\npid=1\nstart_time=2\nctrl=3:4",
             "vtpmd-run 1\nstart_time=2\npid=1\nctrl=3:4\n",
             "vtpmd-run 1\npid=1\nstart_time=2\nctrl=3:4\nextra=1\n",
+            "vtpmd-run 1\npid=1\nstart_time=2\nctrl=3:4\nlost_write=x\nextra=1\n",
             "vtpmd-run 1\npid=-1\nstart_time=2\nctrl=3:4\n",
         ] {
             assert!(RunRecord::decode(bad).is_none(), "{bad:?}");

@@ -17,7 +17,9 @@ use nix::unistd::{Gid, Uid};
 use super::StoreError;
 
 /// Removes `path` and everything in it; a missing path is fine. A symlink
-/// at `path` is removed itself, never followed.
+/// at `path` is removed itself, never followed. A directory that is a mount
+/// point (a guest's own tmpfs) is emptied and stays: only whoever mounted
+/// it can take it away.
 pub fn wipe_dir(path: &Path) -> Result<(), StoreError> {
     let meta = match fs::symlink_metadata(path) {
         Ok(meta) => meta,
@@ -29,7 +31,9 @@ pub fn wipe_dir(path: &Path) -> Result<(), StoreError> {
             });
         }
     };
-    let removed = if meta.is_dir() {
+    let removed = if meta.is_dir() && is_mount_point(path) {
+        empty_dir(path)
+    } else if meta.is_dir() {
         fs::remove_dir_all(path)
     } else {
         fs::remove_file(path)
@@ -42,6 +46,32 @@ pub fn wipe_dir(path: &Path) -> Result<(), StoreError> {
             source,
         }),
     }
+}
+
+/// Whether the directory at `path` is the root of a file system of its
+/// own: its device differs from its parent's. Never follows a symlink.
+pub fn is_mount_point(path: &Path) -> bool {
+    let Some(parent) = path.parent() else {
+        return false;
+    };
+    match (fs::symlink_metadata(path), fs::symlink_metadata(parent)) {
+        (Ok(meta), Ok(up)) => meta.is_dir() && meta.dev() != up.dev(),
+        _ => false,
+    }
+}
+
+/// Removes everything inside `dir`, which stays.
+fn empty_dir(dir: &Path) -> std::io::Result<()> {
+    for entry in fs::read_dir(dir)? {
+        let entry = entry?;
+        let path = entry.path();
+        if entry.file_type()?.is_dir() {
+            fs::remove_dir_all(&path)?;
+        } else {
+            fs::remove_file(&path)?;
+        }
+    }
+    Ok(())
 }
 
 /// Removes a socket at `path`; a missing path is fine, any other kind of

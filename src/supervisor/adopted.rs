@@ -22,7 +22,7 @@ use super::finish::LEFTOVER_REASON;
 use super::guest::{Guest, Run, Slot};
 use super::recover::Found;
 use super::state::GuestState;
-use super::{EventKind, Shared, blocking, exit};
+use super::{EventKind, Shared, blocking, exit, space};
 use super::{reseal, resealer};
 
 /// Why an adopted guest runs without resealing.
@@ -38,7 +38,7 @@ pub(super) async fn take_over(shared: &Arc<Shared>, found: Vec<(Arc<Guest>, Foun
             let mut slot = guest.lock_unbounded().await;
             match what {
                 Found::Live(swtpm) => {
-                    adopt_live(&shared, &guest, &mut slot, swtpm).await;
+                    adopt_live(&shared, &guest, &mut slot, *swtpm).await;
                     true
                 }
                 Found::Leftover => {
@@ -120,6 +120,11 @@ async fn adopt_live(shared: &Arc<Shared>, guest: &Arc<Guest>, slot: &mut Slot, s
             tracing::error!(guest = %id, "cannot watch the adopted swtpm's pidfd: {e}; its exit will only be seen by Stop")
         }
     }
+    // A write an earlier vtpmd saw this swtpm lose is still lost.
+    let reason = match run.swtpm.store_failure() {
+        Some(line) => Some(super::lost_write::describe(&line)),
+        None => reason,
+    };
     slot.run = Some(run);
     let info = guest.update(|i| {
         i.state = GuestState::Running;
@@ -200,6 +205,7 @@ async fn seal_leftover(shared: &Arc<Shared>, guest: &Arc<Guest>, slot: &mut Slot
     match sealed {
         Ok(caught_up) => {
             shared.handover.remove(id);
+            space::release(shared, id).await;
             let generation = caught_up.generation;
             let info = guest.update(|i| {
                 i.generation = i.generation.max(generation);

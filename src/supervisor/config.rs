@@ -46,6 +46,10 @@ pub struct SupervisorConfig {
     /// How long an operation waits for its guest's lock before Busy,
     /// default 30 s.
     pub lock_wait: Duration,
+    /// Bytes of the tmpfs each guest's runtime directory gets (under
+    /// systemd); `None` = all share the runtime directory's file system.
+    /// Default 8 MiB.
+    pub runtime_space: Option<u64>,
 }
 
 impl SupervisorConfig {
@@ -67,6 +71,7 @@ impl SupervisorConfig {
             reseal_coalesce: Duration::from_millis(5),
             kdf_parallelism: default_kdf_parallelism(&kdf),
             lock_wait: Duration::from_secs(30),
+            runtime_space: Some(DEFAULT_RUNTIME_SPACE_MIB << 20),
         }
     }
 
@@ -115,9 +120,26 @@ impl SupervisorConfig {
         out.stop_grace = Duration::from_millis(s.stop_grace_ms);
         out.reseal_coalesce = Duration::from_millis(s.reseal_coalesce_ms);
         out.lock_wait = Duration::from_millis(s.lock_wait_ms);
+        out.runtime_space = match s.runtime_space_mib {
+            0 => None,
+            mib if mib > MAX_RUNTIME_SPACE_MIB => {
+                return Err(bad(format!(
+                    "runtime_space_mib {mib} is more than {MAX_RUNTIME_SPACE_MIB} (a guest's state is far smaller)"
+                )));
+            }
+            mib => Some(mib << 20),
+        };
         Ok(out)
     }
 }
+
+/// A TPM 2.0 state with full NVRAM is well under 1 MiB (libtpms'
+/// permanent state, the volatile state of a suspend, the `.lock`); a
+/// swtpm rewrites a file through a temporary copy, so twice that must fit.
+pub const DEFAULT_RUNTIME_SPACE_MIB: u64 = 8;
+
+/// Beyond this a bound would bound nothing a guest needs.
+const MAX_RUNTIME_SPACE_MIB: u64 = 1024;
 
 /// min(cores, MemAvailable / (2 × Argon2 memory)), at least 1.
 pub fn default_kdf_parallelism(kdf: &KdfPolicy) -> usize {

@@ -105,6 +105,8 @@ pub enum SupervisorError {
         #[source]
         source: SpawnError,
     },
+    #[error("cannot give guest {guest} a runtime directory of its own: {what}")]
+    RuntimeSpace { guest: GuestId, what: String },
     #[error("cannot {op} for guest {guest}")]
     Task {
         guest: GuestId,

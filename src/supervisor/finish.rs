@@ -16,7 +16,7 @@ use crate::swtpm::spawn::{ExitReason, Swtpm};
 use super::guest::{Guest, Run, Sealer, Slot};
 use super::reseal::reseal_now;
 use super::state::GuestState;
-use super::{EventKind, GuestInfo, Shared};
+use super::{EventKind, GuestInfo, Shared, space};
 
 /// How long to wait for a swtpm whose pidfd said it exited to be reaped.
 const REAP_WAIT: Duration = Duration::from_secs(1);
@@ -88,6 +88,9 @@ pub(super) async fn finish(
                 wiped: Err("not attempted".to_owned()),
             });
     let id = guest.id;
+    // A wiped directory's tmpfs goes before the guest is said to be
+    // stopped (release() leaves one that still holds writes).
+    space::release(shared, id).await;
     // The run record goes with the process; the key with the sealed state.
     if let Err(e) = shared.store.remove_run_record(id) {
         tracing::warn!(guest = %id, "{}", chain(&e));

@@ -9,7 +9,7 @@ use crate::store::{self, InUse};
 use crate::vault::SealedState;
 
 use super::state::{Action, Allowed, permit};
-use super::{EventKind, Shared, SupervisorError, blocking};
+use super::{EventKind, Shared, SupervisorError, blocking, space};
 
 /// Removes both generations and the guest's directory (its uid record
 /// with it), and frees its uid. Refused while the guest runs.
@@ -43,6 +43,7 @@ pub(super) async fn delete(shared: Arc<Shared>, id: GuestId) -> Result<(), Super
         Ok::<_, SupervisorError>(())
     })
     .await??;
+    space::release(&shared, id).await;
     slot.deleted = true;
     slot.unsealed_leftover = false;
     shared.handover.remove(id);

@@ -42,6 +42,7 @@ mod registry;
 mod reseal;
 mod resealer;
 mod scopes;
+mod space;
 mod start;
 mod state;
 mod stop;
@@ -61,7 +62,7 @@ use crate::store::{DaemonLock, Store};
 use crate::swtpm::probe::HostSupport;
 use crate::swtpm::provision::LocalCa;
 
-pub use config::{SupervisorConfig, default_kdf_parallelism};
+pub use config::{DEFAULT_RUNTIME_SPACE_MIB, SupervisorConfig, default_kdf_parallelism};
 pub use error::SupervisorError;
 pub use handover::KeyStore;
 pub use state::{Action, Allowed, GuestState, Refused, decide};
@@ -225,6 +226,8 @@ pub(crate) struct Shared {
     handover: handover::Handover,
     /// Each swtpm's transient systemd scope.
     scopes: scopes::Scopes,
+    /// Whether each guest's runtime directory gets a tmpfs of its own.
+    space: space::RuntimeSpace,
     /// One vtpmd per state directory, for as long as this one lives.
     _daemon_lock: DaemonLock,
 }
@@ -409,6 +412,11 @@ impl Supervisor {
         })?;
         let (events, _) = broadcast::channel(EVENT_CAPACITY);
         let scopes = scopes::Scopes::connect().await;
+        let space = space::RuntimeSpace::choose(
+            config.runtime_space,
+            scopes.systemd().is_some(),
+            &config.runtime_dir,
+        );
         let registry = Registry::default();
         let mut found = Vec::new();
         for recovered in guests {
@@ -432,9 +440,17 @@ impl Supervisor {
             registry,
             handover: handover::Handover::new(keys),
             scopes,
+            space,
             _daemon_lock: daemon_lock,
         });
         let adopted = adopted::take_over(&shared, found).await;
+        // Tmpfs mounts whose guest stopped while no vtpmd ran (emptied by
+        // the recovery above).
+        for guest in shared.registry.all() {
+            if guest.info().pid.is_none() {
+                space::release(&shared, guest.id).await;
+            }
+        }
         shared.handover.forget_unclaimed();
         tracing::info!(
             guests = shared.registry.len(),

@@ -29,7 +29,7 @@ const UNKNOWN_SPEC_NOTE: &str = "(its TPM version and model are unknown; shown a
 #[derive(Debug)]
 pub(super) enum Found {
     /// The swtpm an earlier vtpmd started, still running, proven to be it.
-    Live(Swtpm),
+    Live(Box<Swtpm>),
     /// Its runtime directory, with no process using it: possibly writes
     /// that were never sealed.
     Leftover,
@@ -187,7 +187,7 @@ fn clean_runtime(
             Ok(found) => {
                 tracing::info!(guest = %id, pid = found.pid(), "found the swtpm an earlier vtpmd started");
                 live.insert(*id);
-                guest.found = Some(Found::Live(found));
+                guest.found = Some(Found::Live(Box::new(found)));
             }
             Err(why) => match store::in_use(&dir, Some(&socket)) {
                 InUse::Yes { holder } => {
@@ -258,6 +258,7 @@ fn find_swtpm(store: &Store, id: GuestId, swtpm: &Path) -> Result<Swtpm, String>
         run_as: record
             .uid
             .map(|uid| (Uid::from_raw(uid), Gid::from_raw(uid))),
+        store_failure: record.lost_write,
     };
     adopt(&adoption).map_err(|e| chain(&e))
 }

@@ -42,6 +42,11 @@ impl Scopes {
         }
     }
 
+    /// The connection, when systemd manages this host.
+    pub(super) fn systemd(&self) -> Option<&Systemd> {
+        self.systemd.as_ref()
+    }
+
     /// Moves `pid` (the guest's swtpm) into the guest's scope; with
     /// `adopted`, only if it is not there already. A failure is logged: the
     /// guest runs on, but would not survive a stop of the service.

@@ -22,7 +22,7 @@ use super::guest::{Guest, Run, Slot};
 use super::state::{Action, GuestState, permit};
 use super::{
     EventKind, GuestInfo, Shared, StartTimings, SupervisorError, blocking, exit, lost_write,
-    reattach, reseal, resealer,
+    reattach, reseal, resealer, space,
 };
 
 /// How long swtpm has to answer CMD_GET_CAPABILITY on its control socket.
@@ -86,21 +86,32 @@ pub(super) async fn start_guest(
 }
 
 /// Removes the runtime directory unless disarmed (every early return of
-/// `launch`).
+/// `launch`), and then its tmpfs.
 struct DirGuard {
     dir: PathBuf,
     armed: bool,
+    release: Option<(Arc<Shared>, GuestId)>,
 }
 
 impl Drop for DirGuard {
     fn drop(&mut self) {
-        if self.armed {
-            if let Err(e) = store::wipe_dir(&self.dir) {
-                tracing::error!(
-                    "cannot wipe {} after a failed start: {}",
-                    self.dir.display(),
-                    chain(&e)
-                );
+        if !self.armed {
+            return;
+        }
+        if let Err(e) = store::wipe_dir(&self.dir) {
+            tracing::error!(
+                "cannot wipe {} after a failed start: {}",
+                self.dir.display(),
+                chain(&e)
+            );
+            return;
+        }
+        // Unmounting waits for systemd: not in a destructor. The guest's
+        // lock is released by then, so a Start that comes first finds the
+        // empty tmpfs and uses it; release() leaves a non-empty one alone.
+        if let Some((shared, id)) = self.release.take() {
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                runtime.spawn(async move { space::release(&shared, id).await });
             }
         }
     }
@@ -191,16 +202,30 @@ async fn launch(
     let socket = store.ctrl_socket(id);
     let (store2, dir2, socket2) = (store.clone(), dir.clone(), socket.clone());
     let unpacking = Instant::now();
-    let prepared = blocking(id, "prepare the runtime directory", move || {
-        unpack(&store2, &dir2, &socket2, owner, &archive)
+    let made = blocking(id, "prepare the runtime directory", move || {
+        store2
+            .fresh_private_dir(&dir2, Some(&socket2), owner.map(|(_, gid)| gid))
+            .map_err(Unpack::Store)
     })
     .await?;
-    let unpacked = unpacking.elapsed();
     // A directory found in use was not touched, and must not be now.
     let mut dir_guard = DirGuard {
         dir: dir.clone(),
-        armed: !matches!(prepared, Err(Unpack::Store(StoreError::InUse { .. }))),
+        armed: !matches!(made, Err(Unpack::Store(StoreError::InUse { .. }))),
+        release: Some((Arc::clone(shared), id)),
     };
+    let prepared = match made {
+        Ok(()) => {
+            space::bound(shared, id, &dir, owner.map(|(_, gid)| gid)).await?;
+            let dir2 = dir.clone();
+            blocking(id, "unpack the state", move || {
+                unpack(&dir2, owner, &archive)
+            })
+            .await?
+        }
+        Err(e) => Err(e),
+    };
+    let unpacked = unpacking.elapsed();
     prepared.map_err(|e| match e {
         Unpack::Store(StoreError::InUse { path, holder }) => SupervisorError::RuntimeInUse {
             guest: id,
@@ -261,6 +286,7 @@ async fn launch(
         start_time: swtpm.start_time(),
         uid,
         ctrl_id: swtpm.ctrl_id(),
+        lost_write: None,
     };
     let store2 = store.clone();
     let recorded = blocking(id, "write the run record", move || {
@@ -366,19 +392,15 @@ enum Unpack {
     Vault(VaultError),
 }
 
-/// The runtime directory, filled: with `owner` (the guest's uid and gid)
-/// the directory is vtpmd's and the guest's group (0770), the state files
-/// the guest's (0644), and `.lock` vtpmd's with the guest's group (0660).
+/// The fresh runtime directory, filled: with `owner` (the guest's uid and
+/// gid) the directory is vtpmd's and the guest's group (0770), the state
+/// files the guest's (0644), and `.lock` vtpmd's with the guest's group
+/// (0660).
 fn unpack(
-    store: &store::Store,
     dir: &Path,
-    socket: &Path,
     owner: Option<(Uid, Gid)>,
     archive: &crate::vault::StateArchive,
 ) -> Result<(), Unpack> {
-    store
-        .fresh_private_dir(dir, Some(socket), owner.map(|(_, gid)| gid))
-        .map_err(Unpack::Store)?;
     archive
         .write_to_dir(dir)
         .map_err(|e| Unpack::Vault(VaultError::Archive(e)))?;

@@ -111,33 +111,38 @@ pub enum ScopeError {
         #[source]
         source: zbus::Error,
     },
-    #[error("{unit} already exists, so pid {pid} was not moved")]
-    UnitExists { unit: String, pid: u32 },
-    #[error("systemd refused to start {unit} for pid {pid}")]
+    #[error("{unit} already exists, so {subject} was not placed in it")]
+    UnitExists { unit: String, subject: String },
+    #[error("systemd refused to start {unit} for {subject}")]
     StartTransientUnit {
         unit: String,
-        pid: u32,
+        subject: String,
         #[source]
         source: zbus::Error,
     },
-    #[error(
-        "systemd's job {job} starting {unit} for pid {pid} ended with {result:?}, not \"done\""
-    )]
+    #[error("systemd's job {job} for {unit} ({subject}) ended with {result:?}, not \"done\"")]
     JobFailed {
         unit: String,
-        pid: u32,
+        subject: String,
         job: String,
         result: String,
     },
-    #[error("systemd did not finish starting {unit} for pid {pid} within {after:?}")]
+    #[error("systemd did not finish its job for {unit} ({subject}) within {after:?}")]
     JobTimeout {
         unit: String,
-        pid: u32,
+        subject: String,
         after: Duration,
     },
-    #[error("the connection to systemd closed while {unit} was starting for pid {pid}")]
-    Disconnected { unit: String, pid: u32 },
-    #[error("cannot read a JobRemoved signal from systemd (while starting {unit})")]
+    #[error("the connection to systemd closed during its job for {unit} ({subject})")]
+    Disconnected { unit: String, subject: String },
+    #[error("systemd refused to stop {unit} ({subject})")]
+    StopUnit {
+        unit: String,
+        subject: String,
+        #[source]
+        source: zbus::Error,
+    },
+    #[error("cannot read a JobRemoved signal from systemd (during a job for {unit})")]
     JobSignal {
         unit: String,
         #[source]
@@ -424,10 +429,63 @@ impl Systemd {
     /// scope's cgroup. A timed-out job is cancelled, so systemd cannot move
     /// the process later behind the caller's back.
     pub async fn move_into_scope(&self, spec: &ScopeSpec) -> Result<(), ScopeError> {
-        let unit = spec.name.as_str();
         let pid = checked_pid(spec.pid)?;
-        // Subscribed before the call: the job may end before its reply is
-        // read.
+        self.start_transient(spec.name.as_str(), spec.properties(), &format!("pid {pid}"))
+            .await
+    }
+
+    /// Starts the transient unit `unit` with `properties` and waits for its
+    /// job (cancelled on timeout). `subject` names what the unit is for, in
+    /// errors.
+    pub(crate) async fn start_transient(
+        &self,
+        unit: &str,
+        properties: Vec<(&'static str, Value<'_>)>,
+        subject: &str,
+    ) -> Result<(), ScopeError> {
+        let aux: Vec<(&str, Vec<(&str, Value<'_>)>)> = Vec::new();
+        let body = (unit, "fail", properties, aux);
+        let call = self.conn.call_method(
+            Some(SYSTEMD),
+            MANAGER_PATH,
+            Some(MANAGER),
+            "StartTransientUnit",
+            &body,
+        );
+        self.run_job(call, JobKind::Start, unit, subject).await
+    }
+
+    /// Stops `unit` and waits for its job; a unit systemd does not know
+    /// is already stopped.
+    pub(crate) async fn stop_unit(&self, unit: &str, subject: &str) -> Result<(), ScopeError> {
+        let body = (unit, "replace");
+        let call = self.conn.call_method(
+            Some(SYSTEMD),
+            MANAGER_PATH,
+            Some(MANAGER),
+            "StopUnit",
+            &body,
+        );
+        match self.run_job(call, JobKind::Stop, unit, subject).await {
+            Err(ScopeError::StopUnit {
+                source: zbus::Error::MethodError(name, _, _),
+                ..
+            }) if name.as_str() == "org.freedesktop.systemd1.NoSuchUnit" => Ok(()),
+            result => result,
+        }
+    }
+
+    /// Makes `call` (which answers with a job's path) and waits until that
+    /// job is removed, for at most the timeout.
+    async fn run_job(
+        &self,
+        call: impl Future<Output = zbus::Result<Message>>,
+        kind: JobKind,
+        unit: &str,
+        subject: &str,
+    ) -> Result<(), ScopeError> {
+        // Subscribed before the call is made (the future is lazy): the job
+        // may end before its reply is read.
         let rule = MatchRule::builder()
             .msg_type(Type::Signal)
             .sender(SYSTEMD)
@@ -445,20 +503,11 @@ impl Systemd {
                 unit: unit.to_owned(),
                 source,
             })?;
-        let aux: Vec<(&str, Vec<(&str, Value<'_>)>)> = Vec::new();
-        let body = (unit, "fail", spec.properties(), aux);
-        let call = self.conn.call_method(
-            Some(SYSTEMD),
-            MANAGER_PATH,
-            Some(MANAGER),
-            "StartTransientUnit",
-            &body,
-        );
         let mut job = None;
         let waited = tokio::time::timeout(self.timeout, async {
-            let result = start_and_wait(call, &mut removed, unit, pid, &mut job).await?;
+            let result = start_and_wait(call, &mut removed, kind, unit, subject, &mut job).await?;
             let job = job.as_ref().map_or("", |j| j.as_str());
-            job_outcome(job, result, unit, pid)
+            job_outcome(job, result, unit, subject)
         })
         .await;
         match waited {
@@ -469,7 +518,7 @@ impl Systemd {
                 }
                 Err(ScopeError::JobTimeout {
                     unit: unit.to_owned(),
-                    pid,
+                    subject: subject.to_owned(),
                     after: self.timeout,
                 })
             }
@@ -828,8 +877,9 @@ fn make_unique(name: &mut [u8]) {
 async fn start_and_wait(
     call: impl Future<Output = zbus::Result<Message>>,
     removed: &mut MessageStream,
+    kind: JobKind,
     unit: &str,
-    pid: u32,
+    subject: &str,
     job: &mut Option<OwnedObjectPath>,
 ) -> Result<String, ScopeError> {
     let mut finished: HashMap<OwnedObjectPath, String> = HashMap::new();
@@ -838,54 +888,68 @@ async fn start_and_wait(
         tokio::select! {
             reply = &mut call => break reply,
             signal = next(removed) => {
-                let (path, result) = job_removed(signal, unit, pid)?;
+                let (path, result) = job_removed(signal, unit, subject)?;
                 finished.insert(path, result);
             }
         }
     };
+    let refused = |source| kind.refused(unit, subject, source);
     let reply = reply.map_err(|source| match source {
         zbus::Error::MethodError(name, _, _)
-            if name.as_str() == "org.freedesktop.systemd1.UnitExists" =>
+            if kind == JobKind::Start && name.as_str() == "org.freedesktop.systemd1.UnitExists" =>
         {
             ScopeError::UnitExists {
                 unit: unit.to_owned(),
-                pid,
+                subject: subject.to_owned(),
             }
         }
-        source => ScopeError::StartTransientUnit {
-            unit: unit.to_owned(),
-            pid,
-            source,
-        },
+        source => refused(source),
     })?;
-    let path: OwnedObjectPath =
-        reply
-            .body()
-            .deserialize()
-            .map_err(|source| ScopeError::StartTransientUnit {
-                unit: unit.to_owned(),
-                pid,
-                source,
-            })?;
+    let path: OwnedObjectPath = reply.body().deserialize().map_err(refused)?;
     *job = Some(path.clone());
     if let Some(result) = finished.remove(&path) {
         return Ok(result);
     }
     loop {
-        let (removed_path, result) = job_removed(next(removed).await, unit, pid)?;
+        let (removed_path, result) = job_removed(next(removed).await, unit, subject)?;
         if removed_path == path {
             return Ok(result);
         }
     }
 }
 
-fn job_outcome(job: &str, result: String, unit: &str, pid: u32) -> Result<(), ScopeError> {
+/// Which job a call queues, for the error of a refused call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum JobKind {
+    Start,
+    Stop,
+}
+
+impl JobKind {
+    fn refused(self, unit: &str, subject: &str, source: zbus::Error) -> ScopeError {
+        let (unit, subject) = (unit.to_owned(), subject.to_owned());
+        match self {
+            JobKind::Start => ScopeError::StartTransientUnit {
+                unit,
+                subject,
+                source,
+            },
+            JobKind::Stop => ScopeError::StopUnit {
+                unit,
+                subject,
+                source,
+            },
+        }
+    }
+}
+
+fn job_outcome(job: &str, result: String, unit: &str, subject: &str) -> Result<(), ScopeError> {
     if result == "done" {
         Ok(())
     } else {
         Err(ScopeError::JobFailed {
             unit: unit.to_owned(),
-            pid,
+            subject: subject.to_owned(),
             job: job.to_owned(),
             result,
         })
@@ -900,7 +964,7 @@ async fn next(stream: &mut MessageStream) -> Option<zbus::Result<Message>> {
 fn job_removed(
     signal: Option<zbus::Result<Message>>,
     unit: &str,
-    pid: u32,
+    subject: &str,
 ) -> Result<(OwnedObjectPath, String), ScopeError> {
     let message = match signal {
         Some(Ok(message)) => message,
@@ -913,7 +977,7 @@ fn job_removed(
         None => {
             return Err(ScopeError::Disconnected {
                 unit: unit.to_owned(),
-                pid,
+                subject: subject.to_owned(),
             });
         }
     };
@@ -1206,17 +1270,18 @@ mod tests {
             header.sender().map(|s| s.as_str().as_bytes()),
             Some(FIXED_SENDER)
         );
-        let (path, result) = job_removed(Some(Ok(signal.clone())), "u.scope", 2).expect("body");
+        let (path, result) =
+            job_removed(Some(Ok(signal.clone())), "u.scope", "pid 2").expect("body");
         assert_eq!(path.as_str(), "/org/freedesktop/systemd1/job/42");
         assert_eq!(result, "done");
     }
 
     #[test]
     fn only_a_done_job_is_success() {
-        assert!(job_outcome("/j/1", "done".into(), "u.scope", 2).is_ok());
+        assert!(job_outcome("/j/1", "done".into(), "u.scope", "pid 2").is_ok());
         for result in ["failed", "canceled", "timeout", "dependency", "skipped"] {
             assert!(matches!(
-                job_outcome("/j/1", result.into(), "u.scope", 2),
+                job_outcome("/j/1", result.into(), "u.scope", "pid 2"),
                 Err(ScopeError::JobFailed { .. })
             ));
         }

@@ -32,6 +32,9 @@ pub struct Adoption {
     pub ctrl_id: (u64, u64),
     /// The guest's uid and gid when swtpm does not run as vtpmd's user.
     pub run_as: Option<(Uid, Gid)>,
+    /// The line in which this swtpm said it could not store its state, as
+    /// the vtpmd that read its log recorded it.
+    pub store_failure: Option<String>,
 }
 
 /// Why a recorded swtpm cannot be adopted.
@@ -131,6 +134,7 @@ mod tests {
             ctrl_socket: PathBuf::from("/nonexistent.sock"),
             ctrl_id: (0, 0),
             run_as: None,
+            store_failure: None,
         };
         let err = adopt(&a).err().map(|e| e.to_string()).unwrap_or_default();
         assert!(err.contains("start time"), "{err}");

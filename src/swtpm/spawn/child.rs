@@ -113,6 +113,8 @@ pub struct Swtpm {
     /// `None` for an adopted swtpm: its log pipe died with the vtpmd that
     /// started it.
     log: Option<LogReader>,
+    /// An adopted swtpm's lost write, as recorded by an earlier vtpmd.
+    recorded_store_failure: Option<String>,
     /// Set by [`Swtpm::detach`]: `Drop` leaves the process running.
     detached: bool,
 }
@@ -244,6 +246,7 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> Result<Swtpm, SpawnError> {
         exit: None,
         cleaned: false,
         log: Some(log),
+        recorded_store_failure: None,
         detached: false,
     };
 
@@ -281,6 +284,7 @@ impl Swtpm {
             exit: None,
             cleaned: false,
             log: None,
+            recorded_store_failure: a.store_failure.clone(),
             detached: false,
         }
     }
@@ -330,10 +334,14 @@ impl Swtpm {
     }
 
     /// swtpm's line saying it could not store its state (it lost a write
-    /// and answers TPM_RC_FAILURE since), if its log said so. Never for an
-    /// adopted swtpm, whose log went with the vtpmd that started it.
+    /// and answers TPM_RC_FAILURE since), if its log said so; for an
+    /// adopted swtpm, whose log went with the vtpmd that started it, what
+    /// that vtpmd recorded.
     pub fn store_failure(&self) -> Option<String> {
-        self.log.as_ref().and_then(LogReader::store_failure)
+        self.log
+            .as_ref()
+            .and_then(LogReader::store_failure)
+            .or_else(|| self.recorded_store_failure.clone())
     }
 
     /// Calls `hook` (once, from the log reader's thread) when swtpm says
