@@ -22,6 +22,8 @@ use crate::passphrase::{self, Want};
 pub struct Conn {
     /// vtpmd's socket [default: /run/vtpmd/vtpmd.sock as root, else
     /// $XDG_RUNTIME_DIR/vtpmd/vtpmd.sock, else /tmp/vtpmd-UID/vtpmd.sock].
+    /// A passphrase goes only to a socket root or you own, in a directory
+    /// only its owner can write, served by root or you.
     #[arg(long, value_name = "PATH")]
     pub socket: Option<PathBuf>,
     /// Machine output: the reply's parameters as JSON (errors as
