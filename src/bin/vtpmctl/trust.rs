@@ -319,22 +319,39 @@ mod tests {
         let path = dir.path().join("s.sock");
         let _listener = UnixListener::bind(&path).unwrap();
         let owner = nix::unistd::geteuid().as_raw();
-        // Seen from another caller, a directory of ours is a stranger's,
-        // unless we are root (root's are everyone's to trust).
-        let stranger = Trusted::caller(owner.wrapping_add(4242));
-        let result = check_path(&path, stranger);
-        if owner == 0 {
-            result.unwrap();
-        } else {
-            match result {
+        if owner != 0 {
+            // Seen from another caller, a directory of ours is a stranger's.
+            match check_path(&path, Trusted::caller(owner.wrapping_add(4242))) {
                 Err(PathError::Untrusted(e @ TrustError::DirectoryOwner { .. })) => {
-                    let text = e.to_string();
-                    assert!(text.contains(&format!("uid {owner}")), "{text}");
+                    assert!(e.to_string().contains(&format!("uid {owner}")), "{e}");
                     assert_eq!(e.parameters()["uid"], owner);
                 }
                 other => panic!("{other:?}"),
             }
+            return;
         }
+        // As root: hand the socket, then the directory, to a stranger.
+        let stranger = 65534;
+        let give = |p: &Path| std::os::unix::fs::chown(p, Some(stranger), None).unwrap();
+        give(&path);
+        match check_path(&path, me()) {
+            Err(PathError::Untrusted(e @ TrustError::SocketOwner { .. })) => {
+                let text = e.to_string();
+                assert!(text.contains("uid 65534, expected root (uid 0)"), "{text}");
+                assert_eq!(e.parameters()["expected_uids"], json!([0]));
+            }
+            other => panic!("{other:?}"),
+        }
+        // The stranger's own call trusts its socket; root's directory too.
+        check_path(&path, Trusted::caller(stranger)).unwrap();
+        give(dir.path());
+        assert!(matches!(
+            check_path(&path, me()),
+            Err(PathError::Untrusted(TrustError::DirectoryOwner {
+                uid: 65534,
+                ..
+            }))
+        ));
     }
 
     #[test]
