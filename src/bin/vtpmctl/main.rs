@@ -124,7 +124,7 @@ fn report(error: &ClientError, json: bool) -> ExitCode {
             reason,
         } => {
             let mut parameters = reason.parameters();
-            parameters["socket"] = serde_json::json!(socket);
+            parameters["socket"] = socket.display().to_string().into();
             parameters["passphrase"] = (*secrets).into();
             (UNTRUSTED_SOCKET, parameters)
         }

@@ -123,29 +123,29 @@ impl TrustError {
         match self {
             Self::DirectoryOwner { dir, uid, expected } => json!({
                 "check": "directory-owner",
-                "path": dir,
+                "path": text(dir),
                 "uid": uid,
                 "expected_uids": expected.uids(),
             }),
             Self::DirectoryWritable { dir, mode } => json!({
                 "check": "directory-mode",
-                "path": dir,
+                "path": text(dir),
                 "mode": format!("{mode:04o}"),
                 "expected": "not writable by group or others",
             }),
-            Self::NotDirectory { dir } => json!({"check": "directory-type", "path": dir}),
+            Self::NotDirectory { dir } => json!({"check": "directory-type", "path": text(dir)}),
             Self::SocketOwner {
                 socket,
                 uid,
                 expected,
             } => json!({
                 "check": "socket-owner",
-                "path": socket,
+                "path": text(socket),
                 "uid": uid,
                 "expected_uids": expected.uids(),
             }),
-            Self::NotSocket { path } => json!({"check": "socket-type", "path": path}),
-            Self::TooManyLinks { path } => json!({"check": "symbolic-links", "path": path}),
+            Self::NotSocket { path } => json!({"check": "socket-type", "path": text(path)}),
+            Self::TooManyLinks { path } => json!({"check": "symbolic-links", "path": text(path)}),
             Self::Peer { uid, pid, expected } => json!({
                 "check": "peer-uid",
                 "uid": uid,
@@ -154,6 +154,12 @@ impl TrustError {
             }),
         }
     }
+}
+
+/// A path for JSON: serde refuses one that is not UTF-8, and a refusal
+/// must still be reported.
+fn text(path: &Path) -> String {
+    path.display().to_string()
 }
 
 /// The path check failed, or the path could not be looked at.
@@ -311,6 +317,19 @@ mod tests {
         }
         chmod(dir.path(), 0o755);
         check_path(&path, me()).unwrap();
+
+        // A name that is not UTF-8 is still reported, JSON included.
+        use std::os::unix::ffi::OsStrExt;
+        let odd = dir.path().join(std::ffi::OsStr::from_bytes(b"\xff"));
+        std::fs::create_dir(&odd).unwrap();
+        let _odd_listener = UnixListener::bind(odd.join("s.sock")).unwrap();
+        chmod(&odd, 0o777);
+        match check_path(&odd.join("s.sock"), me()) {
+            Err(PathError::Untrusted(e)) => {
+                assert_eq!(e.parameters()["check"], "directory-mode");
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
