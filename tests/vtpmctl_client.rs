@@ -395,12 +395,11 @@ fn no_passphrase_source_is_a_local_failure() {
 // An impostor (another uid) listening where vtpmctl looks must get nothing,
 // least of all the passphrase. The impostor is this test binary re-run under
 // setpriv as IMPOSTOR_UID (see `impostor_listener`), vtpmctl runs as a third
-// uid, CALLER_UID; neither needs a passwd entry.
+// uid, a caller without a passwd entry (setpriv needs none).
 
 /// The impostor: nobody.
 const IMPOSTOR_UID: u32 = 65534;
-/// The operator running vtpmctl; its default socket directory is
-/// `/tmp/vtpmd-<uid>`, so an uid no one uses.
+/// The operator running vtpmctl, unless a test needs a uid of its own.
 const CALLER_UID: u32 = 64123;
 const IMPOSTOR_SOCKET_ENV: &str = "VTPMCTL_TEST_IMPOSTOR_SOCKET";
 const IMPOSTOR_LOG_ENV: &str = "VTPMCTL_TEST_IMPOSTOR_LOG";
@@ -561,7 +560,7 @@ struct CallerFiles {
 }
 
 impl CallerFiles {
-    fn new() -> Self {
+    fn new(caller: u32) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("vtpmctl-trust")
             .tempdir_in("/tmp")
@@ -571,7 +570,7 @@ impl CallerFiles {
         let new_pass = dir.path().join("new-pass");
         for (file, secret) in [(&pass, PASSPHRASE), (&new_pass, NEW_PASSPHRASE)] {
             std::fs::write(file, format!("{secret}\n")).unwrap();
-            chown(file, CALLER_UID);
+            chown(file, caller);
             chmod(file, 0o600);
         }
         Self {
@@ -602,10 +601,10 @@ impl CallerFiles {
     }
 }
 
-/// vtpmctl as CALLER_UID, with `socket` or (None) its default one, and no
+/// vtpmctl as `caller`, with `socket` or (None) its default one, and no
 /// XDG_RUNTIME_DIR (the case where the default lies in /tmp).
-fn vtpmctl_as_caller(socket: Option<&Path>, args: &[String]) -> Output {
-    let uid = CALLER_UID.to_string();
+fn vtpmctl_as(caller: u32, socket: Option<&Path>, args: &[String]) -> Output {
+    let uid = caller.to_string();
     let mut cmd = Command::new("setpriv");
     cmd.args(["--reuid", &uid, "--regid", &uid, "--clear-groups", "--"])
         .arg(env!("CARGO_BIN_EXE_vtpmctl"))
@@ -639,8 +638,33 @@ fn assert_refused(out: &Output, args: &[String], check: &str, needles: &[String]
     }
 }
 
-/// Removes a directory at a fixed path when the test ends, however.
+/// Removes a directory this test created at a fixed path when the test
+/// ends, however.
 struct RemoveOnDrop(PathBuf);
+
+/// A uid without a passwd entry whose default socket directory,
+/// `/tmp/vtpmd-<uid>`, did not exist and is now created here (so runs in
+/// parallel, e.g. from several checkouts, never share one, and nobody's
+/// real directory is touched).
+fn claim_default_dir() -> (u32, RemoveOnDrop) {
+    let start = std::process::id() % 1000;
+    for i in 0..1000 {
+        let uid = 64000 + (start + i) % 1000;
+        if nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
+            .unwrap()
+            .is_some()
+        {
+            continue;
+        }
+        let dir = PathBuf::from(format!("/tmp/vtpmd-{uid}"));
+        match std::fs::create_dir(&dir) {
+            Ok(()) => return (uid, RemoveOnDrop(dir)),
+            Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
+            Err(e) => panic!("{}: {e}", dir.display()),
+        }
+    }
+    panic!("no free /tmp/vtpmd-<uid> for uids 64000-64999");
+}
 
 impl Drop for RemoveOnDrop {
     fn drop(&mut self) {
@@ -654,14 +678,11 @@ fn an_impostor_that_took_the_default_socket_directory_gets_no_passphrase() {
         eprintln!("skipped: switching users needs root");
         return;
     }
-    let files = CallerFiles::new();
     // What the impostor does before the caller's first vtpmctl: take the
-    // caller's default directory in /tmp. Leftovers of an earlier run go
-    // first (the uid is reserved for this test).
-    let dir = PathBuf::from(format!("/tmp/vtpmd-{CALLER_UID}"));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir(&dir).unwrap();
-    let _cleanup = RemoveOnDrop(dir.clone());
+    // caller's default directory in /tmp.
+    let (caller, claimed) = claim_default_dir();
+    let dir = claimed.0.clone();
+    let files = CallerFiles::new(caller);
     chown(&dir, IMPOSTOR_UID);
     chmod(&dir, 0o755);
     let impostor = Impostor::start(&dir);
@@ -670,7 +691,7 @@ fn an_impostor_that_took_the_default_socket_directory_gets_no_passphrase() {
         .secret_calls()
         .into_iter()
         .map(|args| {
-            let out = vtpmctl_as_caller(None, &args);
+            let out = vtpmctl_as(caller, None, &args);
             (args, out)
         })
         .collect();
@@ -684,14 +705,14 @@ fn an_impostor_that_took_the_default_socket_directory_gets_no_passphrase() {
             &[
                 dir.display().to_string(),
                 format!("uid {IMPOSTOR_UID}"),
-                format!("expected root (uid 0) or you (uid {CALLER_UID})"),
+                format!("expected root (uid 0) or you (uid {caller})"),
             ],
         );
         if args.iter().any(|a| a == "--json") {
             let v: Value = serde_json::from_slice(&out.stdout).unwrap();
             let p = &v["parameters"];
             assert_eq!(p["uid"], IMPOSTOR_UID, "{v}");
-            assert_eq!(p["expected_uids"], json!([0, CALLER_UID]), "{v}");
+            assert_eq!(p["expected_uids"], json!([0, caller]), "{v}");
             assert_eq!(p["socket"], impostor.socket.display().to_string(), "{v}");
             assert_eq!(p["passphrase"], true, "{v}");
         }
@@ -704,7 +725,7 @@ fn an_impostor_behind_a_trusted_looking_path_is_caught_by_its_credentials() {
         eprintln!("skipped: switching users needs root");
         return;
     }
-    let files = CallerFiles::new();
+    let files = CallerFiles::new(CALLER_UID);
     let dir = files.dir.path().join("run");
     std::fs::create_dir(&dir).unwrap();
     chown(&dir, IMPOSTOR_UID);
@@ -721,7 +742,7 @@ fn an_impostor_behind_a_trusted_looking_path_is_caught_by_its_credentials() {
     calls.push(vec!["--json".to_owned(), "list".to_owned()]);
     let outs: Vec<Output> = calls
         .iter()
-        .map(|args| vtpmctl_as_caller(Some(&impostor.socket), args))
+        .map(|args| vtpmctl_as(CALLER_UID, Some(&impostor.socket), args))
         .collect();
     // Root trusts root alone.
     let as_root = vtpmctl(
@@ -827,13 +848,13 @@ fn the_real_daemon_is_trusted_by_root_and_by_other_users() {
     }
     // Another user passes vtpmctl's checks (vtpmd runs as root) and is
     // told no by vtpmd itself: it is in none of vtpmd's groups.
-    let files = CallerFiles::new();
+    let files = CallerFiles::new(CALLER_UID);
     let args: Vec<String> = ["--json", "start", GUEST, "--passphrase-file"]
         .iter()
         .map(|&a| a.to_owned())
         .chain([files.pass.display().to_string()])
         .collect();
-    let out = vtpmctl_as_caller(Some(&d.socket), &args);
+    let out = vtpmctl_as(CALLER_UID, Some(&d.socket), &args);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["error"], "io.vtpmd.Manager.PermissionDenied", "{v}");
