@@ -6,6 +6,11 @@
 //! no root needed): `$XDG_STATE_HOME/vtpmd` (else `~/.local/state/vtpmd`)
 //! and `$XDG_RUNTIME_DIR/vtpmd` (else `/tmp/vtpmd-<uid>`). The API socket
 //! is `vtpmd.sock` in the runtime directory.
+//!
+//! `/tmp/vtpmd-<uid>` can be created by any user first, so vtpmctl does
+//! not take the socket it finds there on trust: it checks who owns the
+//! directory and the socket and who listens before it sends a passphrase
+//! (`src/bin/vtpmctl/trust.rs`).
 
 #![forbid(unsafe_code)]
 

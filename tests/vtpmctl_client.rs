@@ -4,6 +4,8 @@
 
 #![allow(clippy::unwrap_used)] // a test that cannot set up should fail loudly
 
+mod common;
+
 use std::io::{ErrorKind, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -386,4 +388,474 @@ fn no_passphrase_source_is_a_local_failure() {
         "{}",
         text(&out.stderr)
     );
+}
+
+// --- Whose socket is it? -------------------------------------------------
+//
+// An impostor (another uid) listening where vtpmctl looks must get nothing,
+// least of all the passphrase. The impostor is this test binary re-run under
+// setpriv as IMPOSTOR_UID (see `impostor_listener`), vtpmctl runs as a third
+// uid, a caller without a passwd entry (setpriv needs none).
+
+/// The impostor: nobody.
+const IMPOSTOR_UID: u32 = 65534;
+/// The operator running vtpmctl, unless a test needs a uid of its own.
+const CALLER_UID: u32 = 64123;
+const IMPOSTOR_SOCKET_ENV: &str = "VTPMCTL_TEST_IMPOSTOR_SOCKET";
+const IMPOSTOR_LOG_ENV: &str = "VTPMCTL_TEST_IMPOSTOR_LOG";
+const SENTINEL: &[u8] = b"test-sentinel";
+
+fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+fn chown(path: &Path, uid: u32) {
+    std::os::unix::fs::chown(path, Some(uid), Some(uid)).unwrap();
+}
+
+fn chmod(path: &Path, mode: u32) {
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(mode)).unwrap();
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(text: &str) -> Vec<u8> {
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&text[i..i + 2], 16).unwrap())
+        .collect()
+}
+
+/// Not a test on its own: the impostor's body when this binary is re-run
+/// with its environment (does nothing otherwise). It listens on the socket
+/// (connectable by anyone, as an impostor wants), then for every connection
+/// appends one hex line of what it read up to a NUL or the end.
+#[test]
+fn impostor_listener() {
+    let (Some(socket), Some(log)) = (
+        std::env::var_os(IMPOSTOR_SOCKET_ENV),
+        std::env::var_os(IMPOSTOR_LOG_ENV),
+    ) else {
+        return;
+    };
+    let listener = UnixListener::bind(&socket).unwrap();
+    chmod(Path::new(&socket), 0o777);
+    // Created once listening: the test waits for it.
+    let mut log = std::fs::File::create(&log).unwrap();
+    for conn in listener.incoming() {
+        let mut conn = conn.unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        let mut got = Vec::new();
+        let mut byte = [0u8];
+        while let Ok(1) = conn.read(&mut byte) {
+            if byte[0] == 0 {
+                break;
+            }
+            got.push(byte[0]);
+        }
+        log.write_all(format!("{}\n", hex(&got)).as_bytes())
+            .unwrap();
+    }
+}
+
+/// The impostor's process, listening on `socket` as IMPOSTOR_UID.
+struct Impostor {
+    child: std::process::Child,
+    socket: PathBuf,
+    log: PathBuf,
+}
+
+impl Impostor {
+    /// Listens in `dir`, which must be writable by IMPOSTOR_UID.
+    fn start(dir: &Path) -> Self {
+        let socket = dir.join("vtpmd.sock");
+        let log = dir.join("impostor.log");
+        let uid = IMPOSTOR_UID.to_string();
+        let child = Command::new("setpriv")
+            .args(["--reuid", &uid, "--regid", &uid, "--clear-groups", "--"])
+            .arg(std::env::current_exe().unwrap())
+            .args(["impostor_listener", "--exact", "--nocapture"])
+            .env(IMPOSTOR_SOCKET_ENV, &socket)
+            .env(IMPOSTOR_LOG_ENV, &log)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut impostor = Self { child, socket, log };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !impostor.log.exists() {
+            if let Some(status) = impostor.child.try_wait().unwrap() {
+                panic!("the impostor exited: {status}");
+            }
+            assert!(Instant::now() < deadline, "the impostor does not listen");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        impostor
+    }
+
+    /// What each connection made to the impostor so far wrote, in order.
+    fn received(&self) -> Vec<Vec<u8>> {
+        // The connections are served one by one: once the sentinel's is
+        // logged, every earlier one is.
+        let mut marker = UnixStream::connect(&self.socket).unwrap();
+        marker.write_all(SENTINEL).unwrap();
+        marker.write_all(&[0]).unwrap();
+        drop(marker);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let lines: Vec<Vec<u8>> = std::fs::read_to_string(&self.log)
+                .unwrap()
+                .lines()
+                .map(unhex)
+                .collect();
+            if let Some(pos) = lines.iter().position(|l| l == SENTINEL) {
+                return lines[..pos].to_vec();
+            }
+            assert!(Instant::now() < deadline, "the impostor logs nothing");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Asserts that no passphrase, plain or base64, reached the impostor,
+    /// and that nothing at all did: vtpmctl checks before writing.
+    fn assert_got_nothing(&self) {
+        let received = self.received();
+        let all: Vec<u8> = received.concat();
+        for secret in [PASSPHRASE, NEW_PASSPHRASE] {
+            let b64 = Base64::encode_string(secret.as_bytes());
+            for leaked in [secret.as_bytes(), b64.as_bytes()] {
+                assert!(
+                    !contains(&all, leaked),
+                    "the impostor received a passphrase: {}",
+                    text(&all)
+                );
+            }
+        }
+        assert!(
+            received.iter().all(Vec::is_empty),
+            "the impostor read {:?}",
+            text(&all)
+        );
+    }
+}
+
+impl Drop for Impostor {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+const NEW_PASSPHRASE: &str = "tr0ub4dor&3";
+
+/// A directory the caller can pass through, with passphrase files only the
+/// caller can read.
+struct CallerFiles {
+    dir: tempfile::TempDir,
+    pass: PathBuf,
+    new_pass: PathBuf,
+}
+
+impl CallerFiles {
+    fn new(caller: u32) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("vtpmctl-trust")
+            .tempdir_in("/tmp")
+            .unwrap();
+        chmod(dir.path(), 0o711);
+        let pass = dir.path().join("pass");
+        let new_pass = dir.path().join("new-pass");
+        for (file, secret) in [(&pass, PASSPHRASE), (&new_pass, NEW_PASSPHRASE)] {
+            std::fs::write(file, format!("{secret}\n")).unwrap();
+            chown(file, caller);
+            chmod(file, 0o600);
+        }
+        Self {
+            dir,
+            pass,
+            new_pass,
+        }
+    }
+
+    /// Every subcommand that sends a passphrase, with these files.
+    fn secret_calls(&self) -> Vec<Vec<String>> {
+        let pass = self.pass.display().to_string();
+        let new_pass = self.new_pass.display().to_string();
+        let s = |v: &[&str]| v.iter().map(|&a| a.to_owned()).collect::<Vec<_>>();
+        vec![
+            s(&["start", GUEST, "--passphrase-file", &pass]),
+            s(&["create", GUEST, "--passphrase-file", &pass]),
+            s(&[
+                "rekey",
+                GUEST,
+                "--passphrase-file",
+                &pass,
+                "--new-passphrase-file",
+                &new_pass,
+            ]),
+            s(&["--json", "start", GUEST, "--passphrase-file", &pass]),
+        ]
+    }
+}
+
+/// vtpmctl as `caller`, with `socket` or (None) its default one, and no
+/// XDG_RUNTIME_DIR (the case where the default lies in /tmp).
+fn vtpmctl_as(caller: u32, socket: Option<&Path>, args: &[String]) -> Output {
+    let uid = caller.to_string();
+    let mut cmd = Command::new("setpriv");
+    cmd.args(["--reuid", &uid, "--regid", &uid, "--clear-groups", "--"])
+        .arg(env!("CARGO_BIN_EXE_vtpmctl"))
+        .args(["--timeout", "20"])
+        .env_remove("XDG_RUNTIME_DIR")
+        .stdin(Stdio::null());
+    if let Some(socket) = socket {
+        cmd.arg("--socket").arg(socket);
+    }
+    cmd.args(args).output().unwrap()
+}
+
+/// Asserts a refusal: exit 1, the reason on stderr, and with `--json` the
+/// error's name and `check` on stdout.
+fn assert_refused(out: &Output, args: &[String], check: &str, needles: &[String]) {
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+    assert!(err.contains("refusing to"), "{args:?}: {err}");
+    for needle in needles {
+        assert!(
+            err.contains(needle.as_str()),
+            "{args:?}: {needle:?} in {err}"
+        );
+    }
+    if args.iter().any(|a| a == "--json") {
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(v["error"], "io.vtpmd.vtpmctl.UntrustedSocket", "{v}");
+        assert_eq!(v["parameters"]["check"], check, "{v}");
+    } else {
+        assert!(out.stdout.is_empty(), "{args:?}: {}", text(&out.stdout));
+    }
+}
+
+/// Removes a directory this test created at a fixed path when the test
+/// ends, however.
+struct RemoveOnDrop(PathBuf);
+
+/// A uid without a passwd entry whose default socket directory,
+/// `/tmp/vtpmd-<uid>`, did not exist and is now created here (so runs in
+/// parallel, e.g. from several checkouts, never share one, and nobody's
+/// real directory is touched).
+fn claim_default_dir() -> (u32, RemoveOnDrop) {
+    let start = std::process::id() % 1000;
+    for i in 0..1000 {
+        let uid = 64000 + (start + i) % 1000;
+        if nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
+            .unwrap()
+            .is_some()
+        {
+            continue;
+        }
+        let dir = PathBuf::from(format!("/tmp/vtpmd-{uid}"));
+        match std::fs::create_dir(&dir) {
+            Ok(()) => return (uid, RemoveOnDrop(dir)),
+            Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
+            Err(e) => panic!("{}: {e}", dir.display()),
+        }
+    }
+    panic!("no free /tmp/vtpmd-<uid> for uids 64000-64999");
+}
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[test]
+fn an_impostor_that_took_the_default_socket_directory_gets_no_passphrase() {
+    if !is_root() {
+        eprintln!("skipped: switching users needs root");
+        return;
+    }
+    // What the impostor does before the caller's first vtpmctl: take the
+    // caller's default directory in /tmp.
+    let (caller, claimed) = claim_default_dir();
+    let dir = claimed.0.clone();
+    let files = CallerFiles::new(caller);
+    chown(&dir, IMPOSTOR_UID);
+    chmod(&dir, 0o755);
+    let impostor = Impostor::start(&dir);
+
+    let outs: Vec<(Vec<String>, Output)> = files
+        .secret_calls()
+        .into_iter()
+        .map(|args| {
+            let out = vtpmctl_as(caller, None, &args);
+            (args, out)
+        })
+        .collect();
+    // What matters most first: the impostor learnt nothing.
+    impostor.assert_got_nothing();
+    for (args, out) in &outs {
+        assert_refused(
+            out,
+            args,
+            "directory-owner",
+            &[
+                dir.display().to_string(),
+                format!("uid {IMPOSTOR_UID}"),
+                format!("expected root (uid 0) or you (uid {caller})"),
+            ],
+        );
+        if args.iter().any(|a| a == "--json") {
+            let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+            let p = &v["parameters"];
+            assert_eq!(p["uid"], IMPOSTOR_UID, "{v}");
+            assert_eq!(p["expected_uids"], json!([0, caller]), "{v}");
+            assert_eq!(p["socket"], impostor.socket.display().to_string(), "{v}");
+            assert_eq!(p["passphrase"], true, "{v}");
+        }
+    }
+}
+
+#[test]
+fn an_impostor_behind_a_trusted_looking_path_is_caught_by_its_credentials() {
+    if !is_root() {
+        eprintln!("skipped: switching users needs root");
+        return;
+    }
+    let files = CallerFiles::new(CALLER_UID);
+    let dir = files.dir.path().join("run");
+    std::fs::create_dir(&dir).unwrap();
+    chown(&dir, IMPOSTOR_UID);
+    let impostor = Impostor::start(&dir);
+    // The path now passes (root's directory, root's socket): only the
+    // listener's uid gives it away, as after a swap between check and
+    // connect.
+    chown(&dir, 0);
+    chmod(&dir, 0o755);
+    chown(&impostor.socket, 0);
+
+    let mut calls = files.secret_calls();
+    calls.push(vec!["status".to_owned(), GUEST.to_owned()]);
+    calls.push(vec!["--json".to_owned(), "list".to_owned()]);
+    let outs: Vec<Output> = calls
+        .iter()
+        .map(|args| vtpmctl_as(CALLER_UID, Some(&impostor.socket), args))
+        .collect();
+    // Root trusts root alone.
+    let as_root = vtpmctl(
+        &impostor.socket,
+        &[
+            "--json",
+            "start",
+            GUEST,
+            "--passphrase-file",
+            files.pass.to_str().unwrap(),
+        ],
+        None,
+    );
+    // What matters most first: the impostor learnt nothing, though each
+    // call connected (that is how its uid was seen).
+    impostor.assert_got_nothing();
+    assert_eq!(impostor.received().len(), calls.len() + 1);
+
+    for (args, out) in calls.iter().zip(&outs) {
+        assert_refused(
+            out,
+            args,
+            "peer-uid",
+            &[
+                impostor.socket.display().to_string(),
+                format!("runs as uid {IMPOSTOR_UID}"),
+                format!("expected root (uid 0) or you (uid {CALLER_UID})"),
+            ],
+        );
+    }
+    let args = vec!["--json".to_owned()];
+    assert_refused(
+        &as_root,
+        &args,
+        "peer-uid",
+        &["expected root (uid 0)".to_owned()],
+    );
+    let v: Value = serde_json::from_slice(&as_root.stdout).unwrap();
+    assert_eq!(v["parameters"]["uid"], IMPOSTOR_UID, "{v}");
+    assert_eq!(v["parameters"]["expected_uids"], json!([0]), "{v}");
+}
+
+#[test]
+fn a_socket_directory_others_can_write_to_gets_no_passphrase() {
+    // The listener is genuine (this process's uid): only the directory is
+    // wrong, so a call without secrets goes through, with a warning.
+    let daemon = FakeDaemon::start(1, |call| {
+        assert_eq!(call["method"], "io.vtpmd.Manager.Status");
+        vec![json!({ "parameters": { "guest": running_guest() } })]
+    });
+    let dir = daemon.socket.parent().unwrap().to_owned();
+    let pass_dir = tempfile::tempdir().unwrap();
+    let pass = pass_dir.path().join("pass");
+    std::fs::write(&pass, PASSPHRASE).unwrap();
+    let pass = pass.to_str().unwrap();
+    for mode in [0o777, 0o1777, 0o770] {
+        chmod(&dir, mode);
+        for json in [false, true] {
+            let mut args = vec!["start", GUEST, "--passphrase-file", pass];
+            if json {
+                args.push("--json");
+            }
+            let out = vtpmctl(&daemon.socket, &args, None);
+            let args: Vec<String> = args.iter().map(|&a| a.to_owned()).collect();
+            assert_refused(
+                &out,
+                &args,
+                "directory-mode",
+                &[dir.display().to_string(), format!("mode {mode:04o}")],
+            );
+            if json {
+                let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+                assert_eq!(v["parameters"]["mode"], format!("{mode:04o}"), "{v}");
+            }
+        }
+    }
+    let status = vtpmctl(&daemon.socket, &["status", GUEST], None);
+    let seen = daemon.seen();
+    assert_eq!(status.status.code(), Some(0), "{}", text(&status.stderr));
+    assert!(
+        text(&status.stderr).contains("warning"),
+        "{}",
+        text(&status.stderr)
+    );
+    // The fake daemon saw that one call and nothing else.
+    assert_eq!(seen.len(), 1);
+    assert!(!contains(&seen[0].raw, b"passphrase"));
+}
+
+#[test]
+fn the_real_daemon_is_trusted_by_root_and_by_other_users() {
+    let d = common::Daemon::start();
+    let files_dir = tempfile::tempdir().unwrap();
+    let pass = files_dir.path().join("pass");
+    std::fs::write(&pass, PASSPHRASE).unwrap();
+    let pass = pass.to_str().unwrap();
+    d.vtpmctl(&["create", GUEST, "--passphrase-file", pass]);
+    let out = d.vtpmctl(&["start", GUEST, "--passphrase-file", pass]);
+    assert!(out.contains("state:       running"), "{out}");
+    d.vtpmctl(&["stop", GUEST]);
+    if !is_root() {
+        return;
+    }
+    // Another user passes vtpmctl's checks (vtpmd runs as root) and is
+    // told no by vtpmd itself: it is in none of vtpmd's groups.
+    let files = CallerFiles::new(CALLER_UID);
+    let args: Vec<String> = ["--json", "start", GUEST, "--passphrase-file"]
+        .iter()
+        .map(|&a| a.to_owned())
+        .chain([files.pass.display().to_string()])
+        .collect();
+    let out = vtpmctl_as(CALLER_UID, Some(&d.socket), &args);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["error"], "io.vtpmd.Manager.PermissionDenied", "{v}");
 }

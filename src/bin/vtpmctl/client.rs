@@ -14,6 +14,7 @@ use vtpmd::secret::{SecretBuf, SecretError};
 use crate::message;
 use crate::output;
 use crate::passphrase::PassphraseError;
+use crate::trust::{self, PathError, PeerError, TrustError, Trusted};
 
 /// The largest reply accepted (a List of many guests fits easily).
 pub const MAX_REPLY: usize = 16 * 1024 * 1024;
@@ -74,6 +75,69 @@ pub enum ClientError {
     },
     #[error("{0}")]
     Usage(String),
+    /// The socket may not be vtpmd's: nothing was written to it.
+    #[error(
+        "refusing to {} {}: {reason} (whoever runs that may not be vtpmd; give --socket PATH for the real one)",
+        if *secrets { "send a passphrase to" } else { "talk to" },
+        socket.display()
+    )]
+    Untrusted {
+        socket: PathBuf,
+        secrets: bool,
+        reason: TrustError,
+    },
+    #[error("cannot tell who listens on {}", socket.display())]
+    PeerCredentials {
+        socket: PathBuf,
+        #[source]
+        source: nix::Error,
+    },
+}
+
+/// What the call about to be made carries, which decides how much of the
+/// socket must be trusted before it is made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Carries {
+    /// A passphrase: the path and the peer must both pass, or nothing is
+    /// sent.
+    Secrets,
+    /// Nothing secret: the peer must pass (an impostor's answers are not
+    /// harmless: attach-args hands a VMM the control socket a Status reply
+    /// names), the path only draws a warning (a socket in a shared
+    /// directory is a common test set-up, and what it could leak is a
+    /// guest id).
+    NoSecrets,
+}
+
+/// The path check for a call carrying `carries`, before anything secret
+/// is read or the connection is made.
+pub fn check_socket_path(path: &Path, carries: Carries) -> Result<(), ClientError> {
+    match (trust::check_path(path, Trusted::current()), carries) {
+        (Ok(()), _) => Ok(()),
+        (Err(PathError::Untrusted(reason)), Carries::Secrets) => Err(ClientError::Untrusted {
+            socket: path.to_owned(),
+            secrets: true,
+            reason,
+        }),
+        (Err(PathError::Untrusted(reason)), Carries::NoSecrets) => {
+            eprintln!(
+                "vtpmctl: warning: {}: {reason}; a passphrase would not be sent there",
+                path.display()
+            );
+            Ok(())
+        }
+        (Err(PathError::Inspect { source, .. }), Carries::Secrets) => Err(match source.kind() {
+            ErrorKind::PermissionDenied => ClientError::PermissionDenied {
+                path: path.to_owned(),
+            },
+            _ => ClientError::Connect {
+                path: path.to_owned(),
+                source,
+            },
+        }),
+        // connect() reports the same problem in its own words.
+        (Err(PathError::Inspect { .. }), Carries::NoSecrets) => Ok(()),
+    }
 }
 
 /// One connection to vtpmd.
@@ -82,15 +146,23 @@ pub struct Client {
     stream: UnixStream,
     path: PathBuf,
     timeout: Option<Duration>,
+    /// The checks the socket passed on connecting.
+    carries: Carries,
     /// Bytes received beyond the last reply's NUL (the next replies of a
     /// stream). Replies carry no secrets.
     pending: Vec<u8>,
 }
 
 impl Client {
-    /// Connects to `path`; `timeout` bounds the wait for each reply
-    /// (`None`: wait as long as it takes, for Monitor).
-    pub fn connect(path: &Path, timeout: Option<Duration>) -> Result<Self, ClientError> {
+    /// Connects to `path` once it passes the checks for `carries`;
+    /// `timeout` bounds the wait for each reply (`None`: wait as long as
+    /// it takes, for Monitor).
+    pub fn connect(
+        path: &Path,
+        timeout: Option<Duration>,
+        carries: Carries,
+    ) -> Result<Self, ClientError> {
+        check_socket_path(path, carries)?;
         let stream = UnixStream::connect(path).map_err(|source| {
             if source.kind() == ErrorKind::PermissionDenied {
                 ClientError::PermissionDenied {
@@ -103,6 +175,18 @@ impl Client {
                 }
             }
         })?;
+        // Before any byte, so an impostor learns not even the method.
+        trust::check_peer(&stream, Trusted::current()).map_err(|e| match e {
+            PeerError::Untrusted(reason) => ClientError::Untrusted {
+                socket: path.to_owned(),
+                secrets: carries == Carries::Secrets,
+                reason,
+            },
+            PeerError::Credentials(source) => ClientError::PeerCredentials {
+                socket: path.to_owned(),
+                source,
+            },
+        })?;
         let io = |source| ClientError::Io {
             path: path.to_owned(),
             source,
@@ -113,6 +197,7 @@ impl Client {
             stream,
             path: path.to_owned(),
             timeout,
+            carries,
             pending: Vec::new(),
         })
     }
@@ -135,6 +220,11 @@ impl Client {
         parameters: &Map<String, Value>,
         secrets: &[(&str, &SecretBuf)],
     ) -> Result<Value, ClientError> {
+        // The peer passed on connecting; a connection made for a call
+        // without secrets has yet to pass the path check too.
+        if self.carries != Carries::Secrets {
+            check_socket_path(&self.path, Carries::Secrets)?;
+        }
         let msg =
             message::with_secrets(member, parameters, secrets).map_err(ClientError::Secret)?;
         self.send(msg.expose_secret())?;
@@ -249,7 +339,7 @@ mod tests {
     fn a_missing_socket_names_its_path() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("nothing.sock");
-        let err = Client::connect(&path, None).unwrap_err();
+        let err = Client::connect(&path, None, Carries::NoSecrets).unwrap_err();
         let text = err.to_string();
         assert!(text.contains(&path.display().to_string()), "{text}");
         assert!(text.contains("is the daemon running"), "{text}");
@@ -276,7 +366,8 @@ mod tests {
                 .unwrap();
             call
         });
-        let mut client = Client::connect(&path, Some(Duration::from_secs(5))).unwrap();
+        let mut client =
+            Client::connect(&path, Some(Duration::from_secs(5)), Carries::NoSecrets).unwrap();
         client.start_stream("Monitor", &Map::new()).unwrap();
         let got: Vec<(Value, bool)> = (0..3).map(|_| client.next_reply().unwrap()).collect();
         assert_eq!(got[0], (serde_json::json!({"n": 1}), true));
@@ -302,7 +393,8 @@ mod tests {
                 }
             }
         });
-        let mut client = Client::connect(&path, Some(Duration::from_secs(5))).unwrap();
+        let mut client =
+            Client::connect(&path, Some(Duration::from_secs(5)), Carries::NoSecrets).unwrap();
         assert!(matches!(
             client.next_reply(),
             Err(ClientError::ReplyTooLarge)

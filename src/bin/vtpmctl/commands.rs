@@ -12,7 +12,7 @@ use vtpmd::protocol::GuestId;
 use vtpmd::protocol::manager::{CapabilitiesReply, GuestView, MonitorReply};
 
 use crate::attach::{self, Vmm};
-use crate::client::{self, Client, ClientError};
+use crate::client::{self, Carries, Client, ClientError};
 use crate::output;
 use crate::passphrase::{self, Want};
 
@@ -22,6 +22,8 @@ use crate::passphrase::{self, Want};
 pub struct Conn {
     /// vtpmd's socket [default: /run/vtpmd/vtpmd.sock as root, else
     /// $XDG_RUNTIME_DIR/vtpmd/vtpmd.sock, else /tmp/vtpmd-UID/vtpmd.sock].
+    /// A passphrase goes only to a socket root or you own, in a directory
+    /// only its owner can write, served by root or you.
     #[arg(long, value_name = "PATH")]
     pub socket: Option<PathBuf>,
     /// Machine output: the reply's parameters as JSON (errors as
@@ -57,7 +59,23 @@ impl Conn {
     }
 
     fn connect(&self) -> Result<Client, ClientError> {
-        Client::connect(&self.socket(), self.timeout())
+        Client::connect(&self.socket(), self.timeout(), Carries::NoSecrets)
+    }
+
+    /// For a call carrying a passphrase, before it is read: no one should
+    /// type a passphrase for a socket that will be refused.
+    /// [`connect_for_secrets`](Self::connect_for_secrets) checks again.
+    /// A socket that cannot be looked at (missing: vtpmd not running) is
+    /// left to the connection to report, after the passphrase's problems.
+    fn check_for_secrets(&self) -> Result<(), ClientError> {
+        match client::check_socket_path(&self.socket(), Carries::Secrets) {
+            Err(e @ ClientError::Untrusted { .. }) => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    fn connect_for_secrets(&self) -> Result<Client, ClientError> {
+        Client::connect(&self.socket(), self.timeout(), Carries::Secrets)
     }
 }
 
@@ -257,15 +275,18 @@ pub fn run(command: Online) -> Result<Option<Printed>, ClientError> {
                 params.insert("image_properties".into(), json!(image));
             }
             params.insert("ek_certificate".into(), ek_certificate.into());
+            conn.check_for_secrets()?;
             let pass = passphrase::obtain(Want {
                 file: passphrase_file.as_deref(),
                 option: "passphrase-file",
                 prompt: "New passphrase: ",
                 confirm: true,
             })?;
-            let reply =
-                conn.connect()?
-                    .call_with_secrets("Create", &params, &[("passphrase", &pass)])?;
+            let reply = conn.connect_for_secrets()?.call_with_secrets(
+                "Create",
+                &params,
+                &[("passphrase", &pass)],
+            )?;
             drop(pass);
             guest_reply(reply)
         }
@@ -274,13 +295,14 @@ pub fn run(command: Online) -> Result<Option<Printed>, ClientError> {
             passphrase_file,
             conn,
         } => {
+            conn.check_for_secrets()?;
             let pass = passphrase::obtain(Want {
                 file: passphrase_file.as_deref(),
                 option: "passphrase-file",
                 prompt: "Passphrase: ",
                 confirm: false,
             })?;
-            let reply = conn.connect()?.call_with_secrets(
+            let reply = conn.connect_for_secrets()?.call_with_secrets(
                 "Start",
                 &guest_params(guest),
                 &[("passphrase", &pass)],
@@ -318,6 +340,7 @@ pub fn run(command: Online) -> Result<Option<Printed>, ClientError> {
                         .to_owned(),
                 ));
             }
+            conn.check_for_secrets()?;
             let old = passphrase::obtain(Want {
                 file: passphrase_file.as_deref(),
                 option: "passphrase-file",
@@ -330,7 +353,7 @@ pub fn run(command: Online) -> Result<Option<Printed>, ClientError> {
                 prompt: "New passphrase: ",
                 confirm: true,
             })?;
-            let reply = conn.connect()?.call_with_secrets(
+            let reply = conn.connect_for_secrets()?.call_with_secrets(
                 "Rekey",
                 &guest_params(guest),
                 &[("passphrase", &old), ("new_passphrase", &new)],
@@ -372,7 +395,7 @@ pub fn run(command: Online) -> Result<Option<Printed>, ClientError> {
 
 fn monitor(conn: &Conn, count: Option<u64>) -> Result<(), ClientError> {
     // Events come whenever they happen: no reply timeout.
-    let mut client = Client::connect(&conn.socket(), None)?;
+    let mut client = Client::connect(&conn.socket(), None, Carries::NoSecrets)?;
     client.start_stream("Monitor", &Map::new())?;
     let mut seen = 0u64;
     let stdout = std::io::stdout();

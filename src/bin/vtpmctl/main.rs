@@ -12,9 +12,18 @@
 //! | exit | meaning |
 //! |---|---|
 //! | 0 | success |
-//! | 1 | vtpmd answered with an error: its Varlink name and a sentence go to stderr (with `--json`, also `{"error": NAME, "parameters": {…}}` on stdout); also `attach-args` refusing a guest that does not run, or a TPM the VMM cannot take (named `io.vtpmd.Manager.GuestNotRunning` / `InvalidTpmSpec` the same way) |
+//! | 1 | vtpmd answered with an error: its Varlink name and a sentence go to stderr (with `--json`, also `{"error": NAME, "parameters": {…}}` on stdout); also `attach-args` refusing a guest that does not run, or a TPM the VMM cannot take (named `io.vtpmd.Manager.GuestNotRunning` / `InvalidTpmSpec` the same way); and vtpmctl refusing a socket that may not be vtpmd's (`io.vtpmd.vtpmctl.UntrustedSocket`, see below) |
 //! | 2 | usage error (bad arguments, e.g. a guest id that is not a canonical UUID) |
 //! | 6 | local failure: cannot connect to the socket, permission denied on it, I/O error or timeout, an unreadable, empty or mismatched passphrase, a cancelled prompt |
+//!
+//! Before a call carrying a passphrase (create, start, rekey) vtpmctl
+//! checks that the socket's directory belongs to root or the caller and
+//! nobody else can write to it, that the socket belongs to root or the
+//! caller, and, once connected and before writing anything, that the
+//! process listening runs as root or the caller (`SO_PEERCRED`). Every
+//! other call checks the listener too and only warns about the path. A
+//! refusal exits 1 naming what was found and what was expected; nothing
+//! was written to the socket. See `trust.rs`.
 //!
 //! `state inspect|verify` keep their own codes (0, 1, 3, 4, 5, 6; 2 for
 //! usage), documented in `state.rs` and the README.
@@ -32,11 +41,15 @@ mod message;
 mod output;
 mod passphrase;
 mod state;
+mod trust;
 
 use client::ClientError;
 use commands::{Conn, Online};
 
-/// Exit code: vtpmd (or attach-args) refused.
+/// The error name of a socket vtpmctl will not talk to (`--json`).
+const UNTRUSTED_SOCKET: &str = "io.vtpmd.vtpmctl.UntrustedSocket";
+
+/// Exit code: vtpmd (or attach-args, or vtpmctl's socket check) refused.
 const EXIT_REMOTE: u8 = 1;
 /// Exit code: bad arguments (clap uses it too).
 const EXIT_USAGE: u8 = 2;
@@ -101,10 +114,20 @@ fn main() -> ExitCode {
 /// Prints the error and picks the exit code.
 fn report(error: &ClientError, json: bool) -> ExitCode {
     let (name, parameters) = match error {
-        ClientError::Remote { name, parameters } => (name.as_str(), parameters),
+        ClientError::Remote { name, parameters } => (name.as_str(), parameters.clone()),
         ClientError::Refused {
             name, parameters, ..
-        } => (*name, parameters),
+        } => (*name, parameters.clone()),
+        ClientError::Untrusted {
+            socket,
+            secrets,
+            reason,
+        } => {
+            let mut parameters = reason.parameters();
+            parameters["socket"] = socket.display().to_string().into();
+            parameters["passphrase"] = (*secrets).into();
+            (UNTRUSTED_SOCKET, parameters)
+        }
         ClientError::Usage(_) => {
             eprintln!("vtpmctl: {error}");
             return ExitCode::from(EXIT_USAGE);
