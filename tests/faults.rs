@@ -253,3 +253,46 @@ fn a_swtpm_that_could_not_store_its_state_is_reported_failed() {
     let failure = status["failure"].as_str().unwrap_or_default();
     assert!(failure.contains("could not store"), "{failure}");
 }
+
+/// The lost write outlives the vtpmd that read swtpm's words: a vtpmd
+/// started after it adopts the swtpm with the reason (from the run record),
+/// and the run still ends `failed`.
+#[test]
+fn a_lost_write_is_still_reported_after_vtpmd_restarts() {
+    let Some(fs) = Tmpfs::mount("2m") else { return };
+    let mut d = Daemon::start_on(common::TEST_CONFIG, Some(fs.path().join("run")));
+    d.client()
+        .manager(
+            "Create",
+            json!({"guest": G1, "version": "2.0", "passphrase": b64(PASS)}),
+        )
+        .unwrap();
+    let running = d.start_guest(G1, PASS);
+    let mut vmm = Writer::attach(&ctrl_of(&running));
+    vmm.write(2);
+    let mut events = d.events();
+    let filler = fs.fill();
+    let cmd = vtpmd::swtpm::ctrl::tpm::tpm2_nv_write(common::nv::NV_INDEX, &9u64.to_be_bytes(), 0)
+        .unwrap();
+    let _ = vmm.vmm.transact(&cmd).unwrap();
+    events
+        .wait_for(G1, "store-failed", TIMEOUT)
+        .expect("no store-failed event");
+    drop(events);
+    // Room again, so that only the record can carry the failure over.
+    std::fs::remove_file(&filler).unwrap();
+
+    d.restart();
+    let status = d.guest_status(G1);
+    assert_eq!(status["state"], "running", "{status}");
+    assert_eq!(
+        status["pid"], running["pid"],
+        "not the same swtpm: {status}"
+    );
+    assert!(reason_of(&status).contains("could not store"), "{status}");
+
+    let _ = vmm.quit();
+    let status = d.wait_state(G1, "failed", TIMEOUT);
+    let failure = status["failure"].as_str().unwrap_or_default();
+    assert!(failure.contains("could not store"), "{failure}");
+}

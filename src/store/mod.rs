@@ -367,6 +367,12 @@ impl Store {
         run_record::write(&self.run_record_path(guest), record)
     }
 
+    /// Adds swtpm's lost write to the guest's run record, in place: the
+    /// runtime file system may be the full one that made swtpm fail.
+    pub fn record_lost_write(&self, guest: GuestId, line: &str) -> Result<(), StoreError> {
+        run_record::append_lost_write(&self.run_record_path(guest), line)
+    }
+
     /// The recorded swtpm of the guest, if any.
     pub fn read_run_record(&self, guest: GuestId) -> Result<Option<RunRecord>, StoreError> {
         run_record::read(&self.run_record_path(guest))

@@ -61,19 +61,7 @@ impl RunRecord {
         }
         text.push_str(&format!("ctrl={}:{}\n", self.ctrl_id.0, self.ctrl_id.1));
         if let Some(line) = &self.lost_write {
-            // One line of printable ASCII, whatever swtpm wrote.
-            let line: String = line
-                .chars()
-                .map(|c| {
-                    if c.is_ascii_graphic() || c == ' ' {
-                        c
-                    } else {
-                        '?'
-                    }
-                })
-                .take(MAX_LOST_WRITE)
-                .collect();
-            text.push_str(&format!("lost_write={line}\n"));
+            text.push_str(&lost_write_line(line));
         }
         text
     }
@@ -113,6 +101,51 @@ impl RunRecord {
             lost_write,
         })
     }
+}
+
+/// `lost_write=…\n`: one line of printable ASCII, whatever swtpm wrote.
+fn lost_write_line(line: &str) -> String {
+    let line: String = line
+        .chars()
+        .map(|c| {
+            if c.is_ascii_graphic() || c == ' ' {
+                c
+            } else {
+                '?'
+            }
+        })
+        .take(MAX_LOST_WRITE)
+        .collect();
+    format!("lost_write={line}\n")
+}
+
+/// Appends `lost_write` to the record at `path` with one `write(2)`: no new
+/// file, and within the record's one page, so it needs no space on a file
+/// system that has none left. A record that has one already is left as it
+/// is.
+pub(super) fn append_lost_write(path: &Path, line: &str) -> Result<(), StoreError> {
+    let record = read(path)?.ok_or_else(|| StoreError::BadRunRecord {
+        path: path.to_owned(),
+    })?;
+    if record.lost_write.is_some() {
+        return Ok(());
+    }
+    let err = |source| StoreError::WriteRunRecord {
+        path: path.to_owned(),
+        source,
+    };
+    let mut file = fs::OpenOptions::new()
+        .append(true)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK | nix::libc::O_CLOEXEC)
+        .open(path)
+        .map_err(err)?;
+    if !file.metadata().map_err(err)?.is_file() {
+        return Err(StoreError::BadRunRecord {
+            path: path.to_owned(),
+        });
+    }
+    file.write_all(lost_write_line(line).as_bytes())
+        .map_err(err)
 }
 
 /// Writes `record` at `path` (temporary file, then rename).
@@ -218,8 +251,10 @@ mod tests {
         };
         write(&path, &record).unwrap();
         assert_eq!(read(&path).unwrap().as_ref(), Some(&record));
-        record.lost_write = Some(format!("a\nb\u{1b}[31m{}", "x".repeat(500)));
+        record.lost_write = None;
         write(&path, &record).unwrap();
+        append_lost_write(&path, &format!("a\nb\u{1b}[31m{}", "x".repeat(500))).unwrap();
+        append_lost_write(&path, "a second one is not recorded").unwrap();
         let back = read(&path).unwrap().unwrap().lost_write.unwrap();
         assert!(back.starts_with("a?b?[31mxxx"), "{back}");
         assert_eq!(back.len(), MAX_LOST_WRITE);

@@ -121,9 +121,10 @@ async fn adopt_live(shared: &Arc<Shared>, guest: &Arc<Guest>, slot: &mut Slot, s
         }
     }
     // A write an earlier vtpmd saw this swtpm lose is still lost.
-    let reason = match run.swtpm.store_failure() {
-        Some(line) => Some(super::lost_write::describe(&line)),
-        None => reason,
+    let reason = match (run.swtpm.store_failure(), reason) {
+        (Some(line), None) => Some(super::lost_write::describe(&line)),
+        (Some(line), Some(also)) => Some(format!("{}; {also}", super::lost_write::describe(&line))),
+        (None, reason) => reason,
     };
     slot.run = Some(run);
     let info = guest.update(|i| {

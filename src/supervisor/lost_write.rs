@@ -32,16 +32,7 @@ pub(super) fn report(shared: &Arc<Shared>, guest: &Arc<Guest>, swtpm: &Swtpm) {
         tracing::error!(guest = %guest.id, "{reason}");
         // For a later vtpmd that adopts this swtpm: its run must still end
         // failed.
-        let recorded = shared.store.read_run_record(guest.id).and_then(|record| {
-            match record {
-                Some(mut record) => {
-                    record.lost_write = Some(line.clone());
-                    shared.store.write_run_record(guest.id, &record)
-                }
-                None => Ok(()),
-            }
-        });
-        if let Err(e) = recorded {
+        if let Err(e) = shared.store.record_lost_write(guest.id, &line) {
             tracing::warn!(guest = %guest.id, "cannot record the lost write in the run record: {}", crate::error_chain::chain(&e));
         }
         let info = guest.update(|i| i.reason = Some(reason.clone()));
