@@ -433,6 +433,12 @@ impl Client {
         self.stream.set_read_timeout(Some(timeout)).unwrap();
     }
 
+    /// The connection itself, for tests that read or write around the
+    /// protocol.
+    pub fn stream(&self) -> &UnixStream {
+        &self.stream
+    }
+
     pub fn send_raw(&mut self, bytes: &[u8]) {
         self.stream.write_all(bytes).unwrap();
     }
