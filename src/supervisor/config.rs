@@ -46,6 +46,9 @@ pub struct SupervisorConfig {
     /// How long an operation waits for its guest's lock before Busy,
     /// default 30 s.
     pub lock_wait: Duration,
+    /// How many of each swtpm's output lines go to the log (all are kept
+    /// in its tail); default 20 at once, 60 a minute.
+    pub log_rate: crate::log_limit::Rate,
 }
 
 impl SupervisorConfig {
@@ -67,6 +70,7 @@ impl SupervisorConfig {
             reseal_coalesce: Duration::from_millis(5),
             kdf_parallelism: default_kdf_parallelism(&kdf),
             lock_wait: Duration::from_secs(30),
+            log_rate: crate::log_limit::Rate::default(),
         }
     }
 
@@ -115,6 +119,7 @@ impl SupervisorConfig {
         out.stop_grace = Duration::from_millis(s.stop_grace_ms);
         out.reseal_coalesce = Duration::from_millis(s.reseal_coalesce_ms);
         out.lock_wait = Duration::from_millis(s.lock_wait_ms);
+        out.log_rate = config.log.rate();
         Ok(out)
     }
 }
