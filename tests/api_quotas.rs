@@ -345,6 +345,31 @@ fn root_is_served_while_a_stranger_and_a_guest_flood_and_hold() {
     assert!(fresh_call(&d.socket, "io.vtpmd.Manager.List") == Outcome::Served);
 }
 
+/// A connect/close flood alone, from three processes of one stranger.
+#[test]
+fn root_is_served_during_a_strangers_connect_close_flood() {
+    if !is_root() {
+        return;
+    }
+    let d = daemon("");
+    let floods: Vec<Helper> = (0..3)
+        .map(|_| Helper::spawn(STRANGER, "flood", &d.socket, 4, Duration::from_secs(6)))
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let mut outcomes = Vec::new();
+    for _ in 0..20 {
+        outcomes.push(fresh_call(&d.socket, "io.vtpmd.Manager.List"));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let served = outcomes.iter().filter(|o| **o == Outcome::Served).count();
+    eprintln!("root: {served} of 20 calls served under a connect/close flood; {outcomes:?}");
+    for f in floods {
+        let report = f.report();
+        assert!(report["connects"].as_u64().unwrap() > 0, "{report}");
+    }
+    assert_eq!(served, 20, "root was refused: {outcomes:?}");
+}
+
 /// Small quotas, counted exactly: who is refused at which limit, and
 /// that a refusal is a typed error before the close.
 #[test]

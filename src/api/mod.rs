@@ -235,7 +235,7 @@ pub async fn serve(
 /// Classifies a new connection by its peer's credentials and serves it on
 /// its own task, or refuses it with a typed error. Runs on the accept
 /// loop, so it never waits: the refusal fits in the empty send buffer of
-/// a fresh socket, and a peer that cannot take it gets the close alone.
+/// a fresh socket (a peer that cannot take it gets the close alone).
 fn admit(stream: UnixStream, groups: &Groups, quotas: &Arc<quota::Quotas>, ctx: &Arc<Context>) {
     let Some(peer) = connection::peer_of(&stream) else {
         return;
@@ -259,7 +259,12 @@ fn admit(stream: UnixStream, groups: &Groups, quotas: &Arc<quota::Quotas>, ctx: 
                     "connection refused: too many connections"
                 );
             }
-            let _ = stream.try_write(&refusal.to_wire().encode());
+            // Written on the socket itself: tokio's try_write would see no
+            // readiness yet on a stream just accepted and write nothing.
+            // The socket is non-blocking, so this never waits.
+            if let Ok(mut stream) = stream.into_std() {
+                let _ = std::io::Write::write_all(&mut stream, &refusal.to_wire().encode());
+            }
         }
     }
 }
