@@ -18,6 +18,7 @@ pub struct Config {
     pub supervisor: SupervisorSection,
     pub swtpm: SwtpmSection,
     pub api: ApiSection,
+    pub log: LogSection,
 }
 
 /// `[supervisor]`: where guests live and how their swtpm runs.
@@ -114,8 +115,20 @@ pub struct ApiSection {
     pub readonly_group: Option<String>,
     /// The largest message accepted, bytes (default 65536).
     pub max_message_bytes: usize,
-    /// Connections served at once (default 128); more are closed at once.
+    /// Connections served at once (default 128); more are refused with
+    /// `TooManyConnections`.
     pub max_connections: usize,
+    /// Of `max_connections`, how many only root and the admin group may
+    /// use (default 16), so that other local users cannot lock them out.
+    /// Must be below `max_connections`.
+    pub reserved_connections: usize,
+    /// Connections one uid other than root's or the admin group's may hold
+    /// at once (default 16).
+    pub max_connections_per_uid: usize,
+    /// A connection of a caller who may do nothing but introspection ends
+    /// this long after it was accepted, however busy, milliseconds
+    /// (default 5000).
+    pub stranger_lifetime_ms: u64,
     /// A connection silent this long is closed, milliseconds (default 30000).
     pub idle_timeout_ms: u64,
     /// A call answers within this, milliseconds, even if its operation
@@ -131,8 +144,44 @@ impl Default for ApiSection {
             readonly_group: None,
             max_message_bytes: 64 * 1024,
             max_connections: 128,
+            reserved_connections: 16,
+            max_connections_per_uid: 16,
+            stranger_lifetime_ms: 5000,
             idle_timeout_ms: 30_000,
             request_timeout_ms: 120_000,
+        }
+    }
+}
+
+/// `[log]`: how many lines each source that others drive may log (a local
+/// user's denied or refused calls, per uid; a guest's swtpm output, per
+/// guest): `burst` at once, then `per_minute`. What is dropped is counted
+/// and reported ("suppressed N messages from SOURCE"); vtpmd's own events
+/// and root's calls are never limited.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogSection {
+    /// Lines a source may log at once (default 20).
+    pub burst: u32,
+    /// Lines a source may log per minute after its burst (default 60).
+    pub per_minute: u32,
+}
+
+impl Default for LogSection {
+    fn default() -> Self {
+        let rate = crate::log_limit::Rate::default();
+        Self {
+            burst: rate.burst,
+            per_minute: rate.per_minute,
+        }
+    }
+}
+
+impl LogSection {
+    pub fn rate(&self) -> crate::log_limit::Rate {
+        crate::log_limit::Rate {
+            burst: self.burst,
+            per_minute: self.per_minute,
         }
     }
 }
@@ -198,6 +247,10 @@ pub enum ConfigError {
         "[vault] Argon2id parameters {params} are below OWASP's floor; set allow_weak_kdf = true to accept them"
     )]
     WeakKdf { params: KdfParams },
+    #[error(
+        "[api] reserved_connections = {reserved} leaves no connection for anyone but root and the admin group: it must be below max_connections = {max}"
+    )]
+    ReservedNotBelowMax { reserved: usize, max: usize },
     #[error("[{section}] {key}: {why}")]
     Invalid {
         section: &'static str,
@@ -234,6 +287,7 @@ impl Config {
         })?;
         config.kdf_policy()?;
         config.check_supervisor()?;
+        config.check_api_and_log()?;
         Ok(config)
     }
 
@@ -267,6 +321,39 @@ impl Config {
                 return Err(invalid("swtpm", key, "must be an absolute path"));
             }
         }
+        Ok(())
+    }
+
+    /// The quotas must leave room for everyone: root and the admin group
+    /// their reserve, every other uid at least one connection.
+    fn check_api_and_log(&self) -> Result<(), ConfigError> {
+        let a = &self.api;
+        if a.reserved_connections >= a.max_connections {
+            return Err(ConfigError::ReservedNotBelowMax {
+                reserved: a.reserved_connections,
+                max: a.max_connections,
+            });
+        }
+        let at_least_one = |section, key, value: u64| {
+            if value == 0 {
+                Err(ConfigError::Invalid {
+                    section,
+                    key,
+                    why: "must be at least 1".to_owned(),
+                })
+            } else {
+                Ok(())
+            }
+        };
+        let wide = |n: usize| u64::try_from(n).unwrap_or(u64::MAX);
+        at_least_one(
+            "api",
+            "max_connections_per_uid",
+            wide(a.max_connections_per_uid),
+        )?;
+        at_least_one("api", "stranger_lifetime_ms", a.stranger_lifetime_ms)?;
+        at_least_one("log", "burst", u64::from(self.log.burst))?;
+        at_least_one("log", "per_minute", u64::from(self.log.per_minute))?;
         Ok(())
     }
 
@@ -372,6 +459,48 @@ mod tests {
         }
         assert!(matches!(
             parse("[supervisor]\nstate_dri = \"/x\"\n"),
+            Err(ConfigError::Parse { .. })
+        ));
+    }
+
+    #[test]
+    fn quotas_must_leave_room_for_everyone() {
+        let ok = parse(
+            "[api]\nmax_connections = 8\nreserved_connections = 7\nmax_connections_per_uid = 1\nstranger_lifetime_ms = 1\n[log]\nburst = 1\nper_minute = 1\n",
+        )
+        .unwrap();
+        assert_eq!(ok.api.reserved_connections, 7);
+        assert_eq!(parse(&ok.to_toml()).unwrap(), ok);
+        for (reserved, max) in [(8, 8), (16, 8), (16, 0)] {
+            let text =
+                format!("[api]\nmax_connections = {max}\nreserved_connections = {reserved}\n");
+            match parse(&text) {
+                Err(ConfigError::ReservedNotBelowMax {
+                    reserved: r,
+                    max: m,
+                }) => {
+                    assert_eq!((r, m), (reserved, max));
+                }
+                other => panic!("{text}: {other:?}"),
+            }
+        }
+        assert!(matches!(
+            parse("[api]\nmax_connections = 16\n"),
+            Err(ConfigError::ReservedNotBelowMax { .. })
+        ));
+        for bad in [
+            "[api]\nmax_connections_per_uid = 0\n",
+            "[api]\nstranger_lifetime_ms = 0\n",
+            "[log]\nburst = 0\n",
+            "[log]\nper_minute = 0\n",
+        ] {
+            assert!(
+                matches!(parse(bad), Err(ConfigError::Invalid { .. })),
+                "{bad}"
+            );
+        }
+        assert!(matches!(
+            parse("[log]\nbrust = 1\n"),
             Err(ConfigError::Parse { .. })
         ));
     }

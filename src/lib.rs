@@ -5,6 +5,7 @@ pub mod api;
 mod be;
 pub mod config;
 pub mod error_chain;
+pub mod log_limit;
 pub mod paths;
 pub mod privileges;
 pub mod protocol;

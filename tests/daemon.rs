@@ -479,7 +479,7 @@ fn vtpmctl_drives_the_real_daemon() {
 #[test]
 fn a_misbehaving_client_is_cut_off_and_others_are_served() {
     let d = Daemon::start_with(
-        "[api]\nmax_message_bytes = 8192\nidle_timeout_ms = 300\nmax_connections = 3\n",
+        "[api]\nmax_message_bytes = 8192\nidle_timeout_ms = 300\nmax_connections = 3\nreserved_connections = 0\n",
     );
     // Too large: answered with InvalidParameter(message), then closed.
     let mut big = d.client();
@@ -508,18 +508,21 @@ fn a_misbehaving_client_is_cut_off_and_others_are_served() {
         "a half message was kept open"
     );
 
-    // Over the connection cap: the extra connection is closed at once; once
-    // a slot frees, a well-behaved client is served.
+    // Over the connection cap: the extra connection is told so and closed
+    // at once; once a slot frees, a well-behaved client is served.
     let held: Vec<_> = (0..3).map(|_| d.client()).collect();
     std::thread::sleep(Duration::from_millis(50));
-    let extra = std::os::unix::net::UnixStream::connect(&d.socket).unwrap();
-    extra
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
+    let mut extra = d.client();
+    let refused = extra.read_reply();
     assert_eq!(
-        std::io::Read::read(&mut &extra, &mut byte).unwrap(),
+        refused["error"], "io.vtpmd.Manager.TooManyConnections",
+        "over the cap but served: {refused}"
+    );
+    assert_eq!(refused["parameters"], json!({"scope": "all", "limit": 3}));
+    assert_eq!(
+        std::io::Read::read(&mut extra.stream(), &mut byte).unwrap_or(0),
         0,
-        "over the cap but served"
+        "not closed after the refusal"
     );
     drop(held);
     std::thread::sleep(Duration::from_millis(50));

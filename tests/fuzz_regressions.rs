@@ -413,8 +413,15 @@ admin_group = \"vtpmd\"
 readonly_group = \"vtpmd-ro\"
 max_message_bytes = 65536
 max_connections = 128
+reserved_connections = 16
+max_connections_per_uid = 16
+stranger_lifetime_ms = 5000
 idle_timeout_ms = 30000
 request_timeout_ms = 120000
+
+[log]
+burst = 20
+per_minute = 60
 
 [swtpm]
 swtpm = \"/usr/bin/swtpm\"
@@ -428,7 +435,8 @@ argon2_lanes = 4
 allow_weak_kdf = false
 ";
     let weak = "[vault]\nargon2_memory_kib = 8\nargon2_iterations = 1\nargon2_lanes = 1\nallow_weak_kdf = true\n";
-    let inline = "vault = { argon2_lanes = 2 }\napi.max_connections = 1\n";
+    let inline =
+        "vault = { argon2_lanes = 2 }\napi.max_connections = 1\napi.reserved_connections = 0\n";
     vec![
         ("default".to_owned(), default.into_bytes()),
         ("every-key".to_owned(), full.as_bytes().to_vec()),

@@ -324,13 +324,21 @@ fn raise_nofile() {
     }
 }
 
-/// Whether the daemon has closed `s` (without waiting if it has not).
+/// Whether the daemon has refused and closed `s` (without waiting if it
+/// has not): a refusal is a TooManyConnections error, then the close.
 fn is_closed(s: &UnixStream) -> bool {
     s.set_nonblocking(true).unwrap();
-    let mut byte = [0u8; 1];
-    let closed = match (&*s).read(&mut byte) {
+    let mut bytes = [0u8; 512];
+    let closed = match (&*s).read(&mut bytes) {
         Ok(0) => true,
-        Ok(_) => panic!("unexpected data on a held connection"),
+        Ok(n) => {
+            let text = String::from_utf8_lossy(&bytes[..n]);
+            assert!(
+                text.contains("io.vtpmd.Manager.TooManyConnections"),
+                "unexpected data on a held connection: {text}"
+            );
+            true
+        }
         Err(e) if e.kind() == ErrorKind::WouldBlock => false,
         Err(e) if e.kind() == ErrorKind::ConnectionReset => true,
         Err(e) => panic!("{e}"),
@@ -345,6 +353,7 @@ fn try_get_info(socket: &Path) -> Option<Value> {
     s.write_all(&msg(&json!({"method": "org.varlink.service.GetInfo"})))
         .ok()?;
     match read_answer(&mut s) {
+        Answer::Reply(r) if r["error"] == "io.vtpmd.Manager.TooManyConnections" => None,
         Answer::Reply(r) => Some(r),
         Answer::Closed | Answer::NoReply => None,
     }

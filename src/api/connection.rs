@@ -14,10 +14,10 @@ use crate::protocol::manager::{
 };
 use crate::protocol::varlink::{Call, SERVICE_INTERFACE, ServiceError, ServiceInfo, encode_reply};
 
-use super::Context;
 use super::auth::{Access, Peer};
 use super::dispatch;
 use super::recv::{Receiver, RecvError};
+use super::{Context, LogGate};
 
 /// What to do after a message.
 enum Next {
@@ -28,11 +28,34 @@ enum Next {
     Silent,
 }
 
-pub(super) async fn serve(mut stream: UnixStream, ctx: Arc<Context>) {
-    let Some(peer) = peer_of(&stream) else {
-        return;
+/// Serves one admitted connection of `peer`. A caller who may do nothing
+/// but introspection gets a fixed lifetime: the idle timeout restarts with
+/// every message, so without it a stranger could hold its connections for
+/// ever with a GetInfo now and then. Cutting such a connection short
+/// interrupts nothing that matters: it never reaches the supervisor.
+pub(super) async fn serve(stream: UnixStream, peer: Peer, access: Access, ctx: Arc<Context>) {
+    if access == Access::Denied {
+        let lifetime = ctx.limits.stranger_lifetime;
+        if timeout(lifetime, converse(stream, peer, access, &ctx))
+            .await
+            .is_err()
+        {
+            tracing::debug!(
+                uid = peer.uid.as_raw(),
+                "a stranger's connection reached its lifetime; closing"
+            );
+        }
+    } else {
+        converse(stream, peer, access, &ctx).await;
+    }
+}
+
+async fn converse(mut stream: UnixStream, peer: Peer, access: Access, ctx: &Arc<Context>) {
+    let log = LogGate {
+        source: super::PeerSource(peer.uid.as_raw()),
+        limited: access != Access::Admin,
+        limiter: &ctx.log_limit,
     };
-    let access = ctx.groups.access(&peer);
     let mut rx = match Receiver::new(ctx.limits.max_message) {
         Ok(rx) => rx,
         Err(e) => {
@@ -48,11 +71,13 @@ pub(super) async fn serve(mut stream: UnixStream, ctx: Arc<Context>) {
             }
             Ok(Ok(None)) => return,
             Ok(Err(RecvError::TooLarge { limit })) => {
-                tracing::info!(
-                    uid = peer.uid.as_raw(),
-                    limit,
-                    "client message too large; closing"
-                );
+                if log.allows(tracing::enabled!(tracing::Level::INFO)) {
+                    tracing::info!(
+                        uid = peer.uid.as_raw(),
+                        limit,
+                        "client message too large; closing"
+                    );
+                }
                 (ctx.inflight.enter(), Next::Close(invalid("message")))
             }
             Ok(Err(e)) => {
@@ -61,24 +86,24 @@ pub(super) async fn serve(mut stream: UnixStream, ctx: Arc<Context>) {
             }
             Ok(Ok(Some(message))) => {
                 let call = ctx.inflight.enter();
-                let next = handle(message, access, &peer, &ctx).await;
+                let next = handle(message, access, &peer, ctx, log).await;
                 (call, next)
             }
         };
         match next {
             Next::Reply(bytes) => {
-                if !send(&mut stream, &bytes, &ctx).await {
+                if !send(&mut stream, &bytes, ctx).await {
                     return;
                 }
             }
             Next::Close(bytes) => {
-                send(&mut stream, &bytes, &ctx).await;
+                send(&mut stream, &bytes, ctx).await;
                 return;
             }
             Next::Monitor => {
                 // A stream of events, not a call to wait for.
                 drop(call);
-                monitor(&mut stream, &ctx).await;
+                monitor(&mut stream, ctx).await;
                 return;
             }
             Next::Silent => {}
@@ -87,7 +112,7 @@ pub(super) async fn serve(mut stream: UnixStream, ctx: Arc<Context>) {
     }
 }
 
-fn peer_of(stream: &UnixStream) -> Option<Peer> {
+pub(super) fn peer_of(stream: &UnixStream) -> Option<Peer> {
     match stream.peer_cred() {
         Ok(cred) => Some(Peer {
             uid: nix::unistd::Uid::from_raw(cred.uid()),
@@ -101,11 +126,19 @@ fn peer_of(stream: &UnixStream) -> Option<Peer> {
     }
 }
 
-async fn handle(message: &[u8], access: Access, peer: &Peer, ctx: &Arc<Context>) -> Next {
+async fn handle(
+    message: &[u8],
+    access: Access,
+    peer: &Peer,
+    ctx: &Arc<Context>,
+    log: LogGate<'_>,
+) -> Next {
     let call = match Call::parse(message) {
         Ok(call) => call,
         Err(e) => {
-            tracing::debug!(error = %crate::error_chain::chain(&e), "malformed call");
+            if log.allows(tracing::enabled!(tracing::Level::DEBUG)) {
+                tracing::debug!(error = %crate::error_chain::chain(&e), "malformed call");
+            }
             return Next::Close(invalid("message"));
         }
     };
@@ -146,10 +179,13 @@ async fn handle(message: &[u8], access: Access, peer: &Peer, ctx: &Arc<Context>)
         Access::Denied => false,
     };
     // Every call that changes something is on record; reads are not worth
-    // the noise.
+    // the noise. Within the caller's rate: others than admins can call as
+    // often as they like.
     if request.is_read_only() {
-        tracing::debug!(method = request.method(), uid = peer.uid.as_raw(), pid = ?peer.pid, allowed, "call");
-    } else {
+        if log.allows(tracing::enabled!(tracing::Level::DEBUG)) {
+            tracing::debug!(method = request.method(), uid = peer.uid.as_raw(), pid = ?peer.pid, allowed, "call");
+        }
+    } else if log.allows(tracing::enabled!(tracing::Level::INFO)) {
         tracing::info!(method = request.method(), uid = peer.uid.as_raw(), pid = ?peer.pid, allowed, "call");
     }
     if !allowed {
@@ -167,7 +203,7 @@ async fn handle(message: &[u8], access: Access, peer: &Peer, ctx: &Arc<Context>)
             reply(ServiceError::ExpectedMore.encode())
         };
     }
-    reply(dispatch::run(&ctx.supervisor, request, ctx.limits.request).await)
+    reply(dispatch::run(&ctx.supervisor, request, ctx.limits.request, log).await)
 }
 
 /// `org.varlink.service`: introspection, open to every peer.

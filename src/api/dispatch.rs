@@ -13,13 +13,24 @@ use crate::secret::{SecretBuf, SecretError};
 use crate::supervisor::{Event, EventKind, GuestInfo, Supervisor, SupervisorError};
 use crate::vault::MAX_PASSPHRASE_LEN;
 
+use super::LogGate;
+
 /// How long a Drain may take before its caller gets `Busy` (the drain
 /// itself goes on to the end).
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// Runs a request that is not Monitor. Operations run in their own task:
-/// a client that goes away or times out never cancels one halfway.
-pub async fn run(supervisor: &Arc<Supervisor>, request: Request<'_>, timeout: Duration) -> Vec<u8> {
+/// a client that goes away or times out never cancels one halfway. `log`
+/// says whether a refusal may be logged (a caller other than an admin can
+/// make Status fail as often as it likes).
+pub(super) async fn run(
+    supervisor: &Arc<Supervisor>,
+    request: Request<'_>,
+    timeout: Duration,
+    log: LogGate<'_>,
+) -> Vec<u8> {
+    let guest_reply = |result| guest_reply(result, log);
+    let empty_reply = |result| empty_reply(result, log);
     match request {
         Request::GetCapabilities => {
             let caps = supervisor.capabilities();
@@ -95,7 +106,7 @@ pub async fn run(supervisor: &Arc<Supervisor>, request: Request<'_>, timeout: Du
                             },
                             false,
                         ),
-                        Err(e) => error(&e),
+                        Err(e) => error(&e, log),
                     },
                 )
         }
@@ -174,17 +185,17 @@ async fn detached<T: Send + 'static>(
     }
 }
 
-fn guest_reply(result: Result<GuestInfo, SupervisorError>) -> Vec<u8> {
-    result.map_or_else(|e| error(&e), |info| guest_ok(&info))
+fn guest_reply(result: Result<GuestInfo, SupervisorError>, log: LogGate<'_>) -> Vec<u8> {
+    result.map_or_else(|e| error(&e, log), |info| guest_ok(&info))
 }
 
 fn guest_ok(info: &GuestInfo) -> Vec<u8> {
     encode_reply(&GuestReply { guest: view(info) }, false)
 }
 
-fn empty_reply(result: Result<(), SupervisorError>) -> Vec<u8> {
+fn empty_reply(result: Result<(), SupervisorError>, log: LogGate<'_>) -> Vec<u8> {
     result.map_or_else(
-        |e| error(&e),
+        |e| error(&e, log),
         |()| encode_reply(&serde_json::json!({}), false),
     )
 }
@@ -233,8 +244,10 @@ pub fn event_reply(event: &Event) -> MonitorReply {
 }
 
 /// The one mapping from supervisor errors to Varlink errors.
-pub fn error(e: &SupervisorError) -> Vec<u8> {
-    tracing::info!(error = %crate::error_chain::chain(e), "call refused or failed");
+fn error(e: &SupervisorError, log: LogGate<'_>) -> Vec<u8> {
+    if log.allows(tracing::enabled!(tracing::Level::INFO)) {
+        tracing::info!(error = %crate::error_chain::chain(e), "call refused or failed");
+    }
     wire_error(e).encode()
 }
 

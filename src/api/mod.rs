@@ -13,6 +13,7 @@ mod auth;
 mod connection;
 mod dispatch;
 mod inflight;
+mod quota;
 mod recv;
 
 use std::io;
@@ -21,11 +22,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::UnixListener;
-use tokio::sync::Semaphore;
+use tokio::net::{UnixListener, UnixStream};
 
 pub use auth::{Access, Groups, Peer};
 
+use crate::log_limit::{Limiter, Rate};
 use crate::supervisor::Supervisor;
 
 /// Bounds on what one client may cost.
@@ -33,8 +34,15 @@ use crate::supervisor::Supervisor;
 pub struct Limits {
     /// The largest message accepted, in bytes.
     pub max_message: usize,
-    /// Connections served at once; more are closed at accept.
+    /// Connections served at once; more are refused at accept.
     pub max_connections: usize,
+    /// Of those, how many only root and the admin group may use.
+    pub reserved_connections: usize,
+    /// Connections one uid other than an admin's may hold at once.
+    pub max_connections_per_uid: usize,
+    /// How long a connection of a caller who may do nothing but
+    /// introspection lives, however busy.
+    pub stranger_lifetime: Duration,
     /// How long a connection may be silent (or not read our reply).
     pub idle: Duration,
     /// How long a call waits for its operation before answering that it
@@ -47,6 +55,9 @@ impl Default for Limits {
         Self {
             max_message: 64 * 1024,
             max_connections: 128,
+            reserved_connections: 16,
+            max_connections_per_uid: 16,
+            stranger_lifetime: Duration::from_secs(5),
             idle: Duration::from_secs(30),
             request: Duration::from_secs(120),
         }
@@ -81,10 +92,42 @@ pub fn fuzz_messages(bytes: &[u8]) {
 
 struct Context {
     supervisor: Arc<Supervisor>,
-    groups: Groups,
     limits: Limits,
     inflight: Arc<inflight::InFlight>,
+    /// The log lines of callers other than admins, per uid.
+    log_limit: Limiter<PeerSource>,
 }
+
+/// A caller as a source of log lines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct PeerSource(u32);
+
+impl std::fmt::Display for PeerSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "uid {}", self.0)
+    }
+}
+
+/// Whether one connection's log lines go out: an admin's always, anyone
+/// else's within their uid's rate.
+#[derive(Clone, Copy)]
+struct LogGate<'a> {
+    source: PeerSource,
+    limited: bool,
+    limiter: &'a Limiter<PeerSource>,
+}
+
+impl LogGate<'_> {
+    /// `enabled`: whether the line's level is logged at all (a filtered
+    /// line must not use up the caller's rate).
+    fn allows(&self, enabled: bool) -> bool {
+        enabled && (!self.limited || self.limiter.allow(&self.source))
+    }
+}
+
+/// The listen queue: a flood of connects must not fill it before root's
+/// connect gets in (the kernel caps it at `net.core.somaxconn`).
+const LISTEN_BACKLOG: i32 = 4096;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -134,50 +177,94 @@ pub fn bind(path: &Path) -> Result<UnixListener, ApiError> {
     let listener = UnixListener::bind(path).map_err(sock_err("bind", path))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))
         .map_err(sock_err("chmod", path))?;
+    widen_backlog(&listener).map_err(sock_err("listen on", path))?;
     Ok(listener)
+}
+
+/// Sets the listen queue to [`LISTEN_BACKLOG`], on a socket bound here or
+/// passed by systemd (whose `Backlog=` may be smaller): `listen` again on a
+/// listening socket only changes its queue.
+pub fn widen_backlog(listener: &UnixListener) -> io::Result<()> {
+    let backlog = nix::sys::socket::Backlog::new(LISTEN_BACKLOG).map_err(io::Error::from)?;
+    nix::sys::socket::listen(listener, backlog).map_err(io::Error::from)
 }
 
 /// Serves clients until `shutdown` resolves; then stops accepting. Calls in
 /// progress finish on their own tasks; the returned [`Answering`] lets the
-/// caller wait for their replies before the process exits.
+/// caller wait for their replies before the process exits. `log_rate`
+/// bounds what callers other than admins can make vtpmd log.
 pub async fn serve(
     listener: UnixListener,
     supervisor: Arc<Supervisor>,
     groups: Groups,
     limits: Limits,
+    log_rate: Rate,
     shutdown: impl Future<Output = ()>,
 ) -> Answering {
     let inflight = Arc::new(inflight::InFlight::default());
     let ctx = Arc::new(Context {
         supervisor,
-        groups,
         limits,
         inflight: Arc::clone(&inflight),
+        log_limit: Limiter::new(log_rate),
     });
-    let slots = Arc::new(Semaphore::new(limits.max_connections));
-    let mut refused = RefusedLog::default();
+    let quotas = quota::Quotas::new(quota::Quota {
+        total: limits.max_connections,
+        reserved: limits.reserved_connections,
+        per_uid: limits.max_connections_per_uid,
+    });
+    let mut flush = tokio::time::interval(ctx.log_limit.flush_every());
+    flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
             () = &mut shutdown => return Answering(inflight),
+            _ = flush.tick() => ctx.log_limit.flush(),
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => {
-                    let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
-                        refused.note(limits.max_connections);
-                        continue;
-                    };
-                    let ctx = Arc::clone(&ctx);
-                    tokio::spawn(async move {
-                        connection::serve(stream, ctx).await;
-                        drop(slot);
-                    });
-                }
+                Ok((stream, _)) => admit(stream, &groups, &quotas, &ctx),
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning.
                     tracing::warn!(error = %e, "accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             },
+        }
+    }
+}
+
+/// Classifies a new connection by its peer's credentials and serves it on
+/// its own task, or refuses it with a typed error. Runs on the accept
+/// loop, so it never waits: the refusal fits in the empty send buffer of
+/// a fresh socket (a peer that cannot take it gets the close alone).
+fn admit(stream: UnixStream, groups: &Groups, quotas: &Arc<quota::Quotas>, ctx: &Arc<Context>) {
+    let Some(peer) = connection::peer_of(&stream) else {
+        return;
+    };
+    let access = groups.access(&peer);
+    match quotas.admit(peer.uid.as_raw(), access) {
+        Ok(admitted) => {
+            let ctx = Arc::clone(ctx);
+            tokio::spawn(async move {
+                connection::serve(stream, peer, access, ctx).await;
+                drop(admitted);
+            });
+        }
+        Err(refusal) => {
+            let source = PeerSource(peer.uid.as_raw());
+            if ctx.log_limit.allow(&source) {
+                tracing::warn!(
+                    uid = peer.uid.as_raw(),
+                    pid = ?peer.pid,
+                    ?refusal,
+                    "connection refused: too many connections"
+                );
+            }
+            // Written on the socket itself: tokio's try_write would see no
+            // readiness yet on a stream just accepted and write nothing.
+            // The socket is non-blocking, so this never waits.
+            if let Ok(mut stream) = stream.into_std() {
+                let _ = std::io::Write::write_all(&mut stream, &refusal.to_wire().encode());
+            }
         }
     }
 }
@@ -192,32 +279,5 @@ impl Answering {
     /// exit).
     pub async fn settle(&self, limit: Duration) {
         self.0.settle(limit).await;
-    }
-}
-
-/// Connections closed at the limit are logged at most once every ten
-/// seconds, with their count: a client flooding the socket must not flood
-/// the journal too.
-#[derive(Debug, Default)]
-struct RefusedLog {
-    since_last: u64,
-    last: Option<std::time::Instant>,
-}
-
-impl RefusedLog {
-    const EVERY: Duration = Duration::from_secs(10);
-
-    fn note(&mut self, limit: usize) {
-        self.since_last += 1;
-        if self.last.is_some_and(|t| t.elapsed() < Self::EVERY) {
-            return;
-        }
-        tracing::warn!(
-            limit,
-            refused = self.since_last,
-            "connection limit reached; new connections are being closed"
-        );
-        self.since_last = 0;
-        self.last = Some(std::time::Instant::now());
     }
 }

@@ -25,6 +25,7 @@ use tokio::time::MissedTickBehavior;
 use vtpmd::api::{self, Groups, Limits};
 use vtpmd::config::Config;
 use vtpmd::error_chain::chain;
+use vtpmd::log_limit::Rate;
 use vtpmd::supervisor::{GuestState, KeyStore, Supervisor, SupervisorConfig};
 use vtpmd::systemd::{self, Activated, Notifier};
 
@@ -129,6 +130,9 @@ fn run(args: Args) -> Result<(), MainError> {
     let limits = Limits {
         max_message: config.api.max_message_bytes,
         max_connections: config.api.max_connections,
+        reserved_connections: config.api.reserved_connections,
+        max_connections_per_uid: config.api.max_connections_per_uid,
+        stranger_lifetime: Duration::from_millis(config.api.stranger_lifetime_ms),
         idle: Duration::from_millis(config.api.idle_timeout_ms),
         request: Duration::from_millis(config.api.request_timeout_ms),
     };
@@ -151,7 +155,8 @@ fn run(args: Args) -> Result<(), MainError> {
         .enable_all()
         .build()
         .map_err(MainError::Runtime)?;
-    runtime.block_on(serve(supervisor_config, socket, groups, limits))
+    let log_rate = config.log.rate();
+    runtime.block_on(serve(supervisor_config, socket, groups, limits, log_rate))
 }
 
 /// Each running guest holds four fds and each connection one, so the usual
@@ -188,6 +193,7 @@ async fn serve(
     socket: PathBuf,
     groups: Groups,
     limits: Limits,
+    log_rate: Rate,
 ) -> Result<(), MainError> {
     let mut sigterm =
         signal(SignalKind::terminate()).map_err(|e| MainError::Signal("SIGTERM", e))?;
@@ -229,7 +235,15 @@ async fn serve(
             _ = sigint.recv() => tracing::info!("SIGINT: shutting down"),
         }
     };
-    let answering = api::serve(listener, Arc::clone(&supervisor), groups, limits, stop).await;
+    let answering = api::serve(
+        listener,
+        Arc::clone(&supervisor),
+        groups,
+        limits,
+        log_rate,
+        stop,
+    )
+    .await;
     stopping.store(true, Ordering::SeqCst);
     if let Some(n) = &notifier {
         let running = running_guests(&supervisor);
@@ -290,6 +304,7 @@ fn listener(
         .set_nonblocking(true)
         .map_err(adopt_err)?;
     let listener = UnixListener::from_std(activated.listener).map_err(adopt_err)?;
+    api::widen_backlog(&listener).map_err(adopt_err)?;
     tracing::info!(socket = %path.display(), "socket-activated");
     Ok((listener, None))
 }

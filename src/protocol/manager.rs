@@ -446,6 +446,10 @@ pub enum ManagerError {
     Internal {
         reason: String,
     },
+    TooManyConnections {
+        scope: String,
+        limit: u64,
+    },
 }
 
 impl ManagerError {
@@ -462,6 +466,7 @@ impl ManagerError {
             Self::PermissionDenied { .. } => "io.vtpmd.Manager.PermissionDenied",
             Self::Busy { .. } => "io.vtpmd.Manager.Busy",
             Self::Internal { .. } => "io.vtpmd.Manager.Internal",
+            Self::TooManyConnections { .. } => "io.vtpmd.Manager.TooManyConnections",
         }
     }
 
@@ -746,6 +751,7 @@ mod tests {
             "PermissionDenied",
             "Busy",
             "Internal",
+            "TooManyConnections",
         ] {
             assert!(
                 INTERFACE_DESCRIPTION.contains(&format!("error {name} (")),

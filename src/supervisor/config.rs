@@ -50,6 +50,9 @@ pub struct SupervisorConfig {
     /// systemd); `None` = all share the runtime directory's file system.
     /// Default 8 MiB.
     pub runtime_space: Option<u64>,
+    /// How many of each swtpm's output lines go to the log (all are kept
+    /// in its tail); default 20 at once, 60 a minute.
+    pub log_rate: crate::log_limit::Rate,
 }
 
 impl SupervisorConfig {
@@ -72,6 +75,7 @@ impl SupervisorConfig {
             kdf_parallelism: default_kdf_parallelism(&kdf),
             lock_wait: Duration::from_secs(30),
             runtime_space: Some(DEFAULT_RUNTIME_SPACE_MIB << 20),
+            log_rate: crate::log_limit::Rate::default(),
         }
     }
 
@@ -129,6 +133,7 @@ impl SupervisorConfig {
             }
             mib => Some(mib << 20),
         };
+        out.log_rate = config.log.rate();
         Ok(out)
     }
 }

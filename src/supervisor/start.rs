@@ -268,6 +268,7 @@ async fn launch(
         },
         seccomp: shared.host.seccomp,
         grace: shared.config.stop_grace,
+        log_rate: shared.config.log_rate,
     };
     let grace = shared.config.stop_grace;
     let (dir2, socket2) = (dir.clone(), socket.clone());
@@ -420,6 +421,7 @@ struct SpawnSettings {
     state_mode: u32,
     seccomp: bool,
     grace: Duration,
+    log_rate: crate::log_limit::Rate,
 }
 
 /// Spawns swtpm and checks that it answers on its control socket (then
@@ -444,6 +446,7 @@ fn spawn_ready(
     spec.ready_probe = true;
     spec.seccomp = s.seccomp;
     spec.terminate = true;
+    spec.log_rate = s.log_rate;
     spec.early_exit_window = Duration::ZERO;
     let began = Instant::now();
     let mut swtpm = match spawn::spawn(&spec) {

@@ -26,6 +26,10 @@ pub struct Daemon {
     pub runtime_dir: PathBuf,
     pub socket: PathBuf,
     pub config: PathBuf,
+    /// vtpmd's `RUST_LOG` ("warn" unless a test wants more).
+    pub rust_log: String,
+    /// Where vtpmd's stderr (its log) goes, appended; `None`: the test's.
+    pub stderr_to: Option<PathBuf>,
 }
 
 impl Daemon {
@@ -79,6 +83,8 @@ impl Daemon {
             runtime_dir: runtime_dir.unwrap_or_else(|| root.path().join("run")),
             socket: root.path().join("api.sock"),
             config,
+            rust_log: "warn".to_owned(),
+            stderr_to: None,
             root,
         }
     }
@@ -86,11 +92,17 @@ impl Daemon {
     /// (Re)starts the binary on the same directories.
     pub fn restart(&mut self) {
         self.stop();
-        let child = self
-            .command(&self.socket)
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
+        let stderr = match &self.stderr_to {
+            Some(path) => Stdio::from(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .unwrap(),
+            ),
+            None => Stdio::inherit(),
+        };
+        let child = self.command(&self.socket).stderr(stderr).spawn().unwrap();
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
@@ -125,7 +137,7 @@ impl Daemon {
             .arg(&self.runtime_dir)
             .arg("--socket")
             .arg(socket)
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", &self.rust_log)
             .stdin(Stdio::null());
         cmd
     }
@@ -431,6 +443,12 @@ impl Client {
     /// How long a reply may take (60 s unless changed).
     pub fn set_reply_timeout(&mut self, timeout: Duration) {
         self.stream.set_read_timeout(Some(timeout)).unwrap();
+    }
+
+    /// The connection itself, for tests that read or write around the
+    /// protocol.
+    pub fn stream(&self) -> &UnixStream {
+        &self.stream
     }
 
     pub fn send_raw(&mut self, bytes: &[u8]) {

@@ -68,6 +68,19 @@ pub fn describe_remote(name: &str, parameters: &Value) -> String {
         (Some("io.vtpmd.Manager."), "Internal") => {
             format!("vtpmd failed: {} (its log has the details)", p("reason"))
         }
+        (Some("io.vtpmd.Manager."), "TooManyConnections") => {
+            if parameters.get("scope").and_then(Value::as_str) == Some("uid") {
+                format!(
+                    "your user already holds its {} connections to vtpmd; close some and try again",
+                    p("limit")
+                )
+            } else {
+                format!(
+                    "vtpmd serves {} connections at most and all are in use; try again",
+                    p("limit")
+                )
+            }
+        }
         (Some("org.varlink.service."), "InvalidParameter") => {
             format!("vtpmd refused the parameter {}", p("parameter"))
         }
@@ -275,6 +288,16 @@ mod tests {
                 "Internal",
                 json!({"reason": "disk full"}),
                 "vtpmd failed: disk full",
+            ),
+            (
+                "TooManyConnections",
+                json!({"scope": "uid", "limit": 16}),
+                "your user already holds its 16 connections",
+            ),
+            (
+                "TooManyConnections",
+                json!({"scope": "all", "limit": 112}),
+                "112 connections at most",
             ),
         ];
         for (short, params, expect) in cases {

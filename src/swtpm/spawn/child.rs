@@ -200,7 +200,7 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> Result<Swtpm, SpawnError> {
         binary: spec.swtpm.clone(),
         source,
     })?;
-    let log = match LogReader::start(spec.guest, log_read) {
+    let log = match LogReader::start(spec.guest, log_read, spec.log_rate) {
         Ok(log) => log,
         Err(source) => {
             let _ = send_signal(child.id(), Signal::SIGKILL, other_user);

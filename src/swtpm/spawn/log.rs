@@ -1,6 +1,11 @@
 //! The log pipe reader: swtpm's log and stderr into `tracing`, plus a tail,
 //! and the one line that says swtpm lost a write.
 //!
+//! What swtpm says, the guest can drive (hundreds of thousands of lines in
+//! seconds), so only a rate-limited share reaches `tracing`, with the count
+//! of what was dropped; the tail and the store-failure check see every
+//! line.
+//!
 //! swtpm 0.7.1 says nothing else when it cannot store its state (a full or
 //! failing runtime file system): libtpms enters failure mode, every
 //! command from then on answers TPM_RC_FAILURE, and swtpm exits cleanly
@@ -12,8 +17,9 @@ use std::io::{BufRead, BufReader, Read};
 use std::os::fd::OwnedFd;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use crate::log_limit::{Bucket, Rate, report_suppressed};
 use crate::protocol::GuestId;
 
 /// Lines kept for error reports.
@@ -69,12 +75,13 @@ pub(super) struct LogReader {
 }
 
 impl LogReader {
-    pub(super) fn start(guest: GuestId, pipe: OwnedFd) -> std::io::Result<LogReader> {
+    /// `rate`: how many lines go to the log (all go to the tail).
+    pub(super) fn start(guest: GuestId, pipe: OwnedFd, rate: Rate) -> std::io::Result<LogReader> {
         let shared = Arc::new(Shared::default());
         let for_thread = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
             .name(format!("swtpm-log-{guest}"))
-            .spawn(move || read_lines(guest, File::from(pipe), &for_thread))?;
+            .spawn(move || read_lines(guest, File::from(pipe), rate, &for_thread))?;
         Ok(LogReader {
             shared,
             thread: Some(thread),
@@ -125,7 +132,18 @@ impl LogReader {
     }
 }
 
-fn read_lines(guest: GuestId, pipe: File, shared: &Shared) {
+/// One guest's swtpm as a source of log lines.
+struct SwtpmSource(GuestId);
+
+impl std::fmt::Display for SwtpmSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "swtpm of guest {}", self.0)
+    }
+}
+
+fn read_lines(guest: GuestId, pipe: File, rate: Rate, shared: &Shared) {
+    let source = SwtpmSource(guest);
+    let mut bucket = Bucket::new(rate, Instant::now());
     let mut reader = BufReader::new(pipe);
     let mut buf = Vec::new();
     loop {
@@ -144,17 +162,45 @@ fn read_lines(guest: GuestId, pipe: File, shared: &Shared) {
         if line.is_empty() {
             continue;
         }
-        if line.to_ascii_lowercase().contains("error") {
-            tracing::warn!(guest = %guest, "swtpm: {line}");
+        // Only this thread sets it: the answer holds until the tail is
+        // updated below (not locked meanwhile, so that writing to the log
+        // never holds up a reader of the tail).
+        let store_failed = line.contains(STORE_FAILED) && shared.lock().store_failure.is_none();
+        let error = line.to_ascii_lowercase().contains("error");
+        let enabled = if error {
+            tracing::enabled!(tracing::Level::WARN)
         } else {
-            tracing::info!(guest = %guest, "swtpm: {line}");
+            tracing::enabled!(tracing::Level::INFO)
+        };
+        // A lost write is always told, however noisy swtpm was before it;
+        // a filtered-out level uses up nothing.
+        let logged = if store_failed {
+            report_suppressed(&source, bucket.take_suppressed());
+            true
+        } else if enabled {
+            match bucket.take(rate, Instant::now()) {
+                Some(dropped) => {
+                    report_suppressed(&source, dropped);
+                    true
+                }
+                None => false,
+            }
+        } else {
+            false
+        };
+        if logged {
+            if error {
+                tracing::warn!(guest = %guest, "swtpm: {line}");
+            } else {
+                tracing::info!(guest = %guest, "swtpm: {line}");
+            }
         }
         let mut tail = shared.lock();
         if tail.lines.len() == TAIL_LINES {
             tail.lines.pop_front();
         }
         tail.lines.push_back(line.to_owned());
-        if tail.store_failure.is_none() && line.contains(STORE_FAILED) {
+        if store_failed {
             tail.store_failure = Some(line.to_owned());
             if let Some(hook) = tail.hook.take() {
                 drop(tail);
@@ -162,6 +208,7 @@ fn read_lines(guest: GuestId, pipe: File, shared: &Shared) {
             }
         }
     }
+    report_suppressed(&source, bucket.take_suppressed());
     shared.lock().eof = true;
     shared.eof.notify_all();
 }
@@ -176,7 +223,7 @@ mod tests {
     fn tail_keeps_last_lines_and_eof_is_seen() {
         let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
         let guest = GuestId::parse("6f1c2e7a-1b2c-4d3e-8f90-0123456789ab").unwrap();
-        let mut reader = LogReader::start(guest, r).unwrap();
+        let mut reader = LogReader::start(guest, r, Rate::default()).unwrap();
         let mut w = File::from(w);
         for i in 0..(TAIL_LINES + 10) {
             writeln!(w, "line {i}").unwrap();
@@ -194,7 +241,7 @@ mod tests {
     fn the_line_of_a_lost_write_is_kept_and_reported_once() {
         let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
         let guest = GuestId::parse("6f1c2e7a-1b2c-4d3e-8f90-0123456789ab").unwrap();
-        let reader = LogReader::start(guest, r).unwrap();
+        let reader = LogReader::start(guest, r, Rate::default()).unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
         reader.on_store_failure(Box::new(move |line| tx.send(line).unwrap()));
         let mut w = File::from(w);
@@ -211,5 +258,90 @@ mod tests {
         assert!(line.starts_with(STORE_FAILED), "{line}");
         assert!(rx.recv_timeout(Duration::from_millis(100)).is_err());
         assert_eq!(reader.store_failure(), Some(line));
+    }
+
+    /// Everything logged by any thread of this test binary from now on.
+    fn capture_log() -> Arc<Mutex<Vec<u8>>> {
+        #[derive(Clone)]
+        struct Sink(Arc<Mutex<Vec<u8>>>);
+        impl Write for Sink {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let buf = Arc::new(Mutex::new(Vec::new()));
+        let sink = Sink(Arc::clone(&buf));
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::INFO)
+            .with_ansi(false)
+            .with_writer(move || sink.clone())
+            .finish();
+        tracing::subscriber::set_global_default(subscriber)
+            .expect("only this test sets the global subscriber");
+        buf
+    }
+
+    #[test]
+    fn a_flood_beyond_the_log_rate_keeps_the_tail_and_the_store_failure_check() {
+        let log = capture_log();
+        let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
+        // Its own guest: the log lines of other tests' readers are not counted.
+        let guest = GuestId::parse("0c4f1e2d-3b5a-4c6d-9e8f-7a6b5c4d3e2f").unwrap();
+        let rate = Rate {
+            burst: 1,
+            per_minute: 1,
+        };
+        let mut reader = LogReader::start(guest, r, rate).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        reader.on_store_failure(Box::new(move |line| tx.send(line).unwrap()));
+        let mut w = File::from(w);
+        for i in 0..20_000 {
+            writeln!(w, "error {i}: the log is long").unwrap();
+        }
+        writeln!(
+            w,
+            "SWTPM_NVRAM_StoreData: Error (fatal), data write of 1468 only wrote 4294967295"
+        )
+        .unwrap();
+        for i in 0..(TAIL_LINES - 1) {
+            writeln!(w, "after {i}").unwrap();
+        }
+        drop(w);
+        let line = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        assert!(line.starts_with(STORE_FAILED), "{line}");
+        assert!(reader.wait_eof(Duration::from_secs(10)));
+        let tail = reader.tail();
+        assert_eq!(tail.len(), TAIL_LINES);
+        assert_eq!(tail[0], line);
+        assert_eq!(tail[TAIL_LINES - 1], format!("after {}", TAIL_LINES - 2));
+        let text = String::from_utf8(log.lock().unwrap().clone()).unwrap();
+        let ours: Vec<&str> = text
+            .lines()
+            .filter(|l| l.contains(&guest.to_string()))
+            .collect();
+        // The burst's line, the count before the lost write, the lost
+        // write, the count at the end.
+        assert_eq!(ours.len(), 4, "{ours:#?}");
+        assert!(
+            ours[0].contains("swtpm: error 0: the log is long"),
+            "{ours:#?}"
+        );
+        assert!(
+            ours[1].contains(&format!(
+                "suppressed 19999 messages from swtpm of guest {guest}"
+            )),
+            "{ours:#?}"
+        );
+        assert!(ours[2].contains(STORE_FAILED), "{ours:#?}");
+        assert!(
+            ours[3].contains(&format!(
+                "suppressed 49 messages from swtpm of guest {guest}"
+            )),
+            "{ours:#?}"
+        );
     }
 }

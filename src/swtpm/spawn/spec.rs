@@ -64,6 +64,9 @@ pub struct SpawnSpec<'k> {
     pub log_level: u8,
     /// Pass `--terminate`: swtpm exits when the VMM's data channel closes.
     pub terminate: bool,
+    /// How many of swtpm's output lines go to vtpmd's log; the guest
+    /// drives what swtpm says, so unlimited it could flood the journal.
+    pub log_rate: crate::log_limit::Rate,
     /// The 32-byte state key; handed over as hex through a pipe.
     pub key: &'k SecretBuf,
     /// How long `spawn` waits on the pidfd for an immediate exit (bad
@@ -118,6 +121,7 @@ impl<'k> SpawnSpec<'k> {
             seccomp: true,
             log_level: 1,
             terminate: true,
+            log_rate: crate::log_limit::Rate::default(),
             key,
             early_exit_window: Duration::from_millis(50),
         }
