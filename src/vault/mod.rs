@@ -23,7 +23,7 @@ mod inspect;
 mod kdf;
 mod sealed;
 
-pub use archive::{ArchiveEntry, ArchiveError, StateArchive};
+pub use archive::{ArchiveEntry, ArchiveError, Skipped, StateArchive};
 pub use crypto::DataKey;
 pub use durable::SealedPaths;
 pub use error::VaultError;
