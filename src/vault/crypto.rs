@@ -53,8 +53,9 @@ impl DataKey {
     }
 
     /// The key swtpm encrypts its state files with (`--key fd=…,
-    /// format=binary,mode=aes-256-cbc`): derived, so the data key itself
-    /// never leaves vtpmd, and bound to the guest.
+    /// format=hex,mode=aes-256-cbc`; the spawner writes it as hex):
+    /// derived, so the data key itself never leaves vtpmd, and bound to
+    /// the guest.
     pub fn swtpm_state_key(&self, guest: &GuestId) -> Result<SecretBuf, VaultError> {
         let mut info = Vec::with_capacity(SWTPM_STATE_KEY_LABEL.len() + 16);
         info.extend_from_slice(SWTPM_STATE_KEY_LABEL);
