@@ -55,3 +55,39 @@ fn swtpm_gets_the_key_option_the_spec_gives() {
         "the spec names another key fd than {fd}"
     );
 }
+
+/// Step 10 and "Guest binding": a file moved to another guest's path is
+/// refused as `GuestMismatch`, an answer about a sound file, not damage;
+/// the API says so with its own error, as `vtpmctl state verify` does.
+#[test]
+fn a_sealed_file_moved_to_another_guest_is_a_guest_mismatch_not_corruption() {
+    const OTHER: &str = "7d0a9d43-41d4-4c3e-8a5e-2f61b3c0d7aa";
+    let d = Daemon::start();
+    create(&d, G);
+    create(&d, OTHER);
+    std::fs::copy(d.sealed_file(G), d.sealed_file(OTHER)).unwrap();
+
+    let refused = d
+        .client()
+        .manager("Start", json!({"guest": OTHER, "passphrase": b64(PASS)}));
+
+    let remote = common::assert_error(refused, "GuestMismatch");
+    assert_eq!(remote.parameters["guest"], OTHER, "{remote:?}");
+    assert_eq!(remote.parameters["found"], G, "{remote:?}");
+    assert_eq!(d.guest_status(OTHER)["state"], "stopped");
+    // The daemon's own interface description lists the error.
+    let description = d
+        .client()
+        .call(
+            "org.varlink.service.GetInterfaceDescription",
+            json!({"interface": "io.vtpmd.Manager"}),
+        )
+        .unwrap();
+    assert!(
+        description["description"]
+            .as_str()
+            .unwrap()
+            .contains("error GuestMismatch (guest: string, found: string)"),
+        "{description}"
+    );
+}

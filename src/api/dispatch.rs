@@ -273,6 +273,10 @@ fn wire_error(e: &SupervisorError) -> ManagerError {
             guest: guest.to_string(),
             reason: what.clone(),
         },
+        S::GuestMismatch { guest, found } => ManagerError::GuestMismatch {
+            guest: guest.to_string(),
+            found: found.to_string(),
+        },
         S::SwtpmFailed {
             guest,
             message,
