@@ -91,3 +91,53 @@ fn a_sealed_file_moved_to_another_guest_is_a_guest_mismatch_not_corruption() {
         "{description}"
     );
 }
+
+fn sha256_of(path: &std::path::Path) -> Vec<u8> {
+    use sha2::Digest;
+    sha2::Sha256::digest(std::fs::read(path).unwrap()).to_vec()
+}
+
+/// Makes the guest's state change (a file written into its runtime
+/// directory) and waits for the new generation: afterwards `.prev` exists.
+fn write_a_second_generation(d: &Daemon, guest: &str) {
+    let generation = d.guest_status(guest)["generation"].as_u64().unwrap();
+    std::fs::write(d.runtime_dir.join(guest).join("extra"), b"second").unwrap();
+    d.wait_generation_above(guest, generation, std::time::Duration::from_secs(20));
+}
+
+/// "A file that fails to decode is left as it is": Rekey with a `.prev`
+/// whose body is damaged does not write the new keyslot into it, and says
+/// so in its reply.
+#[test]
+fn rekey_leaves_a_damaged_previous_generation_untouched_and_reports_it() {
+    let d = Daemon::start();
+    create(&d, G);
+    d.start_guest(G, PASS);
+    write_a_second_generation(&d, G);
+    d.client().manager("Stop", json!({"guest": G})).unwrap();
+    let prev = d.sealed_file(G).with_extension("sealed.prev");
+    let mut bytes = std::fs::read(&prev).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x01;
+    std::fs::write(&prev, &bytes).unwrap();
+    let damaged = sha256_of(&prev);
+
+    let reply = d
+        .client()
+        .manager(
+            "Rekey",
+            json!({"guest": G, "passphrase": b64(PASS), "new_passphrase": b64("new one")}),
+        )
+        .unwrap();
+
+    assert_eq!(sha256_of(&prev), damaged, "the damaged .prev was rewritten");
+    let left = reply["left_as_is"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{reply}"));
+    assert_eq!(left.len(), 1, "{reply}");
+    assert!(
+        left[0].as_str().unwrap().contains(prev.to_str().unwrap()),
+        "{reply}"
+    );
+    assert_eq!(d.start_guest(G, "new one")["state"], "running");
+}

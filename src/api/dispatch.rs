@@ -120,7 +120,7 @@ pub async fn run(supervisor: &Arc<Supervisor>, request: Request<'_>, timeout: Du
             let sup = Arc::clone(supervisor);
             detached(timeout, async move { sup.rekey(guest, old, new).await })
                 .await
-                .map_or_else(|reply| reply, empty_reply)
+                .map_or_else(|reply| reply, rekey_reply)
         }
         Request::Monitor => ServiceError::ExpectedMore.encode(),
     }
@@ -187,6 +187,15 @@ fn empty_reply(result: Result<(), SupervisorError>) -> Vec<u8> {
         |e| error(&e),
         |()| encode_reply(&serde_json::json!({}), false),
     )
+}
+
+/// `left_as_is` only when a file was (the field is optional).
+fn rekey_reply(result: Result<Vec<String>, SupervisorError>) -> Vec<u8> {
+    match result {
+        Err(e) => error(&e),
+        Ok(left) if left.is_empty() => encode_reply(&serde_json::json!({}), false),
+        Ok(left) => encode_reply(&serde_json::json!({ "left_as_is": left }), false),
+    }
 }
 
 /// The wire form of a guest.

@@ -29,7 +29,7 @@ pub use durable::SealedPaths;
 pub use error::VaultError;
 pub use inspect::{HeaderInfo, KeyslotInfo, inspect, inspect_bytes};
 pub use kdf::{KdfParams, KdfParamsError, KdfPolicy};
-pub use sealed::{Fallback, Opened, SealedState};
+pub use sealed::{Fallback, LeftAsIs, Opened, SealedState};
 
 #[doc(hidden)]
 pub use archive::fuzz_archive;
