@@ -167,3 +167,59 @@ fn a_guest_id_that_is_a_path_is_a_usage_error() {
     let out = verify(Path::new("/nonexistent"), "../../etc", PASSPHRASE);
     assert_eq!(out.status.code(), Some(2));
 }
+
+/// The spec's step 0: what is at the sealed path must be a regular file,
+/// opened without following a symlink and without blocking; anything else
+/// is refused at once as `Io` (exit 6, "failed"), never read, never waited
+/// on, never replaced, and no reason to fall back to `.prev`.
+#[test]
+fn a_fifo_a_directory_or_a_symlink_at_the_sealed_path_is_refused_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    // Two generations: a `.prev` that opens is there, and must not be used.
+    let paths = seal(dir.path(), 2);
+    let real = dir.path().join("real.sealed");
+    fs::rename(paths.current(), &real).unwrap();
+
+    type Make<'a> = &'a dyn Fn(&Path);
+    let cases: [(&str, Make); 3] = [
+        ("a FIFO", &|p| {
+            nix::unistd::mkfifo(p, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap()
+        }),
+        ("a directory", &|p| fs::create_dir(p).unwrap()),
+        ("a symlink", &|p| {
+            std::os::unix::fs::symlink(&real, p).unwrap()
+        }),
+    ];
+    for (what, make) in cases {
+        let path = paths.current();
+        make(path);
+        let kind = fs::symlink_metadata(path).unwrap().file_type();
+        let began = std::time::Instant::now();
+
+        let verified = verify(path, GUEST, PASSPHRASE);
+        let inspected = vtpmctl(&["state", "inspect", "--json", path.to_str().unwrap()], "");
+
+        assert!(
+            began.elapsed() < std::time::Duration::from_secs(10),
+            "{what}: blocked"
+        );
+        for out in [&verified, &inspected] {
+            assert_eq!(out.status.code(), Some(6), "{what}: {out:?}");
+            let value = json_of(out);
+            assert_eq!(value["result"], "failed", "{what}: {value}");
+            assert!(
+                value["detail"]
+                    .as_str()
+                    .unwrap()
+                    .contains("not a regular file"),
+                "{what}: {value}"
+            );
+        }
+        assert_eq!(
+            fs::symlink_metadata(path).unwrap().file_type(),
+            kind,
+            "{what} was replaced"
+        );
+        let _ = fs::remove_file(path).or_else(|_| fs::remove_dir(path));
+    }
+}
