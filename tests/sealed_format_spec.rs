@@ -141,3 +141,62 @@ fn rekey_leaves_a_damaged_previous_generation_untouched_and_reports_it() {
     );
     assert_eq!(d.start_guest(G, "new one")["state"], "running");
 }
+
+/// The limits table's lower bounds, on real files: the smallest file the
+/// vault writes (an empty archive) and a smaller one that passes every
+/// header check but cannot open.
+#[test]
+fn the_limits_tables_lower_bounds_are_what_the_code_does() {
+    use vtpmd::protocol::{GuestId, TpmModel, TpmSpec, TpmVersion};
+    use vtpmd::secret::SecretBuf;
+    use vtpmd::vault::{KdfParams, KdfPolicy, SealedPaths, SealedState, StateArchive, VaultError};
+
+    let dir = tempfile::tempdir().unwrap();
+    let paths = SealedPaths::new(dir.path().join("tpm.sealed"));
+    let mut pass = SecretBuf::with_capacity(PASS.len()).unwrap();
+    pass.extend_from_slice(PASS.as_bytes()).unwrap();
+    let policy = KdfPolicy {
+        params: KdfParams::new(8, 1, 1).unwrap(),
+        allow_weak: true,
+    };
+    let guest = GuestId::parse(G).unwrap();
+    let spec = TpmSpec::new(TpmVersion::V2_0, TpmModel::Tis).unwrap();
+    let empty = StateArchive::from_entries(Vec::new()).unwrap();
+    SealedState::create(paths.clone(), guest, spec, &pass, &policy, &empty).unwrap();
+
+    let smallest = std::fs::read(paths.current()).unwrap();
+    let info = vtpmd::vault::inspect(paths.current()).unwrap();
+    assert_eq!(
+        (smallest.len(), info.header_bytes, info.body_bytes),
+        (241, 223, 18)
+    );
+    let opened = SealedState::open(paths.clone(), guest, &pass, &policy).unwrap();
+    assert_eq!(opened.archive, empty);
+
+    // body_len 16: the tag alone. Header-valid, not openable.
+    let mut tiny = smallest[..239].to_vec();
+    tiny[80..84].copy_from_slice(&16u32.to_be_bytes());
+    use sha2::Digest;
+    let checksum = sha2::Sha256::digest(&tiny[..191]);
+    tiny[191..223].copy_from_slice(&checksum);
+    let tiny_path = dir.path().join("tiny.sealed");
+    std::fs::write(&tiny_path, &tiny).unwrap();
+    assert_eq!(vtpmd::vault::inspect(&tiny_path).unwrap().body_bytes, 16);
+    let refused = SealedState::open(SealedPaths::new(&tiny_path), guest, &pass, &policy);
+    assert!(
+        matches!(refused, Err(VaultError::Corrupt { .. })),
+        "{:?}",
+        refused.map(|_| ())
+    );
+
+    for bound in [
+        "| 16..=16,777,232",
+        "| 18..=16,777,232",
+        "| 239..=16,778,197 bytes",
+        "| 241..=16,778,197 bytes",
+        "| 2..=16,777,216",
+        "| 1..=4096 bytes",
+    ] {
+        assert!(SPEC.contains(bound), "the limits table lacks {bound:?}");
+    }
+}
