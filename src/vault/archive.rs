@@ -285,16 +285,34 @@ impl StateArchive {
     /// big-endian.
     pub(crate) fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(self.encoded_len());
-        let count = u16::try_from(self.entries.len()).unwrap_or(u16::MAX);
-        out.extend_from_slice(&count.to_be_bytes());
-        for entry in &self.entries {
-            out.push(u8::try_from(entry.name.len()).unwrap_or(u8::MAX));
-            out.extend_from_slice(entry.name.as_bytes());
-            let len = u32::try_from(entry.data.len()).unwrap_or(u32::MAX);
-            out.extend_from_slice(&len.to_be_bytes());
-            out.extend_from_slice(&entry.data);
-        }
+        self.encode_into(&mut out);
         out
+    }
+
+    /// [`encode`](Self::encode), appended to `out`.
+    pub(crate) fn encode_into(&self, out: &mut Vec<u8>) {
+        self.each_piece(|piece| out.extend_from_slice(piece));
+    }
+
+    /// SHA-256 of [`encode`](Self::encode)'s bytes, without making them.
+    pub(crate) fn digest(&self) -> [u8; 32] {
+        use sha2::Digest;
+        let mut hasher = sha2::Sha256::new();
+        self.each_piece(|piece| hasher.update(piece));
+        hasher.finalize().into()
+    }
+
+    /// The encoding, piece by piece, for every consumer of it alike.
+    fn each_piece(&self, mut put: impl FnMut(&[u8])) {
+        let count = u16::try_from(self.entries.len()).unwrap_or(u16::MAX);
+        put(&count.to_be_bytes());
+        for entry in &self.entries {
+            put(&[u8::try_from(entry.name.len()).unwrap_or(u8::MAX)]);
+            put(entry.name.as_bytes());
+            let len = u32::try_from(entry.data.len()).unwrap_or(u32::MAX);
+            put(&len.to_be_bytes());
+            put(&entry.data);
+        }
     }
 
     pub(crate) fn decode(bytes: &[u8]) -> Result<Self, ArchiveError> {
@@ -355,7 +373,7 @@ impl StateArchive {
         Ok(())
     }
 
-    fn encoded_len(&self) -> usize {
+    pub(crate) fn encoded_len(&self) -> usize {
         2 + self
             .entries
             .iter()
@@ -417,6 +435,10 @@ mod tests {
     fn encoding_round_trips() {
         let archive = sample();
         assert_eq!(StateArchive::decode(&archive.encode()).unwrap(), archive);
+        assert_eq!(archive.encode().len(), archive.encoded_len());
+        use sha2::Digest;
+        let digest: [u8; 32] = sha2::Sha256::digest(archive.encode()).into();
+        assert_eq!(archive.digest(), digest);
     }
 
     #[test]

@@ -210,10 +210,14 @@ impl SealedState {
     /// The whole sealed file of `archive` as generation `generation`: a
     /// fresh body salt and nonce, the body sealed with the data key, the
     /// current keyslots. No I/O.
+    ///
+    /// The archive is encoded straight into the file's buffer and encrypted
+    /// there: a seal holds the archive and one file-sized buffer, not
+    /// three copies of up to 16 MiB each.
     fn sealed_bytes(&self, generation: u64, archive: &StateArchive) -> Result<Vec<u8>, VaultError> {
-        let plaintext = archive.encode();
+        let archive_len = archive.encoded_len();
         // StateArchive bounds its size well below u32::MAX.
-        let body_len = u32::try_from(plaintext.len() + TAG_LEN)
+        let body_len = u32::try_from(archive_len + TAG_LEN)
             .map_err(|_| VaultError::Archive(ArchiveError::TooLarge))?;
         let bound = Bound {
             guest: self.guest,
@@ -224,19 +228,22 @@ impl SealedState {
             body_len,
         };
         let aad = body_aad(&bound.encode(), &self.guest);
-        let body = crypto::seal_body(
-            &self.data_key,
-            &bound.body_salt,
-            &bound.body_nonce,
-            &aad,
-            plaintext,
-        )?;
         let header = Header {
             bound,
             keyslots: self.keyslots.clone(),
         };
+        // Sized for the body too.
         let mut file = header.encode();
-        file.extend_from_slice(&body);
+        let body_start = file.len();
+        archive.encode_into(&mut file);
+        let tag = crypto::seal_in_place(
+            &self.data_key,
+            &header.bound.body_salt,
+            &header.bound.body_nonce,
+            &aad,
+            &mut file[body_start..],
+        )?;
+        file.extend_from_slice(&tag);
         Ok(file)
     }
 
@@ -489,8 +496,7 @@ impl SealedState {
 
 /// What identifies an archive's content, for [`SealedState::seal_if_changed`].
 fn archive_digest(archive: &StateArchive) -> [u8; 32] {
-    use sha2::Digest;
-    sha2::Sha256::digest(archive.encode()).into()
+    archive.digest()
 }
 
 /// [`SealedState::handover`]'s layout.
