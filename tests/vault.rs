@@ -196,6 +196,59 @@ fn rekey_retires_the_old_passphrase_and_keeps_the_body_bytes() {
     );
 }
 
+/// The spec: a keyslot change rewrites each file "that exists and decodes
+/// with the right guest", and "a file that fails to decode is left as it
+/// is". A previous generation whose header is sound but whose body is
+/// damaged does not decode: it keeps its bytes and is reported.
+#[test]
+fn rekey_leaves_a_previous_generation_with_a_damaged_body_as_it_is_and_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let archive = StateArchive::from_dir(&swtpm_setup_state(dir.path())).unwrap();
+    let paths = SealedPaths::new(dir.path().join("tpm.sealed"));
+    let pass = passphrase("correct horse");
+    let mut state = SealedState::create(
+        paths.clone(),
+        guest(),
+        spec(),
+        &pass,
+        &weak_policy(),
+        &archive,
+    )
+    .unwrap();
+    state.seal(&small_archive(2)).unwrap();
+    let mut prev = fs::read(paths.previous()).unwrap();
+    let last = prev.len() - 1;
+    prev[last] ^= 0x01;
+    fs::write(paths.previous(), &prev).unwrap();
+    let damaged = sha256_of(paths.previous());
+
+    let left = state
+        .change_passphrase(&passphrase("battery staple"), &weak_policy())
+        .unwrap();
+
+    assert_eq!(
+        sha256_of(paths.previous()),
+        damaged,
+        "the damaged .prev was rewritten"
+    );
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert_eq!(left[0].path, paths.previous());
+    assert!(
+        left[0].problem.contains("body fails authentication"),
+        "{left:?}"
+    );
+    // The current file did take the new keyslot.
+    let opened = SealedState::open(
+        paths.clone(),
+        guest(),
+        &passphrase("battery staple"),
+        &weak_policy(),
+    )
+    .unwrap();
+    assert!(opened.fell_back.is_none());
+    assert_eq!(opened.archive, small_archive(2));
+}
+
 #[test]
 fn two_keyslots_both_open_and_the_last_cannot_be_removed() {
     let dir = tempfile::tempdir().unwrap();

@@ -167,3 +167,124 @@ fn a_guest_id_that_is_a_path_is_a_usage_error() {
     let out = verify(Path::new("/nonexistent"), "../../etc", PASSPHRASE);
     assert_eq!(out.status.code(), Some(2));
 }
+
+/// The spec's step 0: what is at the sealed path must be a regular file,
+/// opened without following a symlink and without blocking; anything else
+/// is refused at once as `Io` (exit 6, "failed"), never read, never waited
+/// on, never replaced, and no reason to fall back to `.prev`.
+#[test]
+fn a_fifo_a_directory_or_a_symlink_at_the_sealed_path_is_refused_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    // Two generations: a `.prev` that opens is there, and must not be used.
+    let paths = seal(dir.path(), 2);
+    let real = dir.path().join("real.sealed");
+    fs::rename(paths.current(), &real).unwrap();
+
+    type Make<'a> = &'a dyn Fn(&Path);
+    let cases: [(&str, Make); 3] = [
+        ("a FIFO", &|p| {
+            nix::unistd::mkfifo(p, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap()
+        }),
+        ("a directory", &|p| fs::create_dir(p).unwrap()),
+        ("a symlink", &|p| {
+            std::os::unix::fs::symlink(&real, p).unwrap()
+        }),
+    ];
+    for (what, make) in cases {
+        let path = paths.current();
+        make(path);
+        let kind = fs::symlink_metadata(path).unwrap().file_type();
+        let began = std::time::Instant::now();
+
+        let verified = verify(path, GUEST, PASSPHRASE);
+        let inspected = vtpmctl(&["state", "inspect", "--json", path.to_str().unwrap()], "");
+
+        assert!(
+            began.elapsed() < std::time::Duration::from_secs(10),
+            "{what}: blocked"
+        );
+        for out in [&verified, &inspected] {
+            assert_eq!(out.status.code(), Some(6), "{what}: {out:?}");
+            let value = json_of(out);
+            assert_eq!(value["result"], "failed", "{what}: {value}");
+            assert!(
+                value["detail"]
+                    .as_str()
+                    .unwrap()
+                    .contains("not a regular file"),
+                "{what}: {value}"
+            );
+        }
+        assert_eq!(
+            fs::symlink_metadata(path).unwrap().file_type(),
+            kind,
+            "{what} was replaced"
+        );
+        let _ = fs::remove_file(path).or_else(|_| fs::remove_dir(path));
+    }
+}
+
+/// The spec's limits: a passphrase is 1..=4096 bytes. The longest one (with
+/// the trailing newline a file may add) is read and tried; one byte more,
+/// or none, is refused, and with `--json` each says so on stdout as every
+/// other failure does.
+#[test]
+fn passphrase_length_limits_answer_in_json_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let paths = seal(dir.path(), 1);
+    let file = paths.current();
+
+    let longest = verify(file, GUEST, &format!("{}\n", "a".repeat(4096)));
+    let too_long = verify(file, GUEST, &"a".repeat(4097));
+    let empty = verify(file, GUEST, "\n");
+
+    assert_eq!(longest.status.code(), Some(3), "{longest:?}");
+    assert_eq!(json_of(&longest)["result"], "wrong-passphrase");
+    for (what, out) in [("4097 bytes", &too_long), ("empty", &empty)] {
+        assert_eq!(out.status.code(), Some(6), "{what}: {out:?}");
+        let value = json_of(out);
+        assert_eq!(value["result"], "failed", "{what}: {value}");
+        assert_eq!(value["error"], "passphrase", "{what}: {value}");
+    }
+    assert!(
+        json_of(&too_long)["detail"]
+            .as_str()
+            .unwrap()
+            .contains("longer than 4096 bytes"),
+        "{too_long:?}"
+    );
+}
+
+/// The online commands too: a passphrase file that is too long is a local
+/// failure (exit 6) that `--json` reports on stdout, before any connection.
+#[test]
+fn an_overlong_passphrase_file_is_a_json_error_for_online_commands() {
+    let dir = tempfile::tempdir().unwrap();
+    let pass = dir.path().join("pass");
+    fs::write(&pass, "a".repeat(5000)).unwrap();
+    let socket = dir.path().join("none.sock");
+
+    let out = vtpmctl(
+        &[
+            "--socket",
+            socket.to_str().unwrap(),
+            "--json",
+            "start",
+            GUEST,
+            "--passphrase-file",
+            pass.to_str().unwrap(),
+        ],
+        "",
+    );
+
+    assert_eq!(out.status.code(), Some(6), "{out:?}");
+    let value = json_of(&out);
+    assert_eq!(value["error"], "vtpmctl.Passphrase", "{value}");
+    assert!(
+        value["parameters"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("longer than 4096 bytes"),
+        "{value}"
+    );
+}

@@ -131,7 +131,7 @@ pub(super) async fn run(
             let sup = Arc::clone(supervisor);
             detached(timeout, async move { sup.rekey(guest, old, new).await })
                 .await
-                .map_or_else(|reply| reply, empty_reply)
+                .map_or_else(|reply| reply, |result| rekey_reply(result, log))
         }
         Request::Monitor => ServiceError::ExpectedMore.encode(),
     }
@@ -198,6 +198,15 @@ fn empty_reply(result: Result<(), SupervisorError>, log: LogGate<'_>) -> Vec<u8>
         |e| error(&e, log),
         |()| encode_reply(&serde_json::json!({}), false),
     )
+}
+
+/// `left_as_is` only when a file was (the field is optional).
+fn rekey_reply(result: Result<Vec<String>, SupervisorError>, log: LogGate<'_>) -> Vec<u8> {
+    match result {
+        Err(e) => error(&e, log),
+        Ok(left) if left.is_empty() => encode_reply(&serde_json::json!({}), false),
+        Ok(left) => encode_reply(&serde_json::json!({ "left_as_is": left }), false),
+    }
 }
 
 /// The wire form of a guest.
@@ -285,6 +294,10 @@ fn wire_error(e: &SupervisorError) -> ManagerError {
         S::StateCorrupt { guest, what } => ManagerError::StateCorrupt {
             guest: guest.to_string(),
             reason: what.clone(),
+        },
+        S::GuestMismatch { guest, found } => ManagerError::GuestMismatch {
+            guest: guest.to_string(),
+            found: found.to_string(),
         },
         S::SwtpmFailed {
             guest,

@@ -432,6 +432,10 @@ pub enum ManagerError {
         guest: String,
         reason: String,
     },
+    GuestMismatch {
+        guest: String,
+        found: String,
+    },
     SwtpmFailed {
         guest: String,
         message: String,
@@ -462,6 +466,7 @@ impl ManagerError {
             Self::InvalidTpmSpec { .. } => "io.vtpmd.Manager.InvalidTpmSpec",
             Self::WrongPassphrase { .. } => "io.vtpmd.Manager.WrongPassphrase",
             Self::StateCorrupt { .. } => "io.vtpmd.Manager.StateCorrupt",
+            Self::GuestMismatch { .. } => "io.vtpmd.Manager.GuestMismatch",
             Self::SwtpmFailed { .. } => "io.vtpmd.Manager.SwtpmFailed",
             Self::PermissionDenied { .. } => "io.vtpmd.Manager.PermissionDenied",
             Self::Busy { .. } => "io.vtpmd.Manager.Busy",
@@ -747,6 +752,7 @@ mod tests {
             "InvalidTpmSpec",
             "WrongPassphrase",
             "StateCorrupt",
+            "GuestMismatch",
             "SwtpmFailed",
             "PermissionDenied",
             "Busy",

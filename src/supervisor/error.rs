@@ -29,6 +29,10 @@ pub enum SupervisorError {
     WrongPassphrase { guest: GuestId },
     #[error("the sealed state of guest {guest} is unusable: {what}")]
     StateCorrupt { guest: GuestId, what: String },
+    /// The file at the guest's sealed path names another guest (moved or
+    /// copied there): an answer about a sound file, not damage.
+    #[error("the sealed file of guest {guest} belongs to guest {found}")]
+    GuestMismatch { guest: GuestId, found: GuestId },
     #[error("swtpm of guest {guest} failed: {message}")]
     SwtpmFailed {
         guest: GuestId,
@@ -136,10 +140,12 @@ impl SupervisorError {
     pub(crate) fn from_vault(guest: GuestId, op: &'static str, e: VaultError) -> Self {
         match e {
             VaultError::WrongPassphrase { .. } => Self::WrongPassphrase { guest },
+            // The spec's answer: refused, nothing is damaged, and neither
+            // "restore from a backup" nor a fallback would be right.
+            VaultError::GuestMismatch { found, .. } => Self::GuestMismatch { guest, found },
             VaultError::Corrupt { .. }
             | VaultError::Missing { .. }
-            | VaultError::UnsupportedVersion { .. }
-            | VaultError::GuestMismatch { .. } => Self::StateCorrupt {
+            | VaultError::UnsupportedVersion { .. } => Self::StateCorrupt {
                 guest,
                 what: crate::error_chain::chain(&e),
             },

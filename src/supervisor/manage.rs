@@ -58,13 +58,15 @@ pub(super) async fn delete(shared: Arc<Shared>, id: GuestId) -> Result<(), Super
     Ok(())
 }
 
-/// Rewraps the keyslot `passphrase` opens under `new_passphrase`.
+/// Rewraps the keyslot `passphrase` opens under `new_passphrase`. Returns
+/// what the caller must hear of: each sealed file left as it was because
+/// it is damaged (the old passphrase still opens it).
 pub(super) async fn rekey(
     shared: Arc<Shared>,
     id: GuestId,
     passphrase: SecretBuf,
     new_passphrase: SecretBuf,
-) -> Result<(), SupervisorError> {
+) -> Result<Vec<String>, SupervisorError> {
     let _admitted = shared.enter().await?;
     let guest = shared.guest(id)?;
     let slot = guest.lock(shared.config.lock_wait).await?;
@@ -79,7 +81,7 @@ pub(super) async fn rekey(
     };
     let paths = shared.store.sealed_paths(id);
     let policy = shared.config.kdf;
-    match allowed {
+    let left_as_is = match allowed {
         Allowed::RekeyRunning => {
             let Some(sealer) = slot.run.as_ref().and_then(|r| r.sealer.clone()) else {
                 return Err(SupervisorError::GuestNotRunning { guest: id, state });
@@ -97,7 +99,7 @@ pub(super) async fn rekey(
                     held.change_passphrase(&new_passphrase, &policy)
                         .map_err(|e| SupervisorError::from_vault(id, "rekey", e))
                 })
-                .await??;
+                .await??
         }
         Allowed::RekeyAtRest => {
             shared
@@ -111,7 +113,7 @@ pub(super) async fn rekey(
                         .change_passphrase(&new_passphrase, &policy)
                         .map_err(|e| SupervisorError::from_vault(id, "rekey", e))
                 })
-                .await??;
+                .await??
         }
         Allowed::Start | Allowed::Stop | Allowed::Delete => {
             return Err(SupervisorError::NotAllowed {
@@ -120,8 +122,8 @@ pub(super) async fn rekey(
                 action: Action::Rekey,
             });
         }
-    }
+    };
     drop(slot);
-    tracing::info!(guest = %id, "passphrase changed");
-    Ok(())
+    tracing::info!(guest = %id, left_as_is = left_as_is.len(), "passphrase changed");
+    Ok(left_as_is.iter().map(ToString::to_string).collect())
 }

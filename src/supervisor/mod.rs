@@ -540,7 +540,7 @@ impl Supervisor {
         guest: GuestId,
         passphrase: SecretBuf,
         new_passphrase: SecretBuf,
-    ) -> Result<(), SupervisorError> {
+    ) -> Result<Vec<String>, SupervisorError> {
         let shared = Arc::clone(&self.shared);
         detached(guest, "rekey", async move {
             manage::rekey(shared, guest, passphrase, new_passphrase).await

@@ -1,11 +1,14 @@
 //! Sealing a runtime directory as the next generation (the task that
 //! does it while a guest runs is `resealer`). The archive leaves out
-//! `TMP*` and dot files; the seal includes its fsyncs.
+//! `TMP*` and dot files, and skips (logging each name once) what a guest's
+//! uid may have planted that cannot be an entry; the seal includes its
+//! fsyncs.
 
-use std::path::Path;
-use std::sync::PoisonError;
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::{LazyLock, Mutex, PoisonError};
 
-use crate::vault::{SealedState, StateArchive, VaultError};
+use crate::vault::{SealedState, Skipped, StateArchive, VaultError};
 
 use super::guest::Sealer;
 
@@ -33,8 +36,11 @@ pub(super) fn reseal_now(sealer: &Sealer, dir: &Path) -> Result<(u64, bool), Vau
 fn archive_dir(dir: &Path) -> Result<StateArchive, VaultError> {
     let mut attempt = 1;
     loop {
-        match StateArchive::from_dir_matching(dir, is_state_file) {
-            Ok(archive) => return Ok(archive),
+        match StateArchive::scan_dir(dir, is_state_file) {
+            Ok((archive, skipped)) => {
+                report_skipped(dir, &skipped);
+                return Ok(archive);
+            }
             Err(e) if attempt < ARCHIVE_ATTEMPTS => {
                 tracing::debug!(dir = %dir.display(), "archive attempt {attempt} failed: {e}");
                 attempt += 1;
@@ -42,6 +48,65 @@ fn archive_dir(dir: &Path) -> Result<StateArchive, VaultError> {
             Err(e) => return Err(VaultError::Archive(e)),
         }
     }
+}
+
+/// How many skipped names are remembered per runtime directory; past that
+/// one line says that more go unreported. A guest's uid can create names
+/// without end, and neither the log nor this set may grow with them.
+const MAX_REPORTED: usize = 256;
+
+/// The skipped names already logged, per runtime directory: every reseal
+/// sees a planted file again, and once is enough to hear of it.
+static REPORTED: LazyLock<Mutex<HashMap<PathBuf, Reported>>> = LazyLock::new(Default::default);
+
+#[derive(Debug, Default)]
+struct Reported {
+    names: HashSet<String>,
+    overflowed: bool,
+}
+
+impl Reported {
+    /// The entries of `skipped` not reported before, and whether the
+    /// overflow line is due now.
+    fn news<'a>(&mut self, skipped: &'a [Skipped]) -> (Vec<&'a Skipped>, bool) {
+        let mut news = Vec::new();
+        let mut overflow = false;
+        for s in skipped {
+            if self.names.contains(&s.name) {
+                continue;
+            }
+            if self.names.len() < MAX_REPORTED {
+                self.names.insert(s.name.clone());
+                news.push(s);
+            } else if !self.overflowed {
+                self.overflowed = true;
+                overflow = true;
+            }
+        }
+        (news, overflow)
+    }
+}
+
+fn report_skipped(dir: &Path, skipped: &[Skipped]) {
+    if skipped.is_empty() {
+        return;
+    }
+    let mut reported = REPORTED.lock().unwrap_or_else(PoisonError::into_inner);
+    let (news, overflow) = reported.entry(dir.to_owned()).or_default().news(skipped);
+    for s in news {
+        tracing::warn!(dir = %dir.display(), name = %s.name, "not sealed: {}", s.why);
+    }
+    if overflow {
+        tracing::warn!(dir = %dir.display(), "more entries that cannot be sealed; no more are logged");
+    }
+}
+
+/// Forgets what was reported for `dir`: a new run lays it anew.
+pub(super) fn forget_skipped(dir: &Path) {
+    REPORTED
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .remove(dir);
 }
 
 /// What sealing writes made while no key was at hand brought in.
@@ -119,6 +184,26 @@ mod tests {
         assert_eq!(changed_files(&before, &before), 0);
         let after = archive(&[("tpm2-00.permall", 9), ("tpm2-00.savestate", 3)]);
         assert_eq!(changed_files(&before, &after), 3);
+    }
+
+    #[test]
+    fn a_skipped_name_is_news_once_and_the_set_is_bounded() {
+        let skip = |name: String| Skipped {
+            name,
+            why: "it is a FIFO",
+        };
+        let mut reported = Reported::default();
+        let first = [skip("a b".to_owned()), skip("fifo".to_owned())];
+        assert_eq!(reported.news(&first).0.len(), 2);
+        assert_eq!(reported.news(&first), (Vec::new(), false));
+        let many: Vec<Skipped> = (0..MAX_REPORTED * 2)
+            .map(|i| skip(format!("x{i}")))
+            .collect();
+        let (news, overflow) = reported.news(&many);
+        assert_eq!(news.len(), MAX_REPORTED - 2);
+        assert!(overflow);
+        assert_eq!(reported.news(&many), (Vec::new(), false));
+        assert_eq!(reported.names.len(), MAX_REPORTED);
     }
 
     #[test]

@@ -245,6 +245,7 @@ async fn launch(
     })?;
 
     // 3. Watch before swtpm can write anything.
+    reseal::forget_skipped(&dir);
     let watch = shared.watch(id, &dir)?;
 
     // 4. Spawn, and make sure it serves before answering.

@@ -29,14 +29,36 @@ pub struct StateArchive {
     entries: Vec<ArchiveEntry>,
 }
 
+/// A directory entry [`StateArchive::scan_dir`] left out, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Skipped {
+    /// The entry's name (lossily, if it is not UTF-8).
+    pub name: String,
+    pub why: &'static str,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ArchiveError {
     #[error("file name {name:?} is not allowed in a state archive")]
     BadName { name: String },
-    #[error("{path} is not a regular file")]
-    NotRegular { path: PathBuf },
     #[error("more than {MAX_ENTRIES} files")]
     TooManyEntries,
+    #[error("{path} would be file {} of the archive, which holds at most {MAX_ENTRIES}", MAX_ENTRIES + 1)]
+    TooManyFiles { path: PathBuf },
+    #[error(
+        "{path} is {size} bytes; with the files before it only {room} fit in an archive of at most {MAX_ARCHIVE_LEN} bytes"
+    )]
+    FileTooLarge {
+        path: PathBuf,
+        size: u64,
+        room: usize,
+    },
+    #[error("{path} changed while it was read ({size} bytes at open, {read} read)")]
+    Changed {
+        path: PathBuf,
+        size: u64,
+        read: usize,
+    },
     #[error("archive would exceed {MAX_ARCHIVE_LEN} bytes")]
     TooLarge,
     #[error("malformed archive: {what}")]
@@ -99,9 +121,8 @@ impl StateArchive {
         Ok(archive)
     }
 
-    /// Reads every regular file directly in `dir`, skipping dot-files.
-    /// Anything else (a subdirectory, a symlink, a device) is refused rather
-    /// than skipped: it has no business in a TPM state directory.
+    /// Reads every regular file directly in `dir` (see
+    /// [`scan_dir`](Self::scan_dir)), dropping the list of what was skipped.
     pub fn from_dir(dir: &Path) -> Result<Self, ArchiveError> {
         Self::from_dir_matching(dir, |_| true)
     }
@@ -113,32 +134,119 @@ impl StateArchive {
         dir: &Path,
         keep: impl Fn(&str) -> bool,
     ) -> Result<Self, ArchiveError> {
+        Self::scan_dir(dir, keep).map(|(archive, _)| archive)
+    }
+
+    /// The archive of `dir` as the format's "which entries" rules say: every
+    /// regular file directly in it whose name is a valid entry name and that
+    /// `keep` accepts. Dot-files are left out silently; anything else that
+    /// cannot be an entry (a name the format cannot encode, a directory, a
+    /// symlink, a FIFO, a socket, a device) is left out and returned in the
+    /// second list, so that whoever can write in `dir` (a guest's uid) cannot
+    /// make the archive fail by planting one.
+    ///
+    /// Every file is opened and its size taken from `fstat` before a byte is
+    /// read, and the archive is refused as soon as the sizes so far exceed
+    /// what an archive may hold: what is read is bounded by
+    /// [`MAX_ARCHIVE_LEN`] in total, whatever the directory holds.
+    pub fn scan_dir(
+        dir: &Path,
+        keep: impl Fn(&str) -> bool,
+    ) -> Result<(Self, Vec<Skipped>), ArchiveError> {
         let io = |op, path: &Path| {
             let path = path.to_owned();
             move |source| ArchiveError::Io { op, path, source }
         };
-        let mut entries = Vec::new();
+        let mut skipped = Vec::new();
+        let mut opened: Vec<(String, PathBuf, fs::File, u64)> = Vec::new();
+        // The encoded length so far: the entry count, then each entry.
+        let mut encoded = 2usize;
         for item in fs::read_dir(dir).map_err(io("read directory", dir))? {
             let item = item.map_err(io("read directory", dir))?;
             let path = item.path();
             let name = item.file_name();
-            let name = name.to_str().ok_or_else(|| ArchiveError::BadName {
-                name: name.to_string_lossy().into_owned(),
-            })?;
+            let Some(name) = name.to_str() else {
+                skipped.push(Skipped {
+                    name: name.to_string_lossy().into_owned(),
+                    why: "its name is not UTF-8",
+                });
+                continue;
+            };
             if name.starts_with('.') || !keep(name) {
                 continue;
             }
+            if !is_valid_name(name) {
+                skipped.push(Skipped {
+                    name: name.to_owned(),
+                    why: "its name cannot be an archive entry's",
+                });
+                continue;
+            }
+            // d_type, or lstat where the file system gives none: a symlink
+            // is a symlink here, never its target.
             let file_type = item.file_type().map_err(io("stat", &path))?;
-            if !file_type.is_file() || file_type.is_symlink() || file_type.is_fifo() {
-                return Err(ArchiveError::NotRegular { path });
+            if !file_type.is_file() {
+                skipped.push(Skipped {
+                    name: name.to_owned(),
+                    why: kind_of(file_type),
+                });
+                continue;
             }
-            let data = read_no_follow(&path).map_err(io("read", &path))?;
-            entries.push((name.to_owned(), data));
-            if entries.len() > MAX_ENTRIES {
-                return Err(ArchiveError::TooManyEntries);
+            let file = match crate::regular::open(&path, crate::regular::Access::Read) {
+                Ok(Some(file)) => file,
+                // Gone since it was listed (swtpm removes `*.volatilestate`
+                // after CMD_INIT): the caller reads the directory again.
+                Ok(None) => {
+                    return Err(ArchiveError::Io {
+                        op: "open",
+                        path,
+                        source: std::io::ErrorKind::NotFound.into(),
+                    });
+                }
+                // Replaced by something else since it was listed.
+                Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                    skipped.push(Skipped {
+                        name: name.to_owned(),
+                        why: "it is no longer a regular file",
+                    });
+                    continue;
+                }
+                Err(e) => return Err(io("open", &path)(e)),
+            };
+            if opened.len() == MAX_ENTRIES {
+                return Err(ArchiveError::TooManyFiles { path });
             }
+            let size = file.metadata().map_err(io("stat", &path))?.len();
+            let framing = 1 + name.len() + 4;
+            let room = MAX_ARCHIVE_LEN.saturating_sub(encoded + framing);
+            if size > room as u64 {
+                return Err(ArchiveError::FileTooLarge { path, size, room });
+            }
+            // `size <= room < MAX_ARCHIVE_LEN`, so it fits a usize.
+            encoded += framing + usize::try_from(size).unwrap_or(room);
+            opened.push((name.to_owned(), path, file, size));
         }
-        Self::from_entries(entries)
+        // Only now is anything read: every size is known to fit.
+        let mut entries = Vec::with_capacity(opened.len());
+        for (name, path, file, size) in opened {
+            use std::io::Read;
+            let expected = usize::try_from(size).unwrap_or(MAX_ARCHIVE_LEN);
+            let mut data = Vec::with_capacity(expected);
+            file.take(size.saturating_add(1))
+                .read_to_end(&mut data)
+                .map_err(io("read", &path))?;
+            if data.len() != expected {
+                // Written in place while being read: not a state swtpm
+                // would leave; the caller reads the directory again.
+                return Err(ArchiveError::Changed {
+                    path,
+                    size,
+                    read: data.len(),
+                });
+            }
+            entries.push((name, data));
+        }
+        Ok((Self::from_entries(entries)?, skipped))
     }
 
     /// Writes every entry into `dir`, which must exist; each file is created
@@ -177,16 +285,34 @@ impl StateArchive {
     /// big-endian.
     pub(crate) fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(self.encoded_len());
-        let count = u16::try_from(self.entries.len()).unwrap_or(u16::MAX);
-        out.extend_from_slice(&count.to_be_bytes());
-        for entry in &self.entries {
-            out.push(u8::try_from(entry.name.len()).unwrap_or(u8::MAX));
-            out.extend_from_slice(entry.name.as_bytes());
-            let len = u32::try_from(entry.data.len()).unwrap_or(u32::MAX);
-            out.extend_from_slice(&len.to_be_bytes());
-            out.extend_from_slice(&entry.data);
-        }
+        self.encode_into(&mut out);
         out
+    }
+
+    /// [`encode`](Self::encode), appended to `out`.
+    pub(crate) fn encode_into(&self, out: &mut Vec<u8>) {
+        self.each_piece(|piece| out.extend_from_slice(piece));
+    }
+
+    /// SHA-256 of [`encode`](Self::encode)'s bytes, without making them.
+    pub(crate) fn digest(&self) -> [u8; 32] {
+        use sha2::Digest;
+        let mut hasher = sha2::Sha256::new();
+        self.each_piece(|piece| hasher.update(piece));
+        hasher.finalize().into()
+    }
+
+    /// The encoding, piece by piece, for every consumer of it alike.
+    fn each_piece(&self, mut put: impl FnMut(&[u8])) {
+        let count = u16::try_from(self.entries.len()).unwrap_or(u16::MAX);
+        put(&count.to_be_bytes());
+        for entry in &self.entries {
+            put(&[u8::try_from(entry.name.len()).unwrap_or(u8::MAX)]);
+            put(entry.name.as_bytes());
+            let len = u32::try_from(entry.data.len()).unwrap_or(u32::MAX);
+            put(&len.to_be_bytes());
+            put(&entry.data);
+        }
     }
 
     pub(crate) fn decode(bytes: &[u8]) -> Result<Self, ArchiveError> {
@@ -247,7 +373,7 @@ impl StateArchive {
         Ok(())
     }
 
-    fn encoded_len(&self) -> usize {
+    pub(crate) fn encoded_len(&self) -> usize {
         2 + self
             .entries
             .iter()
@@ -279,23 +405,18 @@ fn split_be<const N: usize>(bytes: &[u8]) -> Option<([u8; N], &[u8])> {
     Some((head.try_into().ok()?, &bytes[N..]))
 }
 
-fn read_no_follow(path: &Path) -> std::io::Result<Vec<u8>> {
-    use std::io::Read;
-    // The directory is the guest's to write in: what was a file when it
-    // was listed may be a FIFO by now.
-    let file = crate::regular::open(path, crate::regular::Access::Read)?
-        .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::NotFound))?;
-    let len = file.metadata()?.len();
-    if len > MAX_ARCHIVE_LEN as u64 {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::FileTooLarge,
-            "state file larger than an archive may be",
-        ));
+fn kind_of(file_type: fs::FileType) -> &'static str {
+    if file_type.is_dir() {
+        "it is a directory"
+    } else if file_type.is_symlink() {
+        "it is a symlink"
+    } else if file_type.is_fifo() {
+        "it is a FIFO"
+    } else if file_type.is_socket() {
+        "it is a socket"
+    } else {
+        "it is a device"
     }
-    let mut data = Vec::new();
-    file.take(MAX_ARCHIVE_LEN as u64 + 1)
-        .read_to_end(&mut data)?;
-    Ok(data)
 }
 
 #[cfg(test)]
@@ -314,6 +435,10 @@ mod tests {
     fn encoding_round_trips() {
         let archive = sample();
         assert_eq!(StateArchive::decode(&archive.encode()).unwrap(), archive);
+        assert_eq!(archive.encode().len(), archive.encoded_len());
+        use sha2::Digest;
+        let digest: [u8; 32] = sha2::Sha256::digest(archive.encode()).into();
+        assert_eq!(archive.digest(), digest);
     }
 
     #[test]
@@ -369,7 +494,7 @@ mod tests {
     }
 
     #[test]
-    fn directory_round_trip_skips_dot_files_and_refuses_links() {
+    fn directory_round_trip_skips_dot_files_and_what_cannot_be_an_entry() {
         let src = tempfile::tempdir().unwrap();
         fs::write(src.path().join("tpm2-00.permall"), b"perm").unwrap();
         fs::write(src.path().join(".lock"), b"").unwrap();
@@ -388,9 +513,51 @@ mod tests {
         );
 
         std::os::unix::fs::symlink("/etc/passwd", src.path().join("link")).unwrap();
+        fs::create_dir(src.path().join("sub")).unwrap();
+        fs::write(src.path().join("a b"), b"x").unwrap();
+        nix::unistd::mkfifo(
+            &src.path().join("fifo"),
+            nix::sys::stat::Mode::from_bits_truncate(0o600),
+        )
+        .unwrap();
+        let (again, mut skipped) = StateArchive::scan_dir(src.path(), |_| true).unwrap();
+        assert_eq!(again, archive);
+        skipped.sort_by(|a, b| a.name.cmp(&b.name));
+        let names: Vec<&str> = skipped.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["a b", "fifo", "link", "sub"]);
+    }
+
+    #[test]
+    fn sizes_are_checked_before_anything_is_read() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("small"), b"s").unwrap();
+        // Sparse: costs nothing on disk, 16 MiB if it were read.
+        let big = fs::File::create(dir.path().join("big")).unwrap();
+        big.set_len(MAX_ARCHIVE_LEN as u64).unwrap();
+        match StateArchive::scan_dir(dir.path(), |_| true) {
+            Err(ArchiveError::FileTooLarge { path, size, .. }) => {
+                assert_eq!(size, MAX_ARCHIVE_LEN as u64);
+                assert!(path.ends_with("big") || path.ends_with("small"), "{path:?}");
+            }
+            other => panic!("{other:?}"),
+        }
+        // Exactly the largest archive there can be is still accepted.
+        big.set_len((MAX_ARCHIVE_LEN - 2 - (1 + 3 + 4)) as u64)
+            .unwrap();
+        fs::remove_file(dir.path().join("small")).unwrap();
+        let archive = StateArchive::from_dir(dir.path()).unwrap();
+        assert_eq!(archive.encode().len(), MAX_ARCHIVE_LEN);
+    }
+
+    #[test]
+    fn the_sixty_fifth_file_is_refused_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        for i in 0..=MAX_ENTRIES {
+            fs::write(dir.path().join(format!("f{i:02}")), b"").unwrap();
+        }
         assert!(matches!(
-            StateArchive::from_dir(src.path()),
-            Err(ArchiveError::NotRegular { .. })
+            StateArchive::scan_dir(dir.path(), |_| true),
+            Err(ArchiveError::TooManyFiles { .. })
         ));
     }
 }

@@ -53,8 +53,9 @@ impl DataKey {
     }
 
     /// The key swtpm encrypts its state files with (`--key fd=…,
-    /// format=binary,mode=aes-256-cbc`): derived, so the data key itself
-    /// never leaves vtpmd, and bound to the guest.
+    /// format=hex,mode=aes-256-cbc`; the spawner writes it as hex):
+    /// derived, so the data key itself never leaves vtpmd, and bound to
+    /// the guest.
     pub fn swtpm_state_key(&self, guest: &GuestId) -> Result<SecretBuf, VaultError> {
         let mut info = Vec::with_capacity(SWTPM_STATE_KEY_LABEL.len() + 16);
         info.extend_from_slice(SWTPM_STATE_KEY_LABEL);
@@ -158,15 +159,28 @@ pub(crate) fn seal_body(
     aad: &[u8],
     mut plaintext: Vec<u8>,
 ) -> Result<Vec<u8>, VaultError> {
+    let tag = seal_in_place(data_key, body_salt, nonce, aad, &mut plaintext)?;
+    plaintext.extend_from_slice(&tag);
+    Ok(plaintext)
+}
+
+/// Encrypts `buf` in place as a body's ciphertext; returns the tag that
+/// follows it in the file.
+pub(crate) fn seal_in_place(
+    data_key: &DataKey,
+    body_salt: &[u8; SALT_LEN],
+    nonce: &[u8; NONCE_LEN],
+    aad: &[u8],
+    buf: &mut [u8],
+) -> Result<[u8; TAG_LEN], VaultError> {
     let body_key = data_key.body_key(body_salt)?;
     let nonce = Nonce::from(*nonce);
     let tag = on_scrubbed_stack(|| {
         cipher(&body_key)?
-            .encrypt_inout_detached(&nonce, aad, plaintext.as_mut_slice().into())
+            .encrypt_inout_detached(&nonce, aad, buf.into())
             .map_err(|_| VaultError::Crypto { what: "seal body" })
     })?;
-    plaintext.extend_from_slice(&tag);
-    Ok(plaintext)
+    Ok(tag.into())
 }
 
 /// Decrypts a body; `None` when it does not authenticate.

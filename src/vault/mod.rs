@@ -23,13 +23,13 @@ mod inspect;
 mod kdf;
 mod sealed;
 
-pub use archive::{ArchiveEntry, ArchiveError, StateArchive};
+pub use archive::{ArchiveEntry, ArchiveError, Skipped, StateArchive};
 pub use crypto::DataKey;
 pub use durable::SealedPaths;
 pub use error::VaultError;
 pub use inspect::{HeaderInfo, KeyslotInfo, inspect, inspect_bytes};
 pub use kdf::{KdfParams, KdfParamsError, KdfPolicy};
-pub use sealed::{Fallback, Opened, SealedState};
+pub use sealed::{Fallback, LeftAsIs, Opened, SealedState};
 
 #[doc(hidden)]
 pub use archive::fuzz_archive;

@@ -50,6 +50,27 @@ pub struct Opened {
     pub kdf_time: Duration,
 }
 
+/// A sealed file a keyslot change did not rewrite, because it does not
+/// decode with this state's guest and data key (its body included): the
+/// spec leaves such a file as it is, and the caller must hear of it (the
+/// old passphrase still opens whatever it holds).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeftAsIs {
+    pub path: std::path::PathBuf,
+    pub problem: String,
+}
+
+impl std::fmt::Display for LeftAsIs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} left as it is by the keyslot change: {}",
+            self.path.display(),
+            self.problem
+        )
+    }
+}
+
 /// Why the previous generation was used.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Fallback {
@@ -189,10 +210,14 @@ impl SealedState {
     /// The whole sealed file of `archive` as generation `generation`: a
     /// fresh body salt and nonce, the body sealed with the data key, the
     /// current keyslots. No I/O.
+    ///
+    /// The archive is encoded straight into the file's buffer and encrypted
+    /// there: a seal holds the archive and one file-sized buffer, not
+    /// three copies of up to 16 MiB each.
     fn sealed_bytes(&self, generation: u64, archive: &StateArchive) -> Result<Vec<u8>, VaultError> {
-        let plaintext = archive.encode();
+        let archive_len = archive.encoded_len();
         // StateArchive bounds its size well below u32::MAX.
-        let body_len = u32::try_from(plaintext.len() + TAG_LEN)
+        let body_len = u32::try_from(archive_len + TAG_LEN)
             .map_err(|_| VaultError::Archive(ArchiveError::TooLarge))?;
         let bound = Bound {
             guest: self.guest,
@@ -203,29 +228,33 @@ impl SealedState {
             body_len,
         };
         let aad = body_aad(&bound.encode(), &self.guest);
-        let body = crypto::seal_body(
-            &self.data_key,
-            &bound.body_salt,
-            &bound.body_nonce,
-            &aad,
-            plaintext,
-        )?;
         let header = Header {
             bound,
             keyslots: self.keyslots.clone(),
         };
+        // Sized for the body too.
         let mut file = header.encode();
-        file.extend_from_slice(&body);
+        let body_start = file.len();
+        archive.encode_into(&mut file);
+        let tag = crypto::seal_in_place(
+            &self.data_key,
+            &header.bound.body_salt,
+            &header.bound.body_nonce,
+            &aad,
+            &mut file[body_start..],
+        )?;
+        file.extend_from_slice(&tag);
         Ok(file)
     }
 
     /// Rewraps the keyslot that unlocked this state under a new passphrase
     /// (with the policy's current parameters). The body is not touched.
+    /// Returns the files that were left as they are (damaged ones).
     pub fn change_passphrase(
         &mut self,
         new_passphrase: &SecretBuf,
         policy: &KdfPolicy,
-    ) -> Result<(), VaultError> {
+    ) -> Result<Vec<LeftAsIs>, VaultError> {
         let index = self.unlocked_slot.ok_or(VaultError::UnlockingSlotRemoved)?;
         let slot = new_keyslot(&self.data_key, &self.guest, new_passphrase, policy)?;
         let mut keyslots = self.keyslots.clone();
@@ -247,7 +276,8 @@ impl SealedState {
         let slot = new_keyslot(&self.data_key, &self.guest, passphrase, policy)?;
         let mut keyslots = self.keyslots.clone();
         keyslots.push(slot);
-        self.commit_keyslots(keyslots)?;
+        // Logged by `commit_keyslots`; the index is what callers need.
+        let _left_as_is = self.commit_keyslots(keyslots)?;
         Ok(self.keyslots.len() - 1)
     }
 
@@ -261,7 +291,8 @@ impl SealedState {
         }
         let mut keyslots = self.keyslots.clone();
         keyslots.remove(index);
-        self.commit_keyslots(keyslots)?;
+        // Logged by `commit_keyslots`.
+        let _left_as_is = self.commit_keyslots(keyslots)?;
         self.unlocked_slot = match self.unlocked_slot {
             Some(i) if i == index => None,
             Some(i) if i > index => Some(i - 1),
@@ -275,17 +306,45 @@ impl SealedState {
     /// generation first: the change takes effect when the current file is
     /// replaced, and an interruption before that leaves the current file
     /// as it was.
-    fn commit_keyslots(&mut self, keyslots: Vec<Keyslot>) -> Result<(), VaultError> {
-        for path in [self.paths.previous(), self.paths.current()] {
+    ///
+    /// Only a file that decodes completely (header, guest, and a body that
+    /// opens with the data key into a valid archive) is rewritten: a header
+    /// that checks out says nothing of the body, and new keyslots on a
+    /// damaged body would make it look sound to `inspect` and to the
+    /// operator. Such a file is left as it is and returned.
+    fn commit_keyslots(&mut self, keyslots: Vec<Keyslot>) -> Result<Vec<LeftAsIs>, VaultError> {
+        let mut left_as_is = Vec::new();
+        let previous = self.paths.previous().to_owned();
+        let current = self.paths.current().to_owned();
+        for path in [previous.as_path(), current.as_path()] {
             let Some(bytes) = durable::read(path, MAX_FILE_LEN)? else {
                 continue;
             };
-            let (header, body) = match decode(path, &bytes) {
-                Ok((header, body)) if header.bound.guest == self.guest => (header, body),
-                Ok(_) | Err(_) => {
-                    // A damaged file cannot be rewritten; the next seal
-                    // replaces it (see `current_damaged`).
-                    tracing::warn!(path = %path.display(), "damaged sealed file left as it is by a keyslot change");
+            let decoded = decode(path, &bytes).and_then(|(header, body)| {
+                if header.bound.guest != self.guest {
+                    return Err(VaultError::GuestMismatch {
+                        path: path.to_owned(),
+                        expected: self.guest,
+                        found: header.bound.guest,
+                    });
+                }
+                open_body(path, &header, body, &self.data_key, &self.guest)?;
+                Ok((header, body))
+            });
+            let (header, body) = match decoded {
+                Ok(decoded) => decoded,
+                Err(e) => {
+                    let left = LeftAsIs {
+                        path: path.to_owned(),
+                        problem: crate::error_chain::chain(&e),
+                    };
+                    tracing::warn!("{left}");
+                    // The next seal must replace a damaged current file in
+                    // place, never keep it as the previous generation.
+                    if path == current {
+                        self.current_damaged = true;
+                    }
+                    left_as_is.push(left);
                     continue;
                 }
             };
@@ -298,7 +357,7 @@ impl SealedState {
             durable::replace(path, &file)?;
         }
         self.keyslots = keyslots;
-        Ok(())
+        Ok(left_as_is)
     }
 
     /// Removes both generations of this guest's sealed state.
@@ -437,8 +496,7 @@ impl SealedState {
 
 /// What identifies an archive's content, for [`SealedState::seal_if_changed`].
 fn archive_digest(archive: &StateArchive) -> [u8; 32] {
-    use sha2::Digest;
-    sha2::Sha256::digest(archive.encode()).into()
+    archive.digest()
 }
 
 /// [`SealedState::handover`]'s layout.

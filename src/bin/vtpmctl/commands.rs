@@ -359,10 +359,17 @@ pub fn run(command: Online) -> Result<Option<Printed>, ClientError> {
                 &[("passphrase", &old), ("new_passphrase", &new)],
             )?;
             drop((old, new));
-            Ok(Some(Printed {
-                human: format!("rekeyed {guest}\n"),
-                json: reply,
-            }))
+            let mut human = format!("rekeyed {guest}\n");
+            for left in reply
+                .get("left_as_is")
+                .and_then(serde_json::Value::as_array)
+                .into_iter()
+                .flatten()
+                .filter_map(serde_json::Value::as_str)
+            {
+                human.push_str(&format!("warning: {left}\n"));
+            }
+            Ok(Some(Printed { human, json: reply }))
         }
         Online::Monitor { count, conn } => {
             monitor(&conn, count)?;

@@ -14,7 +14,7 @@
 //! | 0 | success |
 //! | 1 | vtpmd answered with an error: its Varlink name and a sentence go to stderr (with `--json`, also `{"error": NAME, "parameters": {…}}` on stdout); also `attach-args` refusing a guest that does not run, or a TPM the VMM cannot take (named `io.vtpmd.Manager.GuestNotRunning` / `InvalidTpmSpec` the same way); and vtpmctl refusing a socket that may not be vtpmd's (`io.vtpmd.vtpmctl.UntrustedSocket`, see below) |
 //! | 2 | usage error (bad arguments, e.g. a guest id that is not a canonical UUID) |
-//! | 6 | local failure: cannot connect to the socket, permission denied on it, I/O error or timeout, an unreadable, empty or mismatched passphrase, a cancelled prompt |
+//! | 6 | local failure: cannot connect to the socket, permission denied on it, I/O error or timeout, an unreadable, empty, too long or mismatched passphrase, a cancelled prompt (with `--json`, `{"error": "vtpmctl.Passphrase" or "vtpmctl.LocalFailure", "parameters": {"reason": …}}` on stdout; a usage error found after parsing, `vtpmctl.Usage`) |
 //!
 //! Before a call carrying a passphrase (create, start, rekey) vtpmctl
 //! checks that the socket's directory belongs to root or the caller and
@@ -112,6 +112,15 @@ fn main() -> ExitCode {
 }
 
 /// Prints the error and picks the exit code.
+fn local_json(json: bool, name: &str, reason: &str) {
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({ "error": name, "parameters": { "reason": reason } })
+        );
+    }
+}
+
 fn report(error: &ClientError, json: bool) -> ExitCode {
     let (name, parameters) = match error {
         ClientError::Remote { name, parameters } => (name.as_str(), parameters.clone()),
@@ -128,11 +137,20 @@ fn report(error: &ClientError, json: bool) -> ExitCode {
             parameters["passphrase"] = (*secrets).into();
             (UNTRUSTED_SOCKET, parameters)
         }
+        // Local failures answer --json too, named like the daemon's
+        // errors so that a script reads every failure the same way.
         ClientError::Usage(_) => {
+            local_json(json, "vtpmctl.Usage", &error.to_string());
             eprintln!("vtpmctl: {error}");
             return ExitCode::from(EXIT_USAGE);
         }
+        ClientError::Passphrase(_) => {
+            local_json(json, "vtpmctl.Passphrase", &chain(error));
+            eprintln!("vtpmctl: {}", chain(error));
+            return ExitCode::from(EXIT_LOCAL);
+        }
         _ => {
+            local_json(json, "vtpmctl.LocalFailure", &chain(error));
             eprintln!("vtpmctl: {}", chain(error));
             return ExitCode::from(EXIT_LOCAL);
         }

@@ -42,6 +42,11 @@ pub fn describe_remote(name: &str, parameters: &Value) -> String {
             p("guest"),
             p("reason")
         ),
+        (Some("io.vtpmd.Manager."), "GuestMismatch") => format!(
+            "guest {}: the sealed file at its path belongs to guest {}; put the guest's own file back (nothing is damaged)",
+            p("guest"),
+            p("found")
+        ),
         (Some("io.vtpmd.Manager."), "SwtpmFailed") => {
             let mut text = format!("guest {}: swtpm failed: {}", p("guest"), p("message"));
             let lines: Vec<&str> = parameters
@@ -277,6 +282,11 @@ mod tests {
                 "StateCorrupt",
                 json!({"guest": G, "reason": "bad tag"}),
                 "restore it from a backup",
+            ),
+            (
+                "GuestMismatch",
+                json!({"guest": G, "found": "7d0a9d43-41d4-4c3e-8a5e-2f61b3c0d7aa"}),
+                "belongs to guest 7d0a9d43-41d4-4c3e-8a5e-2f61b3c0d7aa",
             ),
             (
                 "PermissionDenied",

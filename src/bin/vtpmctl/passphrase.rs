@@ -29,6 +29,8 @@ pub enum PassphraseError {
     Read(#[source] SecretError),
     #[error("the passphrase is empty")]
     Empty,
+    #[error("the passphrase in {path} is longer than {max} bytes")]
+    TooLong { path: String, max: usize },
     #[error(
         "no passphrase given: use --{option} FILE (`-` for stdin), or run on a terminal to be prompted"
     )]
@@ -43,7 +45,14 @@ pub enum PassphraseError {
 
 /// Reads the whole file (`-` is stdin) as the passphrase's bytes; one
 /// trailing newline, as `echo` or an editor leaves it, is not part of it.
+/// A passphrase of the longest length the format allows may carry that
+/// newline too, so one byte more is read than a passphrase may have.
 pub fn read(path: &Path) -> Result<SecretBuf, PassphraseError> {
+    const WITH_NEWLINE: usize = MAX_PASSPHRASE_LEN + 1;
+    let too_long = || PassphraseError::TooLong {
+        path: path.display().to_string(),
+        max: MAX_PASSPHRASE_LEN,
+    };
     let mut buf = if path == Path::new("-") {
         // An unbuffered handle on fd 0: std's Stdin would copy the secret
         // into its own heap buffer before handing it over.
@@ -54,17 +63,23 @@ pub fn read(path: &Path) -> Result<SecretBuf, PassphraseError> {
                 path: "-".to_owned(),
                 source,
             })?;
-        SecretBuf::read_from(&mut File::from(fd), MAX_PASSPHRASE_LEN)
+        SecretBuf::read_from(&mut File::from(fd), WITH_NEWLINE)
     } else {
         let mut file = File::open(path).map_err(|source| PassphraseError::Open {
             path: path.display().to_string(),
             source,
         })?;
-        SecretBuf::read_from(&mut file, MAX_PASSPHRASE_LEN)
+        SecretBuf::read_from(&mut file, WITH_NEWLINE)
     }
-    .map_err(PassphraseError::Read)?;
+    .map_err(|e| match e {
+        SecretError::TooLong { .. } => too_long(),
+        other => PassphraseError::Read(other),
+    })?;
     if buf.expose_secret().last() == Some(&b'\n') {
         buf.truncate(buf.len() - 1);
+    }
+    if buf.len() > MAX_PASSPHRASE_LEN {
+        return Err(too_long());
     }
     Ok(buf)
 }
@@ -331,6 +346,18 @@ mod tests {
         std::fs::write(&path, b"correct horse\n\n").unwrap();
         let pass = read(&path).unwrap();
         assert_eq!(pass.expose_secret(), b"correct horse\n");
+    }
+
+    #[test]
+    fn the_longest_passphrase_may_end_in_a_newline_and_one_byte_more_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pass");
+        let mut longest = vec![b'a'; MAX_PASSPHRASE_LEN];
+        longest.push(b'\n');
+        std::fs::write(&path, &longest).unwrap();
+        assert_eq!(read(&path).unwrap().len(), MAX_PASSPHRASE_LEN);
+        std::fs::write(&path, vec![b'a'; MAX_PASSPHRASE_LEN + 1]).unwrap();
+        assert!(matches!(read(&path), Err(PassphraseError::TooLong { .. })));
     }
 
     #[test]

@@ -152,10 +152,9 @@ fn verify(
 ) -> ExitCode {
     let pass = match passphrase::read(passphrase_file) {
         Ok(pass) => pass,
-        Err(e) => {
-            eprintln!("vtpmctl: {}", chain(&e));
-            return Outcome::Failed.exit();
-        }
+        // Like every other failure: a script reading --json must get an
+        // answer, not an empty stdout.
+        Err(e) => return report(Outcome::Failed, "passphrase", &chain(&e), json),
     };
     let policy = KdfPolicy {
         allow_weak,
@@ -193,14 +192,35 @@ fn verify(
 }
 
 fn report_error(error: &VaultError, json: bool) -> ExitCode {
-    let outcome = Outcome::of(error);
+    report(Outcome::of(error), error_name(error), &chain(error), json)
+}
+
+/// `{"result", "error", "detail"}` with `--json`, a line on stderr
+/// without. `error` tells apart what `result` groups (a guest mismatch and
+/// a newer format are both "refused").
+fn report(outcome: Outcome, error: &str, detail: &str, json: bool) -> ExitCode {
     if json {
         println!(
             "{}",
-            serde_json::json!({ "result": outcome.name(), "detail": chain(error) })
+            serde_json::json!({ "result": outcome.name(), "error": error, "detail": detail })
         );
     } else {
-        eprintln!("vtpmctl: {}: {}", outcome.name(), chain(error));
+        eprintln!("vtpmctl: {}: {detail}", outcome.name());
     }
     outcome.exit()
+}
+
+/// The vault's error, in the spec's words (docs/sealed-format.md).
+fn error_name(error: &VaultError) -> &'static str {
+    match error {
+        VaultError::WrongPassphrase { .. } => "wrong-passphrase",
+        VaultError::Corrupt { .. } => "corrupt",
+        VaultError::Missing { .. } => "missing",
+        VaultError::UnsupportedVersion { .. } => "unsupported-version",
+        VaultError::GuestMismatch { .. } => "guest-mismatch",
+        VaultError::WeakKdf { .. } => "weak-kdf",
+        VaultError::EmptyPassphrase | VaultError::InvalidKdf { .. } => "passphrase",
+        VaultError::Io { .. } => "io",
+        _ => "other",
+    }
 }

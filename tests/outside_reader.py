@@ -1,0 +1,383 @@
+#!/usr/bin/python3
+"""An outside reader (and writer) of the vtpmd sealed-state format, version 1.
+
+Written from docs/sealed-format.md alone, step by step, with nothing of
+vtpmd's code: if this file needs to know something the spec does not say,
+the spec is what must be fixed. tests/outside_reader.rs runs it on files
+the real daemon sealed and on damaged copies, and compares its verdicts
+with `vtpmctl state verify`.
+
+Needs argon2-cffi (Debian: python3-argon2) and cryptography
+(python3-cryptography).
+
+    outside_reader.py open FILE --guest UUID --passphrase-file P [--allow-weak]
+        Prints one JSON object: {"verdict": ..., "step": N, "why": ...} and,
+        when the verdict is "ok", "generation", "keyslot" (the index that
+        opened), "swtpm_key_sha256" and "entries" (name, length, SHA-256 of
+        each file's data, in archive order).
+
+    outside_reader.py seal-archive FILE --guest UUID --passphrase-file P
+            [--allow-weak] --archive A --out OUT
+        Opens FILE, then writes OUT: the next generation of FILE whose body
+        is the raw bytes of A as the archive (valid or not: this is how the
+        test makes archives that break the rules), per "Encoding rules".
+
+Verdicts are the spec's outcomes: ok, wrong-passphrase, corrupt,
+unsupported-version, guest-mismatch, weak-kdf, missing, io, passphrase.
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import stat
+import struct
+import sys
+
+try:
+    from argon2.low_level import Type, hash_secret_raw
+    from cryptography.exceptions import InvalidTag
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+except ImportError as e:  # the Rust test turns this into a clear failure
+    print(
+        f"outside_reader.py: {e}; install python3-argon2 and python3-cryptography",
+        file=sys.stderr,
+    )
+    sys.exit(3)
+
+# "Limits" and "File layout".
+MAGIC = b"VTPMSEAL"
+VERSION = 1
+BOUND_LEN = 84
+SLOT_LEN = 106
+SLOT_BOUND_LEN = 46
+MAX_SLOTS = 8
+MAX_FILE_LEN = 16_778_197
+READ_AT_MOST = 16_778_198
+MIN_BODY_LEN = 16
+MAX_BODY_LEN = 16_777_232
+MAX_ARCHIVE_LEN = 16_777_216
+MAX_ENTRIES = 64
+MAX_NAME_LEN = 64
+MAX_PASSPHRASE_LEN = 4096
+MAX_MEMORY_KIB = 4_194_304
+MAX_LANES = 64
+MAX_ITERATIONS = 64
+WEAK_MEMORY_KIB = 19_456
+WEAK_ITERATIONS = 2
+
+# "Key derivation", "Keyslot wrapping".
+BODY_KEY_INFO = b"vtpmd sealed body key v1"
+SWTPM_KEY_INFO = b"vtpmd swtpm state key v1"
+SLOT_AAD_LABEL = b"vtpmd keyslot v1"
+
+# "Conventions": canonical lowercase hyphenated, nothing else.
+GUEST_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+# "Archive (plaintext) encoding": the name rule of the grammar.
+NAME_RE = re.compile(rb"^[A-Za-z0-9_-][A-Za-z0-9._-]*$")
+
+
+class Outcome(Exception):
+    def __init__(self, verdict, step, why):
+        super().__init__(why)
+        self.verdict = verdict
+        self.step = step
+        self.why = why
+
+
+def corrupt(step, why):
+    return Outcome("corrupt", step, why)
+
+
+def u16(b, at):
+    return struct.unpack_from(">H", b, at)[0]
+
+
+def u32(b, at):
+    return struct.unpack_from(">I", b, at)[0]
+
+
+def u64(b, at):
+    return struct.unpack_from(">Q", b, at)[0]
+
+
+def guest_bytes(text):
+    if not GUEST_RE.match(text):
+        raise SystemExit(f"outside_reader.py: {text!r} is not a canonical guest id")
+    return bytes.fromhex(text.replace("-", ""))
+
+
+def hkdf(ikm, salt, info):
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=salt, info=info).derive(ikm)
+
+
+def read_file(path):
+    """Step 0's open and read: no symlink followed, no blocking, regular
+    files only, at most READ_AT_MOST bytes."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise Outcome("missing", 0, f"{path} does not exist")
+    except OSError as e:
+        raise Outcome("io", 0, f"{path}: {e}")
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise Outcome("io", 0, f"{path} is not a regular file")
+        chunks = []
+        left = READ_AT_MOST
+        while left > 0:
+            chunk = os.read(fd, min(left, 1 << 20))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def decode_header(f):
+    """Steps 1 to 9. Returns the parsed header."""
+    # 1. Magic.
+    if len(f) < 8 or f[0:8] != MAGIC:
+        raise corrupt(1, "bad magic")
+    # 2. Version, before everything else.
+    if len(f) < 10:
+        raise corrupt(2, "no version")
+    version = u16(f, 8)
+    if version != VERSION:
+        raise Outcome("unsupported-version", 2, f"version {version}")
+    # 3. Size.
+    if len(f) > MAX_FILE_LEN:
+        raise corrupt(3, f"{len(f)} bytes is too large")
+    # 4. Keyslot count.
+    if len(f) < 85:
+        raise corrupt(4, "no keyslot count")
+    n = f[84]
+    if n == 0 or n > MAX_SLOTS:
+        raise corrupt(4, f"keyslot count {n}")
+    # 5. Header length.
+    h = 117 + SLOT_LEN * n
+    if len(f) < h:
+        raise corrupt(5, "truncated header")
+    # 6. Checksum.
+    if hashlib.sha256(f[0 : h - 32]).digest() != f[h - 32 : h]:
+        raise corrupt(6, "checksum")
+    # 7. Bound fields.
+    tpm_version, tpm_model = f[34], f[35]
+    body_len = u32(f, 80)
+    if tpm_version not in (1, 2) or tpm_model not in (1, 2) or (tpm_version, tpm_model) == (1, 2):
+        raise corrupt(7, f"TPM version/model {tpm_version}/{tpm_model}")
+    if body_len < MIN_BODY_LEN or body_len > MAX_BODY_LEN:
+        raise corrupt(7, f"body_len {body_len}")
+    generation = u64(f, 26)
+    if generation == 0:
+        raise corrupt(7, "generation 0")
+    # 8. Keyslots.
+    slots = []
+    for i in range(n):
+        r = f[85 + SLOT_LEN * i : 85 + SLOT_LEN * (i + 1)]
+        kind, argon2_version = r[0], r[1]
+        m, t, p = u32(r, 2), u32(r, 6), u32(r, 10)
+        if kind != 0x01 or argon2_version != 0x13:
+            raise corrupt(8, f"keyslot {i}: kind {kind}, Argon2 version {argon2_version:#x}")
+        if not 1 <= p <= MAX_LANES:
+            raise corrupt(8, f"keyslot {i}: lanes {p}")
+        if not 8 * p <= m <= MAX_MEMORY_KIB:
+            raise corrupt(8, f"keyslot {i}: memory {m}")
+        if not 1 <= t <= MAX_ITERATIONS:
+            raise corrupt(8, f"keyslot {i}: iterations {t}")
+        slots.append(
+            {
+                "bound": r[0:SLOT_BOUND_LEN],
+                "m": m,
+                "t": t,
+                "p": p,
+                "salt": r[14:46],
+                "nonce": r[46:58],
+                "wrapped": r[58:106],
+            }
+        )
+    # 9. File length.
+    if len(f) != h + body_len:
+        raise corrupt(9, f"file is {len(f)} bytes, header says {h + body_len}")
+    return {
+        "n": n,
+        "h": h,
+        "guest": f[10:26],
+        "generation": generation,
+        "body_salt": f[36:68],
+        "body_nonce": f[68:80],
+        "body_len": body_len,
+        "slots": slots,
+    }
+
+
+def unlock(hdr, g, passphrase, allow_weak):
+    """Step 11. Returns (data key, index)."""
+    tried = False
+    for i, s in enumerate(hdr["slots"]):
+        if (s["m"] < WEAK_MEMORY_KIB or s["t"] < WEAK_ITERATIONS) and not allow_weak:
+            continue
+        tried = True
+        kek = hash_secret_raw(
+            secret=passphrase,
+            salt=s["salt"],
+            time_cost=s["t"],
+            memory_cost=s["m"],
+            parallelism=s["p"],
+            hash_len=32,
+            type=Type.ID,
+            version=0x13,
+        )
+        aad = SLOT_AAD_LABEL + g + s["bound"]
+        try:
+            return AESGCM(kek).decrypt(s["nonce"], s["wrapped"], aad), i
+        except InvalidTag:
+            continue
+    if not tried:
+        raise Outcome("weak-kdf", 11, "every keyslot is below the floor")
+    raise Outcome("wrong-passphrase", 11, "no keyslot opens")
+
+
+def decode_archive(a):
+    """Step 13: the archive grammar and rules."""
+    if len(a) > MAX_ARCHIVE_LEN:
+        raise corrupt(13, "archive too large")
+    if len(a) < 2:
+        raise corrupt(13, "no entry count")
+    count = u16(a, 0)
+    if count > MAX_ENTRIES:
+        raise corrupt(13, f"{count} entries")
+    at = 2
+    entries = []
+    for _ in range(count):
+        if at + 1 > len(a):
+            raise corrupt(13, "truncated entry")
+        name_len = a[at]
+        at += 1
+        if not 1 <= name_len <= MAX_NAME_LEN or at + name_len > len(a):
+            raise corrupt(13, f"name length {name_len}")
+        name = a[at : at + name_len]
+        at += name_len
+        if not NAME_RE.match(name):
+            raise corrupt(13, f"name {name!r}")
+        if at + 4 > len(a):
+            raise corrupt(13, "truncated data length")
+        data_len = u32(a, at)
+        at += 4
+        if at + data_len > len(a):
+            raise corrupt(13, "truncated data")
+        entries.append((name, a[at : at + data_len]))
+        at += data_len
+    if at != len(a):
+        raise corrupt(13, "trailing bytes")
+    for (x, _), (y, _) in zip(entries, entries[1:]):
+        if not x < y:
+            raise corrupt(13, "names not strictly ascending")
+    return entries
+
+
+def open_file(path, g, passphrase, allow_weak):
+    """The decoding procedure, steps 0 to 13."""
+    # 0. Passphrase, then the file.
+    if not 1 <= len(passphrase) <= MAX_PASSPHRASE_LEN:
+        raise Outcome("passphrase", 0, f"passphrase of {len(passphrase)} bytes")
+    f = read_file(path)
+    hdr = decode_header(f)
+    # 10. Guest, before any KDF.
+    if hdr["guest"] != g:
+        raise Outcome("guest-mismatch", 10, f"file of guest {hdr['guest'].hex()}")
+    data_key, index = unlock(hdr, g, passphrase, allow_weak)
+    # 12. Body.
+    body_key = hkdf(data_key, hdr["body_salt"], BODY_KEY_INFO)
+    try:
+        archive = AESGCM(body_key).decrypt(hdr["body_nonce"], f[hdr["h"] :], f[0:BOUND_LEN] + g)
+    except InvalidTag:
+        raise corrupt(12, "body tag")
+    # 13. Archive.
+    entries = decode_archive(archive)
+    return f, hdr, data_key, index, archive, entries
+
+
+def cmd_open(args):
+    g = guest_bytes(args.guest)
+    with open(args.passphrase_file, "rb") as p:
+        passphrase = p.read()
+    try:
+        _, hdr, data_key, index, archive, entries = open_file(
+            args.file, g, passphrase, args.allow_weak
+        )
+    except Outcome as o:
+        return {"verdict": o.verdict, "step": o.step, "why": o.why}
+    swtpm_key = hkdf(data_key, None, SWTPM_KEY_INFO + g)
+    return {
+        "verdict": "ok",
+        "step": 13,
+        "why": "",
+        "generation": hdr["generation"],
+        "keyslot": index,
+        "archive_sha256": hashlib.sha256(archive).hexdigest(),
+        "swtpm_key_sha256": hashlib.sha256(swtpm_key).hexdigest(),
+        "entries": [
+            {
+                "name": name.decode("ascii"),
+                "len": len(data),
+                "sha256": hashlib.sha256(data).hexdigest(),
+            }
+            for name, data in entries
+        ],
+    }
+
+
+def cmd_seal_archive(args):
+    """"Encoding rules": a new generation with fresh body salt and nonce,
+    the keyslots copied unchanged. The archive bytes are taken as given."""
+    g = guest_bytes(args.guest)
+    with open(args.passphrase_file, "rb") as p:
+        passphrase = p.read()
+    with open(args.archive, "rb") as a:
+        archive = a.read()
+    f, hdr, data_key, _, _, _ = open_file(args.file, g, passphrase, args.allow_weak)
+    body_salt, body_nonce = os.urandom(32), os.urandom(12)
+    bound = (
+        f[0:26]
+        + struct.pack(">Q", hdr["generation"] + 1)
+        + f[34:36]
+        + body_salt
+        + body_nonce
+        + struct.pack(">I", len(archive) + 16)
+    )
+    assert len(bound) == BOUND_LEN
+    covered = bound + f[BOUND_LEN : hdr["h"] - 32]
+    header = covered + hashlib.sha256(covered).digest()
+    body_key = hkdf(data_key, body_salt, BODY_KEY_INFO)
+    body = AESGCM(body_key).encrypt(body_nonce, archive, bound + g)
+    fd = os.open(args.out, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        out.write(header + body)
+    return {"written": args.out, "generation": hdr["generation"] + 1}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in ("open", "seal-archive"):
+        p = sub.add_parser(name)
+        p.add_argument("file")
+        p.add_argument("--guest", required=True)
+        p.add_argument("--passphrase-file", required=True)
+        p.add_argument("--allow-weak", action="store_true")
+        if name == "seal-archive":
+            p.add_argument("--archive", required=True)
+            p.add_argument("--out", required=True)
+    args = parser.parse_args()
+    result = cmd_open(args) if args.command == "open" else cmd_seal_archive(args)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
