@@ -3,7 +3,7 @@
 //! nowhere in vtpmd's readable pages; after Stop, neither is the guest's
 //! swtpm state key (raw or hex, as handed to swtpm). After every call that
 //! derives keys, no key derived from the passphrase and the sealed file
-//! (KEK, data key, body keys, state key, the HKDF PRKs and the AES key
+//! (KEK, data key, body keys, state and migration keys, the HKDF PRKs and the AES key
 //! schedules) is either. A passphrase refused for a JSON escape is found
 //! neither unescaped nor decoded. Pages of locked secret memory
 //! (memfd_secret) cannot be read through /proc at all, which is the point;
@@ -402,6 +402,11 @@ fn derived_keys(headers: &[Vec<u8>], passphrases: &[&str]) -> Needles {
     needles.add("swtpm state key", &state_key);
     needles.add("swtpm state key (hex)", hex(&state_key).as_bytes());
     needles.add("swtpm state key PRK", &prk);
+    let mut info = b"vtpmd swtpm migration key v1".to_vec();
+    info.extend_from_slice(&guest);
+    let (_, migration_key) = hkdf(&data_key, None, &info);
+    needles.add("swtpm migration key", &migration_key);
+    needles.add("swtpm migration key (hex)", hex(&migration_key).as_bytes());
     needles
 }
 
@@ -448,6 +453,8 @@ fn the_keys_derived_here_open_a_file_the_vault_wrote() {
             .unwrap()
     };
     assert_eq!(named("swtpm state key"), state_key.expose_secret());
+    let migration_key = state.swtpm_migration_key().unwrap();
+    assert_eq!(named("swtpm migration key"), migration_key.expose_secret());
     let file = std::fs::read(&path).unwrap();
     let header_len = read_header(&path).unwrap().len();
     let mut aad = file[..BOUND_LEN].to_vec();

@@ -24,10 +24,11 @@ fn create(d: &Daemon, guest: &str) {
         .unwrap();
 }
 
-/// The `--key` option of the real swtpm vtpmd started is the one the spec
-/// gives, word for word (the fd number written `N`).
+/// The `--key` and `--migration-key` options of the real swtpm vtpmd
+/// started are the ones the spec gives, word for word (the fd number
+/// written `N`, and named where the spec says which one vtpmd uses).
 #[test]
-fn swtpm_gets_the_key_option_the_spec_gives() {
+fn swtpm_gets_the_key_options_the_spec_gives() {
     let d = Daemon::start();
     create(&d, G);
     d.start_guest(G, PASS);
@@ -38,22 +39,29 @@ fn swtpm_gets_the_key_option_the_spec_gives() {
         .split(|b| *b == 0)
         .map(|a| String::from_utf8_lossy(a).into_owned())
         .collect();
-    let at = args.iter().position(|a| a == "--key").unwrap();
-    let value = &args[at + 1];
-    let (fd, rest) = value
-        .strip_prefix("fd=")
-        .and_then(|v| v.split_once(','))
-        .unwrap_or_else(|| panic!("--key {value}"));
-    assert!(fd.parse::<u32>().is_ok(), "--key {value}");
-    let documented = format!("`--key fd=N,{rest}`");
-    assert!(
-        SPEC.contains(&documented),
-        "the spec does not give swtpm's actual key option {documented}"
-    );
-    assert!(
-        SPEC.contains(&format!("(vtpmd uses {fd})")),
-        "the spec names another key fd than {fd}"
-    );
+    for option in ["--key", "--migration-key"] {
+        let at = args
+            .iter()
+            .position(|a| a == option)
+            .unwrap_or_else(|| panic!("swtpm has no {option}: {args:?}"));
+        let value = &args[at + 1];
+        let (fd, rest) = value
+            .strip_prefix("fd=")
+            .and_then(|v| v.split_once(','))
+            .unwrap_or_else(|| panic!("{option} {value}"));
+        assert!(fd.parse::<u32>().is_ok(), "{option} {value}");
+        let documented = format!("`{option} fd=N,{rest}`");
+        assert!(
+            SPEC.contains(&documented),
+            "the spec does not give swtpm's actual option {documented}"
+        );
+        let paragraph = &SPEC[SPEC.find(&documented).unwrap_or(0)..];
+        let paragraph = &paragraph[..paragraph.find("\n\n").unwrap_or(paragraph.len())];
+        assert!(
+            paragraph.contains(&format!("(vtpmd uses {fd})")),
+            "the spec names another fd than {fd} for {option}"
+        );
+    }
 }
 
 /// Step 10 and "Guest binding": a file moved to another guest's path is

@@ -7,6 +7,7 @@
 use std::collections::BTreeSet;
 use std::fs;
 use std::io::{Read, Write};
+use std::os::fd::AsFd;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -727,4 +728,89 @@ fn runs_as_the_requested_user_when_root() {
 #[allow(dead_code)]
 fn assert_send(swtpm: Swtpm) -> impl Send {
     swtpm
+}
+
+/// What QEMU's migration moves, done by hand: a swtpm with a
+/// `--migration-key` hands out its state blobs encrypted (GET_CONFIG says
+/// both keys), none of an NV index's bytes in them; a second swtpm on an
+/// empty state directory with the same two keys takes them (STOP,
+/// SET_STATEBLOB, INIT, as QEMU's `-incoming` does) and answers NV_Read
+/// with the bytes, without a TPM2_Startup: the volatile state moved too.
+/// Without a migration key the same blob carries the NV bytes in clear.
+#[test]
+fn a_migration_key_encrypts_the_blobs_and_the_same_keys_take_them_in() {
+    use vtpmd::swtpm::ctrl::tpm::{self, nv_attr};
+    use vtpmd::swtpm::ctrl::{BlobType, CtrlClient, DataChannel, Vmm};
+    let _serial = serial();
+    const INDEX: u32 = 0x0150_0021;
+    let marker = b"plaintext-marker-that-must-not-travel-0042";
+    let state_key = key(0x11);
+    let migration_key = key(0x22);
+    for with_key in [false, true] {
+        let src = Fixture::new();
+        src.provision(&state_key);
+        let mut spec = src.spec(&state_key);
+        spec.migration_key = with_key.then_some(&migration_key);
+        let source = spawn(&spec).unwrap();
+        let mut vmm = Vmm::attach(&src.sock(), Duration::from_secs(5)).unwrap();
+        assert_eq!(vmm.transact(&tpm::tpm2_startup_clear()).unwrap().rc, 0);
+        let attrs =
+            nv_attr::OWNERREAD | nv_attr::OWNERWRITE | nv_attr::AUTHREAD | nv_attr::AUTHWRITE;
+        let len = u16::try_from(marker.len()).unwrap();
+        assert_eq!(
+            vmm.transact(&tpm::tpm2_nv_define_space(INDEX, attrs, len))
+                .unwrap()
+                .rc,
+            0
+        );
+        let write = tpm::tpm2_nv_write(INDEX, marker, 0).unwrap();
+        assert_eq!(vmm.transact(&write).unwrap().rc, 0);
+        let config = vmm.ctrl().get_config().unwrap();
+        assert_eq!(config, if with_key { 0x3 } else { 0x1 }, "GET_CONFIG");
+
+        // The source side of a migration: both blobs, as QEMU 7.2 reads
+        // them (asking for them decrypted: PTM_STATE_FLAG_DECRYPTED).
+        let mut blobs = Vec::new();
+        for blob in [BlobType::Permanent, BlobType::Volatile] {
+            let got = vmm.ctrl().get_state_blob(blob, true).unwrap();
+            let clear = got
+                .data
+                .as_bytes()
+                .windows(marker.len())
+                .any(|w| w == marker);
+            if blob == BlobType::Permanent {
+                assert_eq!(clear, !with_key, "NV bytes in the blob: {clear}");
+            }
+            assert!(!with_key || !clear, "{blob:?} carries the NV bytes");
+            blobs.push((blob, got));
+        }
+        drop(vmm);
+        drop(source);
+        if !with_key {
+            continue;
+        }
+
+        // The destination: same keys, empty state directory.
+        let dst = Fixture::new();
+        let mut spec = dst.spec(&state_key);
+        spec.migration_key = Some(&migration_key);
+        let destination = spawn(&spec).unwrap();
+        let mut ctrl = CtrlClient::connect(&dst.sock(), Duration::from_secs(5)).unwrap();
+        let (mut data, theirs) = DataChannel::new_pair().unwrap();
+        ctrl.set_data_fd(theirs.as_fd()).unwrap();
+        drop(theirs);
+        ctrl.stop().unwrap();
+        for (blob, got) in blobs {
+            ctrl.set_state_blob(blob, got.encrypted, got.data).unwrap();
+        }
+        ctrl.init(true).unwrap();
+        let read = data
+            .transact(&tpm::tpm2_nv_read(INDEX, len, 0), Duration::from_secs(5))
+            .unwrap();
+        let read = vtpmd::swtpm::ctrl::TpmResponse::parse(&read).unwrap();
+        assert_eq!(read.rc, 0, "NV_Read on the destination");
+        assert_eq!(read.tpm2_nv_data().unwrap(), marker);
+        drop(ctrl);
+        drop(destination);
+    }
 }

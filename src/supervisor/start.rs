@@ -249,9 +249,7 @@ async fn launch(
     let watch = shared.watch(id, &dir)?;
 
     // 4. Spawn, and make sure it serves before answering.
-    let key = state
-        .swtpm_state_key()
-        .map_err(|e| SupervisorError::from_vault(id, "derive the swtpm key for", e))?;
+    let keys = SwtpmKeys::of(id, &state)?;
     // The control socket belongs to the guest's uid and the VMM's group
     // (vtpmd's when none is configured), so only those two can attach.
     let socket_group = shared.config.socket_group;
@@ -275,8 +273,8 @@ async fn launch(
     let (dir2, socket2) = (dir.clone(), socket.clone());
     let version = spec.version();
     let (swtpm, pidfd, spawn_time, ready_time) = blocking(id, "spawn swtpm", move || {
-        let spawned = spawn_ready(&settings, version, id, &dir2, &socket2, &key);
-        drop(key);
+        let spawned = spawn_ready(&settings, version, id, &dir2, &socket2, &keys);
+        drop(keys);
         spawned
     })
     .await??;
@@ -414,6 +412,25 @@ fn unpack(
     Ok(())
 }
 
+/// What a guest's swtpm is given, both derived from the data key: the key
+/// of its state files, and the key of the state blobs it hands a VMM for a
+/// migration (so QEMU's stream never carries TPM state in plaintext, and
+/// the destination, which gets the same data key, can read them).
+struct SwtpmKeys {
+    state: SecretBuf,
+    migration: SecretBuf,
+}
+
+impl SwtpmKeys {
+    fn of(id: GuestId, state: &SealedState) -> Result<Self, SupervisorError> {
+        let derive = |e| SupervisorError::from_vault(id, "derive the swtpm keys for", e);
+        Ok(Self {
+            state: state.swtpm_state_key().map_err(derive)?,
+            migration: state.swtpm_migration_key().map_err(derive)?,
+        })
+    }
+}
+
 struct SpawnSettings {
     swtpm: PathBuf,
     socket_mode: u32,
@@ -435,9 +452,10 @@ fn spawn_ready(
     id: GuestId,
     dir: &Path,
     socket: &Path,
-    key: &SecretBuf,
+    keys: &SwtpmKeys,
 ) -> Result<(Swtpm, OwnedFd, Duration, Duration), SupervisorError> {
-    let mut spec = SpawnSpec::new(&s.swtpm, version, id, dir, socket, key);
+    let mut spec = SpawnSpec::new(&s.swtpm, version, id, dir, socket, &keys.state);
+    spec.migration_key = Some(&keys.migration);
     spec.socket_mode = s.socket_mode;
     spec.socket_owner = s.socket_owner;
     spec.run_as = s.run_as;

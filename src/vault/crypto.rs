@@ -20,6 +20,7 @@ use super::format::{DATA_KEY_LEN, Keyslot, NONCE_LEN, SALT_LEN, TAG_LEN, WRAPPED
 /// HKDF labels: each derived key has its own, so no two uses share a key.
 const BODY_KEY_LABEL: &[u8] = b"vtpmd sealed body key v1";
 const SWTPM_STATE_KEY_LABEL: &[u8] = b"vtpmd swtpm state key v1";
+const SWTPM_MIGRATION_KEY_LABEL: &[u8] = b"vtpmd swtpm migration key v1";
 const KEYSLOT_AAD_LABEL: &[u8] = b"vtpmd keyslot v1";
 
 /// The guest's 256-bit data key: it encrypts every generation of the body
@@ -59,6 +60,17 @@ impl DataKey {
     pub fn swtpm_state_key(&self, guest: &GuestId) -> Result<SecretBuf, VaultError> {
         let mut info = Vec::with_capacity(SWTPM_STATE_KEY_LABEL.len() + 16);
         info.extend_from_slice(SWTPM_STATE_KEY_LABEL);
+        info.extend_from_slice(guest.as_bytes());
+        self.expand(None, &info)
+    }
+
+    /// The key swtpm encrypts its outgoing state blobs with
+    /// (`--migration-key`): its own label, so neither key reveals the other,
+    /// and the same on every host that holds the data key, so a migration's
+    /// destination swtpm reads what the source's wrote.
+    pub fn swtpm_migration_key(&self, guest: &GuestId) -> Result<SecretBuf, VaultError> {
+        let mut info = Vec::with_capacity(SWTPM_MIGRATION_KEY_LABEL.len() + 16);
+        info.extend_from_slice(SWTPM_MIGRATION_KEY_LABEL);
         info.extend_from_slice(guest.as_bytes());
         self.expand(None, &info)
     }

@@ -487,6 +487,11 @@ impl SealedState {
         self.data_key.swtpm_state_key(&self.guest)
     }
 
+    /// The key of swtpm's `--migration-key` (docs/sealed-format.md).
+    pub fn swtpm_migration_key(&self) -> Result<SecretBuf, VaultError> {
+        self.data_key.swtpm_migration_key(&self.guest)
+    }
+
     fn with_paths(mut self, paths: SealedPaths, current_damaged: bool) -> Self {
         self.paths = paths;
         self.current_damaged = current_damaged;

@@ -20,7 +20,7 @@ use secrecy::{ExposeSecret, ExposeSecretMut};
 
 use super::as_user::signal_as;
 use super::log::LogReader;
-use super::{CTRL_FD, KEY_FD, SpawnError, SpawnSpec};
+use super::{CTRL_FD, KEY_FD, MIGRATION_KEY_FD, SpawnError, SpawnSpec};
 use crate::protocol::GuestId;
 use crate::secret::SecretBuf;
 
@@ -143,6 +143,7 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> Result<Swtpm, SpawnError> {
     //    exists (64 bytes always fit in the pipe buffer), so swtpm reads
     //    the key to EOF and nothing of it stays in vtpmd but the SecretBuf.
     let key_read = key_pipe(spec.key)?;
+    let migration_key_read = spec.migration_key.map(key_pipe).transpose()?;
 
     // 3. The log pipe. Its read end stays in vtpmd (CLOEXEC); the write end
     //    becomes swtpm's stdout and stderr, where swtpm logs (`--log
@@ -159,9 +160,18 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> Result<Swtpm, SpawnError> {
     //    child inherits them), so the dup2s in the child cannot collide.
     let ctrl_src = dup_high(listener.as_fd(), "control socket")?;
     let key_src = dup_high(key_read.as_fd(), "key pipe")?;
+    let migration_key_src = migration_key_read
+        .as_ref()
+        .map(|read| dup_high(read.as_fd(), "migration key pipe"))
+        .transpose()?;
+    // Without a migration key nothing goes to fd 5 (a source of -1).
     let fds = [
         (ctrl_src.as_raw_fd(), CTRL_FD),
         (key_src.as_raw_fd(), KEY_FD),
+        (
+            migration_key_src.as_ref().map_or(-1, |src| src.as_raw_fd()),
+            MIGRATION_KEY_FD,
+        ),
     ];
     let cloexec_flag = libc::c_int::try_from(libc::CLOSE_RANGE_CLOEXEC).unwrap_or(0);
     let setup = move || {
@@ -196,6 +206,7 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> Result<Swtpm, SpawnError> {
     // than queue on a listener nobody accepts on.
     drop(cmd);
     drop((ctrl_src, key_src, listener, key_read));
+    drop((migration_key_src, migration_key_read));
     let mut child = spawned.map_err(|source| SpawnError::Exec {
         binary: spec.swtpm.clone(),
         source,
@@ -641,8 +652,13 @@ fn io_to_nix(e: &std::io::Error) -> nix::Error {
 /// target number (dup2 leaves the copy without CLOEXEC, so it survives exec)
 /// and marks every higher fd CLOEXEC, in case vtpmd inherited some fd
 /// without the flag. Async-signal-safe: two syscalls, no allocation.
-fn place_fds(fds: &[(RawFd, RawFd); 2], cloexec_flag: libc::c_int) -> std::io::Result<()> {
+fn place_fds(fds: &[(RawFd, RawFd); 3], cloexec_flag: libc::c_int) -> std::io::Result<()> {
+    let mut above = CTRL_FD;
     for &(src, dst) in fds {
+        if src < 0 {
+            continue;
+        }
+        above = above.max(dst);
         // SAFETY: dup2 on two plain integers; `src` is open in the child
         // (inherited from vtpmd) and `dst` is overwritten by design.
         if unsafe { libc::dup2(src, dst) } < 0 {
@@ -652,9 +668,9 @@ fn place_fds(fds: &[(RawFd, RawFd); 2], cloexec_flag: libc::c_int) -> std::io::R
     // Best effort: without close_range (Linux < 5.11) every fd vtpmd opens
     // itself is CLOEXEC anyway.
     // SAFETY: close_range with CLOSE_RANGE_CLOEXEC only sets a flag on fds
-    // above KEY_FD; it closes nothing, so std's exec-error pipe stays open.
-    let _ =
-        unsafe { libc::close_range(KEY_FD.unsigned_abs() + 1, libc::c_uint::MAX, cloexec_flag) };
+    // above the last one placed; it closes nothing, so std's exec-error
+    // pipe stays open.
+    let _ = unsafe { libc::close_range(above.unsigned_abs() + 1, libc::c_uint::MAX, cloexec_flag) };
     Ok(())
 }
 

@@ -51,6 +51,8 @@ pub const CTRL_FD: i32 = 3;
 /// The fd number swtpm reads the hex state key from (to EOF; swtpm closes
 /// it after reading).
 pub const KEY_FD: i32 = 4;
+/// The fd number swtpm reads the hex migration key from, the same way.
+pub const MIGRATION_KEY_FD: i32 = 5;
 
 /// Everything that can go wrong starting or stopping swtpm.
 ///

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use nix::unistd::{Gid, Uid};
 
-use super::{CTRL_FD, KEY_FD};
+use super::{CTRL_FD, KEY_FD, MIGRATION_KEY_FD};
 use crate::protocol::{GuestId, TpmVersion};
 use crate::secret::SecretBuf;
 
@@ -69,6 +69,11 @@ pub struct SpawnSpec<'k> {
     pub log_rate: crate::log_limit::Rate,
     /// The 32-byte state key; handed over as hex through a pipe.
     pub key: &'k SecretBuf,
+    /// The 32-byte key swtpm encrypts the state blobs it hands out with
+    /// (`--migration-key`), so that a VMM's migration stream never carries
+    /// TPM state in plaintext; the destination's swtpm needs the same key.
+    /// Handed over like `key`. `None`: the blobs are plaintext.
+    pub migration_key: Option<&'k SecretBuf>,
     /// How long `spawn` waits on the pidfd for an immediate exit (bad
     /// option, missing directory) before returning. Success costs this
     /// whole time; failures are usually seen within a few milliseconds.
@@ -87,7 +92,7 @@ pub enum SpecError {
     SocketPathTooLong { path: PathBuf, len: usize },
     #[error("the state directory {path:?} does not exist or is not a directory")]
     StateDirMissing { path: PathBuf },
-    #[error("the state key is {len} bytes; AES-256 needs {KEY_LEN}")]
+    #[error("a key for swtpm is {len} bytes; AES-256 needs {KEY_LEN}")]
     KeyLength { len: usize },
     #[error("socket mode {mode:#o} has bits outside 0o777")]
     SocketMode { mode: u32 },
@@ -123,6 +128,7 @@ impl<'k> SpawnSpec<'k> {
             terminate: true,
             log_rate: crate::log_limit::Rate::default(),
             key,
+            migration_key: None,
             early_exit_window: Duration::from_millis(50),
         }
     }
@@ -151,10 +157,10 @@ impl<'k> SpawnSpec<'k> {
                 mode: self.state_mode,
             });
         }
-        if self.key.len() != KEY_LEN {
-            return Err(SpecError::KeyLength {
-                len: self.key.len(),
-            });
+        for key in std::iter::once(self.key).chain(self.migration_key) {
+            if key.len() != KEY_LEN {
+                return Err(SpecError::KeyLength { len: key.len() });
+            }
         }
         if !self.state_dir.is_dir() {
             return Err(SpecError::StateDirMissing {
@@ -190,6 +196,10 @@ impl<'k> SpawnSpec<'k> {
         args.push(format!("type=unixio,fd={CTRL_FD}").into());
         args.push("--key".into());
         args.push(format!("fd={KEY_FD},format=hex,mode=aes-256-cbc").into());
+        if self.migration_key.is_some() {
+            args.push("--migration-key".into());
+            args.push(format!("fd={MIGRATION_KEY_FD},format=hex,mode=aes-256-cbc").into());
+        }
         args.push("--log".into());
         args.push(format!("level={}", self.log_level).into());
         if self.seccomp {
