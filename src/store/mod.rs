@@ -99,6 +99,12 @@ pub enum StoreError {
         "control sockets under {path:?} would be {len} bytes long; at most {MAX_SOCKET_PATH} fit: choose a shorter runtime directory"
     )]
     RuntimeDirTooLong { path: PathBuf, len: usize },
+    #[error("cannot fsync directory {path}")]
+    Sync {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     #[error("cannot create directory {path}")]
     CreateDir {
         path: PathBuf,
@@ -437,6 +443,15 @@ impl Store {
             }
             Err(source) => Err(StoreError::CreateDir { path, source }),
         }
+    }
+
+    /// fsyncs `guests/`, so a guest directory just created survives a
+    /// power loss with the files fsynced in it.
+    pub fn sync_guests_dir(&self) -> Result<(), StoreError> {
+        let path = self.guests_dir();
+        fs::File::open(&path)
+            .and_then(|d| d.sync_all())
+            .map_err(|source| StoreError::Sync { path, source })
     }
 
     /// Removes `guests/<uuid>/` with its owner record if nothing else is

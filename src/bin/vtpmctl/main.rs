@@ -41,6 +41,7 @@ mod message;
 mod output;
 mod passphrase;
 mod state;
+mod transfer;
 mod trust;
 
 use client::ClientError;
@@ -199,6 +200,19 @@ mod tests {
         assert!(matches!(online(&["stop", G]), Online::Stop { .. }));
         assert!(matches!(online(&["list"]), Online::List { .. }));
         assert!(matches!(online(&["delete", G]), Online::Delete { .. }));
+        assert!(matches!(
+            online(&["export", G, "--out", "/f", "--force"]),
+            Online::Export { force: true, .. }
+        ));
+        assert!(matches!(
+            online(&["export", G]),
+            Online::Export { out: None, .. }
+        ));
+        assert!(
+            parse(&["export", G, "--force"]).is_err(),
+            "--force needs --out"
+        );
+        assert!(matches!(online(&["import", G, "-"]), Online::Import { .. }));
         assert!(matches!(
             online(&["start", G, "--passphrase-file", "-"]),
             Online::Start { .. }
