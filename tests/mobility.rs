@@ -681,3 +681,51 @@ fn export_and_import_are_for_admins_only() {
         );
     }
 }
+
+#[test]
+fn writes_not_sealed_yet_are_neither_exported_stale_nor_overwritten() {
+    let (mut d, b) = (Daemon::start(), Daemon::start());
+    create(&d, G1);
+    let started = d.start_guest(G1, PASS);
+    let ctrl = PathBuf::from(started["ctrl_socket"].as_str().unwrap());
+    let (older, _) = export(&d, G1);
+    // vtpmd dies; the restarted one adopts the swtpm without its key (no
+    // service manager keeps it here), so it cannot seal what the VMM writes.
+    d.kill();
+    d.restart();
+    let vmm = nv::attach_and_write_nv(&ctrl, b"unsealed");
+    let adopted = d.guest_status(G1);
+    assert_eq!(adopted["state"], "running", "{adopted}");
+    let before = tree(&d.state_dir);
+    let refused = assert_error(
+        d.client().manager("Export", json!({"guest": G1})),
+        "UnsealedWrites",
+    );
+    assert!(
+        refused.parameters["reason"]
+            .as_str()
+            .unwrap()
+            .contains("without its key"),
+        "{}",
+        refused.parameters
+    );
+    assert_error(import(&d, G1, &older), "GuestRunning");
+    // The VMM quits while no key is at hand: the writes stay in the
+    // runtime directory, and the stopped guest refuses both calls too.
+    vmm.shutdown().unwrap();
+    d.wait_state(G1, "stopped", TIMEOUT);
+    assert_error(
+        d.client().manager("Export", json!({"guest": G1})),
+        "UnsealedWrites",
+    );
+    assert_error(import(&d, G1, &older), "UnsealedWrites");
+    assert_eq!(tree(&d.state_dir), before, "a refusal changed files");
+    // Start with the passphrase seals them; then the export carries them.
+    d.start_guest(G1, PASS);
+    d.client().manager("Stop", json!({"guest": G1})).unwrap();
+    let (sealed, _) = export(&d, G1);
+    import(&b, G1, &sealed).unwrap();
+    let on_b = b.start_guest(G1, PASS);
+    let ctrl_b = PathBuf::from(on_b["ctrl_socket"].as_str().unwrap());
+    assert_eq!(nv::read_nv(&ctrl_b, 8), b"unsealed");
+}
