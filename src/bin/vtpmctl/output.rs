@@ -43,7 +43,7 @@ pub fn describe_remote(name: &str, parameters: &Value) -> String {
             p("reason")
         ),
         (Some("io.vtpmd.Manager."), "GuestMismatch") => format!(
-            "guest {}: the sealed file at its path belongs to guest {}; put the guest's own file back (nothing is damaged)",
+            "guest {}: the sealed file belongs to guest {} (nothing is damaged); put the guest's own file at its path, or import this guest's file",
             p("guest"),
             p("found")
         ),
