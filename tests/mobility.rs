@@ -729,3 +729,38 @@ fn writes_not_sealed_yet_are_neither_exported_stale_nor_overwritten() {
     let ctrl_b = PathBuf::from(on_b["ctrl_socket"].as_str().unwrap());
     assert_eq!(nv::read_nv(&ctrl_b, 8), b"unsealed");
 }
+
+#[test]
+fn an_admins_room_beyond_max_message_bytes_is_for_import_only() {
+    let d = Daemon::start();
+    create(&d, G1);
+    // A Status as long as a large Import (root is an admin): refused as
+    // any over-long message is, and the connection closed.
+    let mut c = d.client();
+    let padded = json!({"method": "io.vtpmd.Manager.Status",
+                        "parameters": {"guest": G1, "pad": "x".repeat(100 * 1024)}});
+    let mut msg = serde_json::to_vec(&padded).unwrap();
+    msg.push(0);
+    c.send_raw(&msg);
+    let reply = c.read_reply();
+    assert_eq!(reply["error"], "org.varlink.service.InvalidParameter");
+    assert_eq!(reply["parameters"]["parameter"], "message");
+    let mut byte = [0u8; 1];
+    assert_eq!(
+        std::io::Read::read(&mut c.stream(), &mut byte).unwrap(),
+        0,
+        "the connection stayed open"
+    );
+    // An Import just as long is read and answered on its merits.
+    let long = vec![0u8; 100 * 1024];
+    let refused = assert_error(import(&d, G2, &long), "StateCorrupt");
+    assert!(
+        refused.parameters["reason"]
+            .as_str()
+            .unwrap()
+            .contains("corrupt"),
+        "{}",
+        refused.parameters
+    );
+    assert_eq!(d.guest_status(G1)["state"], "stopped");
+}
