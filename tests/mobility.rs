@@ -252,7 +252,7 @@ fn an_export_of_a_running_guest_holds_every_write_its_vmm_saw_acknowledged() {
 
 #[test]
 fn shelve_then_unshelve_on_another_host() {
-    let (a, b) = (Daemon::start(), Daemon::start());
+    let (a, mut b) = (Daemon::start(), Daemon::start());
     create(&a, G1);
     write_nv_and_quit(&a, G1, "shelved");
     // Shelve: Export, then Delete on A. Nothing of the guest is left there.
@@ -271,6 +271,10 @@ fn shelve_then_unshelve_on_another_host() {
     let info = import(&b, G1, &sealed).unwrap()["guest"].clone();
     assert_eq!(info["generation"], generation);
     assert_eq!(info["state"], "stopped");
+    // The import is on disk, not only in B's registry: a restarted vtpmd
+    // finds the guest as it left it.
+    b.restart();
+    assert_eq!(b.guest_status(G1)["generation"], generation);
     assert_eq!(start_and_read_nv(&b, G1, 7), "shelved");
 }
 
