@@ -220,6 +220,7 @@ fn an_export_of_a_running_guest_holds_every_write_its_vmm_saw_acknowledged() {
     let before = started["generation"].as_u64().unwrap();
     let ctrl = PathBuf::from(started["ctrl_socket"].as_str().unwrap());
     let vmm = nv::attach_and_write_nv(&ctrl, b"acked before export");
+    let mut events = a.events();
 
     let began = Instant::now();
     let (sealed, generation) = export(&a, G1);
@@ -238,6 +239,11 @@ fn an_export_of_a_running_guest_holds_every_write_its_vmm_saw_acknowledged() {
     assert_eq!(
         a.guest_status(G1)["generation"].as_u64().unwrap(),
         generation
+    );
+    let (_, exported) = events.wait_for(G1, "exported", TIMEOUT).unwrap();
+    assert_eq!(
+        exported["detail"],
+        format!("generation {generation}, resealed for the export")
     );
 
     // The guest leaves A (its VMM quits), then starts on B from the export.

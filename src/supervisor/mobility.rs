@@ -93,18 +93,19 @@ async fn export_running(
         });
     };
     let dir = run.dir.clone();
-    let file = blocking(id, "reseal for the export", move || {
+    let (file, written) = blocking(id, "reseal for the export", move || {
         reseal::reseal_and_read(&sealer, &dir, id)
     })
     .await?
     .map_err(|e| SupervisorError::from_vault(id, "reseal for the export", e))?;
     let generation = file.header.generation;
     let info = guest.update(|i| i.generation = i.generation.max(generation));
-    shared.publish(
-        EventKind::Exported,
-        info,
-        Some(format!("generation {generation}, resealed for the export")),
-    );
+    let detail = if written {
+        format!("generation {generation}, resealed for the export")
+    } else {
+        format!("generation {generation}, which held every write already")
+    };
+    shared.publish(EventKind::Exported, info, Some(detail));
     Ok(file)
 }
 

@@ -139,8 +139,9 @@ pub enum EventKind {
     /// swtpm said it could not store its state: a write is lost and its
     /// TPM fails every command (detail: swtpm's words).
     StoreFailed,
-    /// A running guest was resealed for an Export (an Export of a stopped
-    /// guest changes nothing and raises no event).
+    /// A running guest's state was sealed for an Export, or found sealed
+    /// already (the detail says which); an Export of a stopped guest
+    /// changes nothing and raises no event.
     Exported,
     /// An Import registered the guest or gave it a newer generation.
     Imported,
