@@ -774,3 +774,35 @@ fn an_admins_room_beyond_max_message_bytes_is_for_import_only() {
     );
     assert_eq!(d.guest_status(G1)["state"], "stopped");
 }
+
+#[test]
+fn an_import_over_a_damaged_current_file_replaces_it_and_keeps_the_sound_previous_one() {
+    let (a, b) = (Daemon::start(), Daemon::start());
+    create(&a, G1);
+    let (first, _) = export(&a, G1);
+    import(&b, G1, &first).unwrap();
+    write_nv_and_quit(&b, G1, "on b");
+    write_nv_and_quit(&a, G1, "on a");
+    write_nv_and_quit(&a, G1, "on a");
+    let (newer, newer_gen) = export(&a, G1);
+    let current = b.sealed_file(G1);
+    let previous = b.state_dir.join("guests").join(G1).join("tpm.sealed.prev");
+    let previous_bytes = std::fs::read(&previous).unwrap();
+    let previous_gen = header_generation(&previous_bytes);
+    assert!(newer_gen > previous_gen, "{newer_gen} vs {previous_gen}");
+    // B's current file is damaged; its .prev is sound.
+    let mut damaged = std::fs::read(&current).unwrap();
+    damaged[40] ^= 1;
+    std::fs::write(&current, &damaged).unwrap();
+    // No older generation than the sound .prev gets in behind it.
+    let before = tree(&b.state_dir);
+    let stale = assert_error(import(&b, G1, &first), "StaleGeneration");
+    assert_eq!(stale.parameters["current"], previous_gen);
+    assert_eq!(tree(&b.state_dir), before);
+    // A newer one replaces the damaged file in place: it never becomes
+    // the previous generation.
+    import(&b, G1, &newer).unwrap();
+    assert_eq!(std::fs::read(&current).unwrap(), newer);
+    assert_eq!(std::fs::read(&previous).unwrap(), previous_bytes);
+    assert_eq!(start_and_read_nv(&b, G1, 4), "on a");
+}

@@ -422,13 +422,18 @@ impl Store {
         Ok(guests)
     }
 
-    /// Creates `guests/<uuid>/` (0700). An existing empty directory (left by
+    /// Creates `guests/<uuid>/` (0700), durably: `guests/` is fsynced, so
+    /// the files fsynced in it later cannot be lost with a directory entry
+    /// that never reached the disk. An existing empty directory (left by
     /// an interrupted Create or Delete) is reused; anything else is
     /// [`StoreError::Unexpected`].
     pub fn create_guest_dir(&self, guest: GuestId) -> Result<PathBuf, StoreError> {
         let path = self.guest_dir(guest);
         match DirBuilder::new().mode(PRIVATE_DIR_MODE).create(&path) {
-            Ok(()) => Ok(path),
+            Ok(()) => {
+                self.sync_guests_dir()?;
+                Ok(path)
+            }
             Err(e) if e.kind() == ErrorKind::AlreadyExists => {
                 let empty = fs::symlink_metadata(&path).is_ok_and(|m| m.is_dir())
                     && read_dir(&path)?.is_empty();
@@ -445,9 +450,7 @@ impl Store {
         }
     }
 
-    /// fsyncs `guests/`, so a guest directory just created survives a
-    /// power loss with the files fsynced in it.
-    pub fn sync_guests_dir(&self) -> Result<(), StoreError> {
+    fn sync_guests_dir(&self) -> Result<(), StoreError> {
         let path = self.guests_dir();
         fs::File::open(&path)
             .and_then(|d| d.sync_all())

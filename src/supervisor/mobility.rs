@@ -230,15 +230,6 @@ pub(super) async fn import(
         move || {
             vault::install(&paths, &sealed, Placement::New)
                 .map_err(|e| SupervisorError::from_vault(id, "write", e))?;
-            // The guest's directory entry is as much part of the import
-            // as the file in it.
-            store
-                .sync_guests_dir()
-                .map_err(|source| SupervisorError::Store {
-                    guest: id,
-                    op: "make the guest directory durable",
-                    source,
-                })?;
             if let Some(uid) = uid {
                 store
                     .write_owner(id, uid)
