@@ -178,13 +178,23 @@ pub(super) async fn import(
             version: spec.version(),
         });
     }
-    let reservation = match shared.registry.reserve(id) {
-        Ok(reservation) => reservation,
-        Err(Taken::Exists(_)) => {
-            let guest = shared.guest(id)?;
-            return import_over(&shared, &guest, sealed, &header).await;
+    // A Create or Delete of the same id may come between the look-up and
+    // the reservation; a few tries settle which case this is.
+    let mut tries = 0;
+    let reservation = loop {
+        tries += 1;
+        match shared.registry.reserve(id) {
+            Ok(reservation) => break reservation,
+            Err(Taken::Exists(_)) => {
+                if let Some(guest) = shared.registry.get(id) {
+                    return import_over(&shared, &guest, sealed, &header).await;
+                }
+            }
+            Err(Taken::BeingCreated) => return Err(SupervisorError::Busy { guest: id }),
         }
-        Err(Taken::BeingCreated) => return Err(SupervisorError::Busy { guest: id }),
+        if tries == 3 {
+            return Err(SupervisorError::Busy { guest: id });
+        }
     };
 
     let uid = match &shared.uids {
