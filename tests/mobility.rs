@@ -35,15 +35,18 @@ const TIMEOUT: Duration = Duration::from_secs(20);
 fn vmm_binary() -> &'static Path {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
     BUILT.get_or_init(|| {
-        let path = Path::new(env!("CARGO_BIN_EXE_vtpmd"))
-            .parent()
-            .unwrap()
-            .join("examples")
-            .join("vmm");
+        let bins = Path::new(env!("CARGO_BIN_EXE_vtpmd")).parent().unwrap();
+        let path = bins.join("examples").join("vmm");
         if !path.exists() {
-            // `cargo test --test mobility` builds no examples.
+            // `cargo test --test mobility` builds no examples. The binaries'
+            // directory is named for the profile they were built with
+            // ("debug" for dev).
+            let profile = match bins.file_name().and_then(|n| n.to_str()) {
+                Some("debug") | None => "dev",
+                Some(other) => other,
+            };
             let status = Command::new(env!("CARGO"))
-                .args(["build", "--example", "vmm"])
+                .args(["build", "--example", "vmm", "--profile", profile])
                 .current_dir(env!("CARGO_MANIFEST_DIR"))
                 .status()
                 .unwrap();
