@@ -115,6 +115,12 @@ pub struct ApiSection {
     pub readonly_group: Option<String>,
     /// The largest message accepted, bytes (default 65536).
     pub max_message_bytes: usize,
+    /// The largest sealed file Export hands out and Import takes, bytes
+    /// (default 1048576; at most 16778197, the format's limit). A TPM 2.0
+    /// of libtpms 0.9 with every NV byte in use seals to about 140 KiB.
+    /// An admin's Import may exceed max_message_bytes by its base64 (4/3
+    /// of it), all of it in locked memory while it is received.
+    pub max_sealed_bytes: usize,
     /// Connections served at once (default 128); more are refused with
     /// `TooManyConnections`.
     pub max_connections: usize,
@@ -143,6 +149,7 @@ impl Default for ApiSection {
             admin_group: None,
             readonly_group: None,
             max_message_bytes: 64 * 1024,
+            max_sealed_bytes: 1024 * 1024,
             max_connections: 128,
             reserved_connections: 16,
             max_connections_per_uid: 16,
@@ -352,6 +359,17 @@ impl Config {
             wide(a.max_connections_per_uid),
         )?;
         at_least_one("api", "stranger_lifetime_ms", a.stranger_lifetime_ms)?;
+        if !(1..=crate::vault::MAX_SEALED_FILE_LEN).contains(&a.max_sealed_bytes) {
+            return Err(ConfigError::Invalid {
+                section: "api",
+                key: "max_sealed_bytes",
+                why: format!(
+                    "{} is not within 1..={}, the largest a sealed file can be",
+                    a.max_sealed_bytes,
+                    crate::vault::MAX_SEALED_FILE_LEN
+                ),
+            });
+        }
         at_least_one("log", "burst", u64::from(self.log.burst))?;
         at_least_one("log", "per_minute", u64::from(self.log.per_minute))?;
         Ok(())

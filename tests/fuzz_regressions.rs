@@ -412,6 +412,7 @@ socket = \"/run/vtpmd/vtpmd.sock\"
 admin_group = \"vtpmd\"
 readonly_group = \"vtpmd-ro\"
 max_message_bytes = 65536
+max_sealed_bytes = 1048576
 max_connections = 128
 reserved_connections = 16
 max_connections_per_uid = 16
@@ -497,6 +498,14 @@ fn varlink_streams() -> (Seeds, Seeds) {
         (
             "service-description",
             json!({"method": "org.varlink.service.GetInterfaceDescription", "parameters": {"interface": "io.vtpmd.Manager"}}),
+        ),
+        (
+            "export",
+            json!({"method": m("Export"), "parameters": {"guest": guest}}),
+        ),
+        (
+            "import",
+            json!({"method": m("Import"), "parameters": {"guest": guest, "sealed": "VlRQTVNFQUwAAQ=="}}),
         ),
     ];
     let messages = calls

@@ -56,7 +56,7 @@ async fn converse(mut stream: UnixStream, peer: Peer, access: Access, ctx: &Arc<
         limited: access != Access::Admin,
         limiter: &ctx.log_limit,
     };
-    let mut rx = match Receiver::new(ctx.limits.max_message) {
+    let mut rx = match Receiver::new(ctx.limits.receive_limit(access)) {
         Ok(rx) => rx,
         Err(e) => {
             tracing::error!(error = %crate::error_chain::chain(&e), "no locked memory for a client connection");
@@ -149,6 +149,20 @@ async fn handle(
             Next::Reply(bytes)
         }
     };
+    // Only an Import may use the room an admin's connection has beyond
+    // max_message: any other call that long is refused as it would have
+    // been on arrival.
+    if message.len() >= ctx.limits.max_message && call.method != format!("{INTERFACE}.Import") {
+        if log.allows(tracing::enabled!(tracing::Level::INFO)) {
+            tracing::info!(
+                uid = peer.uid.as_raw(),
+                limit = ctx.limits.max_message,
+                method = call.method,
+                "client message too large; closing"
+            );
+        }
+        return Next::Close(invalid("message"));
+    }
     let Some((interface, member)) = call.split_method() else {
         return reply(invalid("method"));
     };
@@ -203,7 +217,7 @@ async fn handle(
             reply(ServiceError::ExpectedMore.encode())
         };
     }
-    reply(dispatch::run(&ctx.supervisor, request, ctx.limits.request, log).await)
+    reply(dispatch::run(&ctx.supervisor, request, &ctx.limits, log).await)
 }
 
 /// `org.varlink.service`: introspection, open to every peer.

@@ -5,15 +5,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::protocol::manager::{
-    CapabilitiesReply, GuestReply, GuestView, ListReply, ManagerError, MonitorReply, Passphrase,
-    Request, StartTimingsView,
+    CapabilitiesReply, ExportReply, GuestReply, GuestView, ListReply, ManagerError, MonitorReply,
+    Passphrase, Request, StartTimingsView,
 };
 use crate::protocol::varlink::{ServiceError, encode_reply};
 use crate::secret::{SecretBuf, SecretError};
 use crate::supervisor::{Event, EventKind, GuestInfo, Supervisor, SupervisorError};
 use crate::vault::MAX_PASSPHRASE_LEN;
 
-use super::LogGate;
+use super::{Limits, LogGate};
 
 /// How long a Drain may take before its caller gets `Busy` (the drain
 /// itself goes on to the end).
@@ -26,9 +26,10 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(600);
 pub(super) async fn run(
     supervisor: &Arc<Supervisor>,
     request: Request<'_>,
-    timeout: Duration,
+    limits: &Limits,
     log: LogGate<'_>,
 ) -> Vec<u8> {
+    let timeout = limits.request;
     let guest_reply = |result| guest_reply(result, log);
     let empty_reply = |result| empty_reply(result, log);
     match request {
@@ -44,6 +45,7 @@ pub(super) async fn run(
                     models: caps.models.iter().map(|m| m.as_str().to_owned()).collect(),
                     traits: caps.traits.clone(),
                     swtpm_version: caps.swtpm_version.clone(),
+                    max_sealed_bytes: Some(wide(limits.max_sealed)),
                 },
                 false,
             )
@@ -133,8 +135,57 @@ pub(super) async fn run(
                 .await
                 .map_or_else(|reply| reply, |result| rekey_reply(result, log))
         }
+        Request::Export { guest } => {
+            let sup = Arc::clone(supervisor);
+            let limit = limits.max_sealed;
+            detached(timeout, async move { sup.export(guest).await })
+                .await
+                .map_or_else(
+                    |reply| reply,
+                    |exported| match exported {
+                        // Refused here rather than in the supervisor: the
+                        // limit is the wire's, not the state's. A reseal
+                        // for it changed nothing the guest would notice.
+                        Ok(e) if e.sealed.len() > limit => {
+                            too_large(guest, e.sealed.len(), limit, log)
+                        }
+                        Ok(e) => encode_reply(&ExportReply::new(&e.sealed, e.generation), false),
+                        Err(e) => error(&e, log),
+                    },
+                )
+        }
+        Request::Import { guest, sealed } => {
+            if sealed.len() > limits.max_sealed {
+                return too_large(guest, sealed.len(), limits.max_sealed, log);
+            }
+            let sup = Arc::clone(supervisor);
+            detached(timeout, async move { sup.import(guest, sealed).await })
+                .await
+                .map_or_else(|reply| reply, guest_reply)
+        }
         Request::Monitor => ServiceError::ExpectedMore.encode(),
     }
+}
+
+fn wide(n: usize) -> u64 {
+    u64::try_from(n).unwrap_or(u64::MAX)
+}
+
+fn too_large(
+    guest: crate::protocol::GuestId,
+    size: usize,
+    limit: usize,
+    log: LogGate<'_>,
+) -> Vec<u8> {
+    if log.allows(tracing::enabled!(tracing::Level::INFO)) {
+        tracing::info!(%guest, size, limit, "sealed file above max_sealed_bytes refused");
+    }
+    ManagerError::SealedTooLarge {
+        guest: guest.to_string(),
+        size: wide(size),
+        limit: wide(limit),
+    }
+    .encode()
 }
 
 /// Base64 text (still in the locked receive buffer) → locked memory.
@@ -307,6 +358,19 @@ fn wire_error(e: &SupervisorError) -> ManagerError {
             guest: guest.to_string(),
             message: message.clone(),
             log_tail: log_tail.clone(),
+        },
+        S::StaleGeneration {
+            guest,
+            generation,
+            current,
+        } => ManagerError::StaleGeneration {
+            guest: guest.to_string(),
+            generation: *generation,
+            current: *current,
+        },
+        S::UnsealedWrites { guest, reason } => ManagerError::UnsealedWrites {
+            guest: guest.to_string(),
+            reason: reason.clone(),
         },
         S::UnsupportedTpm { .. } | S::CertificatesUnavailable { .. } => {
             ManagerError::InvalidTpmSpec {

@@ -34,6 +34,10 @@ use crate::supervisor::Supervisor;
 pub struct Limits {
     /// The largest message accepted, in bytes.
     pub max_message: usize,
+    /// The largest sealed file Export and Import carry, in bytes. An
+    /// admin's connection may receive an Import this much larger (as
+    /// base64) than `max_message`.
+    pub max_sealed: usize,
     /// Connections served at once; more are refused at accept.
     pub max_connections: usize,
     /// Of those, how many only root and the admin group may use.
@@ -54,6 +58,7 @@ impl Default for Limits {
     fn default() -> Self {
         Self {
             max_message: 64 * 1024,
+            max_sealed: 1024 * 1024,
             max_connections: 128,
             reserved_connections: 16,
             max_connections_per_uid: 16,
@@ -88,6 +93,21 @@ pub fn fuzz_messages(bytes: &[u8]) {
             }
         }
     });
+}
+
+impl Limits {
+    /// The largest message a connection of `access` may send: only an
+    /// admin may Import, so only an admin's buffer may grow to hold a
+    /// sealed file. Every other call of an admin is still held to
+    /// `max_message` once it has arrived.
+    pub fn receive_limit(&self, access: Access) -> usize {
+        match access {
+            Access::Admin => self
+                .max_message
+                .saturating_add(self.max_sealed.div_ceil(3).saturating_mul(4)),
+            Access::ReadOnly | Access::Denied => self.max_message,
+        }
+    }
 }
 
 struct Context {

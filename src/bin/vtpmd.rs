@@ -129,6 +129,7 @@ fn run(args: Args) -> Result<(), MainError> {
     };
     let limits = Limits {
         max_message: config.api.max_message_bytes,
+        max_sealed: config.api.max_sealed_bytes,
         max_connections: config.api.max_connections,
         reserved_connections: config.api.reserved_connections,
         max_connections_per_uid: config.api.max_connections_per_uid,

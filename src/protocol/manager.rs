@@ -2,8 +2,11 @@
 //! and errors as they go on the wire. The interface description shipped
 //! with vtpmd is `io.vtpmd.Manager.varlink` beside this file.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::fmt;
+
+use base64ct::{Base64, Encoding};
 
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
@@ -64,6 +67,14 @@ pub enum Request<'a> {
         passphrase: Passphrase<'a>,
         new_passphrase: Passphrase<'a>,
     },
+    Export {
+        guest: GuestId,
+    },
+    Import {
+        guest: GuestId,
+        /// The sealed file, decoded. Ciphertext, so ordinary memory.
+        sealed: Vec<u8>,
+    },
     Monitor,
 }
 
@@ -80,6 +91,8 @@ impl Request<'_> {
             Self::Drain => "Drain",
             Self::Delete { .. } => "Delete",
             Self::Rekey { .. } => "Rekey",
+            Self::Export { .. } => "Export",
+            Self::Import { .. } => "Import",
             Self::Monitor => "Monitor",
         }
     }
@@ -137,6 +150,17 @@ struct RekeyParams<'a> {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+struct ImportParams<'a> {
+    #[serde(borrow)]
+    guest: &'a str,
+    /// Borrowed unless it has an escape (`\/` from PHP's json_encode):
+    /// not a secret, so unescaping it into the heap is harmless.
+    #[serde(borrow)]
+    sealed: Cow<'a, str>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct CreateParams<'a> {
     #[serde(borrow)]
     guest: &'a str,
@@ -174,13 +198,25 @@ pub fn parse_request<'a>(member: &str, parameters: &'a str) -> Result<Request<'a
             decode::<NoParams>(parameters)?;
             Request::Monitor
         }
-        "Stop" | "Status" | "Delete" => {
+        "Stop" | "Status" | "Delete" | "Export" => {
             let p: GuestParams<'a> = decode(parameters)?;
             let guest = guest_id(p.guest)?;
             match member {
                 "Stop" => Request::Stop { guest },
                 "Status" => Request::Status { guest },
+                "Export" => Request::Export { guest },
                 _ => Request::Delete { guest },
+            }
+        }
+        "Import" => {
+            let p: ImportParams<'a> = decode(parameters)?;
+            Request::Import {
+                guest: guest_id(p.guest)?,
+                sealed: Base64::decode_vec(&p.sealed).map_err(|_| {
+                    RequestError::InvalidParameter {
+                        parameter: "sealed".to_owned(),
+                    }
+                })?,
             }
         }
         "Start" => {
@@ -368,6 +404,27 @@ pub struct CapabilitiesReply {
     pub models: Vec<String>,
     pub traits: Vec<String>,
     pub swtpm_version: String,
+    /// The largest sealed file Export hands out and Import takes (absent
+    /// from a vtpmd older than Export).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub max_sealed_bytes: Option<u64>,
+}
+
+/// Export's reply: the sealed file as standard base64, and the generation
+/// in its header.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExportReply {
+    pub sealed: String,
+    pub generation: u64,
+}
+
+impl ExportReply {
+    pub fn new(sealed: &[u8], generation: u64) -> Self {
+        Self {
+            sealed: Base64::encode_string(sealed),
+            generation,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -441,6 +498,20 @@ pub enum ManagerError {
         message: String,
         log_tail: Vec<String>,
     },
+    StaleGeneration {
+        guest: String,
+        generation: u64,
+        current: u64,
+    },
+    UnsealedWrites {
+        guest: String,
+        reason: String,
+    },
+    SealedTooLarge {
+        guest: String,
+        size: u64,
+        limit: u64,
+    },
     PermissionDenied {
         method: String,
     },
@@ -468,6 +539,9 @@ impl ManagerError {
             Self::StateCorrupt { .. } => "io.vtpmd.Manager.StateCorrupt",
             Self::GuestMismatch { .. } => "io.vtpmd.Manager.GuestMismatch",
             Self::SwtpmFailed { .. } => "io.vtpmd.Manager.SwtpmFailed",
+            Self::StaleGeneration { .. } => "io.vtpmd.Manager.StaleGeneration",
+            Self::UnsealedWrites { .. } => "io.vtpmd.Manager.UnsealedWrites",
+            Self::SealedTooLarge { .. } => "io.vtpmd.Manager.SealedTooLarge",
             Self::PermissionDenied { .. } => "io.vtpmd.Manager.PermissionDenied",
             Self::Busy { .. } => "io.vtpmd.Manager.Busy",
             Self::Internal { .. } => "io.vtpmd.Manager.Internal",
@@ -511,6 +585,18 @@ mod tests {
         assert!(matches!(parse("Status", &g), Ok(Request::Status { .. })));
         assert!(matches!(parse("Stop", &g), Ok(Request::Stop { .. })));
         assert!(matches!(parse("Delete", &g), Ok(Request::Delete { .. })));
+        assert!(matches!(parse("Export", &g), Ok(Request::Export { .. })));
+        let import = format!(r#"{{"guest":"{GUEST}","sealed":"VlRQTVNFQUw="}}"#);
+        match parse("Import", &import).unwrap() {
+            Request::Import { sealed, .. } => assert_eq!(sealed, b"VTPMSEAL"),
+            other => panic!("{other:?}"),
+        }
+        // An escaped `/` is JSON, not damage.
+        let escaped = format!(r#"{{"guest":"{GUEST}","sealed":"\/w=="}}"#);
+        match parse("Import", &escaped).unwrap() {
+            Request::Import { sealed, .. } => assert_eq!(sealed, [0xff]),
+            other => panic!("{other:?}"),
+        }
         let start = format!(r#"{{"guest":"{GUEST}","passphrase":"cGFzcw=="}}"#);
         match parse("Start", &start).unwrap() {
             Request::Start { passphrase, .. } => assert_eq!(passphrase.base64(), b"cGFzcw=="),
@@ -556,6 +642,13 @@ mod tests {
             "extra",
         );
         check("List", r#"{"x":1}"#, "x");
+        check(
+            "Import",
+            &format!(r#"{{"guest":"{GUEST}","sealed":"not base64!"}}"#),
+            "sealed",
+        );
+        check("Import", &format!(r#"{{"guest":"{GUEST}"}}"#), "sealed");
+        check("Import", r#"{"guest":"x","sealed":""}"#, "guest");
         check(
             "Start",
             &format!(r#"{{"guest":"{GUEST}","passphrase":""}}"#),
@@ -737,6 +830,8 @@ mod tests {
             "Drain",
             "Delete",
             "Rekey",
+            "Export",
+            "Import",
             "Monitor",
         ] {
             assert!(
@@ -754,6 +849,9 @@ mod tests {
             "StateCorrupt",
             "GuestMismatch",
             "SwtpmFailed",
+            "StaleGeneration",
+            "UnsealedWrites",
+            "SealedTooLarge",
             "PermissionDenied",
             "Busy",
             "Internal",

@@ -66,6 +66,8 @@ pub fn fuzz_call(message: &[u8]) -> Vec<manager::Passphrase<'_>> {
         | Request::Stop { guest }
         | Request::Status { guest }
         | Request::Delete { guest }
+        | Request::Export { guest }
+        | Request::Import { guest, .. }
         | Request::Rekey { guest, .. } => Some(*guest),
         Request::GetCapabilities | Request::List | Request::Drain | Request::Monitor => None,
     };

@@ -99,6 +99,12 @@ pub enum StoreError {
         "control sockets under {path:?} would be {len} bytes long; at most {MAX_SOCKET_PATH} fit: choose a shorter runtime directory"
     )]
     RuntimeDirTooLong { path: PathBuf, len: usize },
+    #[error("cannot fsync directory {path}")]
+    Sync {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     #[error("cannot create directory {path}")]
     CreateDir {
         path: PathBuf,
@@ -416,13 +422,18 @@ impl Store {
         Ok(guests)
     }
 
-    /// Creates `guests/<uuid>/` (0700). An existing empty directory (left by
+    /// Creates `guests/<uuid>/` (0700), durably: `guests/` is fsynced, so
+    /// the files fsynced in it later cannot be lost with a directory entry
+    /// that never reached the disk. An existing empty directory (left by
     /// an interrupted Create or Delete) is reused; anything else is
     /// [`StoreError::Unexpected`].
     pub fn create_guest_dir(&self, guest: GuestId) -> Result<PathBuf, StoreError> {
         let path = self.guest_dir(guest);
         match DirBuilder::new().mode(PRIVATE_DIR_MODE).create(&path) {
-            Ok(()) => Ok(path),
+            Ok(()) => {
+                self.sync_guests_dir()?;
+                Ok(path)
+            }
             Err(e) if e.kind() == ErrorKind::AlreadyExists => {
                 let empty = fs::symlink_metadata(&path).is_ok_and(|m| m.is_dir())
                     && read_dir(&path)?.is_empty();
@@ -437,6 +448,13 @@ impl Store {
             }
             Err(source) => Err(StoreError::CreateDir { path, source }),
         }
+    }
+
+    fn sync_guests_dir(&self) -> Result<(), StoreError> {
+        let path = self.guests_dir();
+        fs::File::open(&path)
+            .and_then(|d| d.sync_all())
+            .map_err(|source| StoreError::Sync { path, source })
     }
 
     /// Removes `guests/<uuid>/` with its owner record if nothing else is

@@ -194,11 +194,11 @@ fn provision_and_seal(
     result
 }
 
-/// Gives the uid back when Create fails.
-struct UidGuard<'s> {
-    shared: &'s Shared,
-    id: GuestId,
-    armed: bool,
+/// Gives the uid back when Create (or an Import of a new guest) fails.
+pub(super) struct UidGuard<'s> {
+    pub(super) shared: &'s Shared,
+    pub(super) id: GuestId,
+    pub(super) armed: bool,
 }
 
 impl Drop for UidGuard<'_> {
@@ -209,11 +209,11 @@ impl Drop for UidGuard<'_> {
     }
 }
 
-/// Undoes a half-done Create.
-struct Undo {
-    store: Store,
-    id: GuestId,
-    armed: bool,
+/// Undoes a half-done Create (or Import of a new guest).
+pub(super) struct Undo {
+    pub(super) store: Store,
+    pub(super) id: GuestId,
+    pub(super) armed: bool,
 }
 
 impl Drop for Undo {

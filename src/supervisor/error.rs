@@ -33,6 +33,20 @@ pub enum SupervisorError {
     /// copied there): an answer about a sound file, not damage.
     #[error("the sealed file of guest {guest} belongs to guest {found}")]
     GuestMismatch { guest: GuestId, found: GuestId },
+    /// An imported file not newer than what this host holds: importing it
+    /// would roll the guest's TPM back (NV indices, counters, lockout).
+    #[error(
+        "the imported sealed file of guest {guest} is generation {generation}, not newer than generation {current} on this host"
+    )]
+    StaleGeneration {
+        guest: GuestId,
+        generation: u64,
+        current: u64,
+    },
+    /// The guest's runtime directory holds writes the sealed file lacks:
+    /// exporting or replacing that file would lose them.
+    #[error("guest {guest} has writes that are not sealed yet: {reason}")]
+    UnsealedWrites { guest: GuestId, reason: String },
     #[error("swtpm of guest {guest} failed: {message}")]
     SwtpmFailed {
         guest: GuestId,

@@ -115,7 +115,12 @@ pub(super) async fn rekey(
                 })
                 .await??
         }
-        Allowed::Start | Allowed::Stop | Allowed::Delete => {
+        Allowed::Start
+        | Allowed::Stop
+        | Allowed::Delete
+        | Allowed::ExportAtRest
+        | Allowed::ExportRunning
+        | Allowed::ImportOver => {
             return Err(SupervisorError::NotAllowed {
                 guest: id,
                 state,

@@ -36,6 +36,7 @@ mod guest;
 mod handover;
 mod lost_write;
 mod manage;
+mod mobility;
 mod reattach;
 mod recover;
 mod registry;
@@ -65,6 +66,7 @@ use crate::swtpm::provision::LocalCa;
 pub use config::{DEFAULT_RUNTIME_SPACE_MIB, SupervisorConfig, default_kdf_parallelism};
 pub use error::SupervisorError;
 pub use handover::KeyStore;
+pub use mobility::Exported;
 pub use state::{Action, Allowed, GuestState, Refused, decide};
 pub use uids::UidRange;
 
@@ -137,6 +139,12 @@ pub enum EventKind {
     /// swtpm said it could not store its state: a write is lost and its
     /// TPM fails every command (detail: swtpm's words).
     StoreFailed,
+    /// A running guest's state was sealed for an Export, or found sealed
+    /// already (the detail says which); an Export of a stopped guest
+    /// changes nothing and raises no event.
+    Exported,
+    /// An Import registered the guest or gave it a newer generation.
+    Imported,
 }
 
 impl EventKind {
@@ -153,6 +161,8 @@ impl EventKind {
             EventKind::Resealed { .. } => "resealed",
             EventKind::ResealFailed => "reseal-failed",
             EventKind::StoreFailed => "store-failed",
+            EventKind::Exported => "exported",
+            EventKind::Imported => "imported",
         }
     }
 
@@ -544,6 +554,32 @@ impl Supervisor {
         let shared = Arc::clone(&self.shared);
         detached(guest, "rekey", async move {
             manage::rekey(shared, guest, passphrase, new_passphrase).await
+        })
+        .await
+    }
+
+    /// The guest's sealed file, current: a running guest is resealed
+    /// first. Needs no passphrase; changes nothing on disk but that reseal.
+    pub async fn export(&self, guest: GuestId) -> Result<Exported, SupervisorError> {
+        let shared = Arc::clone(&self.shared);
+        detached(guest, "export", async move {
+            mobility::export(shared, guest).await
+        })
+        .await
+    }
+
+    /// Registers `sealed` (another host's file of this guest) here,
+    /// `stopped`; refuses, writing nothing, a file that does not check out,
+    /// is another guest's or not newer than this host's, and a guest that
+    /// runs.
+    pub async fn import(
+        &self,
+        guest: GuestId,
+        sealed: Vec<u8>,
+    ) -> Result<GuestInfo, SupervisorError> {
+        let shared = Arc::clone(&self.shared);
+        detached(guest, "import", async move {
+            mobility::import(shared, guest, sealed).await
         })
         .await
     }

@@ -147,7 +147,7 @@ pub(super) fn recover_uids(store: &Store, range: UidRange, guests: &[Recovered])
     pool
 }
 
-fn spec_of(h: &HeaderInfo) -> Option<TpmSpec> {
+pub(super) fn spec_of(h: &HeaderInfo) -> Option<TpmSpec> {
     let version = TpmVersion::parse(h.tpm_version).ok()?;
     let model = TpmModel::parse(h.tpm_model).ok()?;
     TpmSpec::new(version, model).ok()

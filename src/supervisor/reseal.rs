@@ -8,7 +8,8 @@ use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{LazyLock, Mutex, PoisonError};
 
-use crate::vault::{SealedState, Skipped, StateArchive, VaultError};
+use crate::protocol::GuestId;
+use crate::vault::{self, SealedFile, SealedState, Skipped, StateArchive, VaultError};
 
 use super::guest::Sealer;
 
@@ -30,6 +31,20 @@ pub(super) fn reseal_now(sealer: &Sealer, dir: &Path) -> Result<(u64, bool), Vau
         Some(generation) => (generation, true),
         None => (state.generation(), false),
     })
+}
+
+/// [`reseal_now`], then the sealed file as it is on disk, read under the
+/// same lock: no other reseal comes between, so the file holds everything
+/// `dir` held (for an Export of a running guest). Also whether a new
+/// generation was written for it.
+pub(super) fn reseal_and_read(
+    sealer: &Sealer,
+    dir: &Path,
+    guest: GuestId,
+) -> Result<(SealedFile, bool), VaultError> {
+    let mut state = sealer.lock().unwrap_or_else(PoisonError::into_inner);
+    let written = state.seal_if_changed(&archive_dir(dir)?)?.is_some();
+    Ok((vault::read_sealed(state.paths().current(), guest)?, written))
 }
 
 /// The state files of `dir`, retried when one vanished under the reader.

@@ -53,15 +53,23 @@ pub enum Action {
     Stop,
     Delete,
     Rekey,
+    /// Hand out the sealed file (mobility).
+    Export,
+    /// Replace the sealed file of an existing guest with a newer one from
+    /// another host (an Import of an unknown guest registers it instead,
+    /// like Create).
+    Import,
 }
 
 impl Action {
-    pub const ALL: [Action; 5] = [
+    pub const ALL: [Action; 7] = [
         Action::Create,
         Action::Start,
         Action::Stop,
         Action::Delete,
         Action::Rekey,
+        Action::Export,
+        Action::Import,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -71,6 +79,8 @@ impl Action {
             Action::Stop => "stop",
             Action::Delete => "delete",
             Action::Rekey => "rekey",
+            Action::Export => "export",
+            Action::Import => "import",
         }
     }
 }
@@ -95,6 +105,13 @@ pub enum Allowed {
     /// Rewrap through the state held by the running guest, so its next
     /// reseal keeps the new keyslot.
     RekeyRunning,
+    /// The sealed file as it is on disk.
+    ExportAtRest,
+    /// A reseal of the running state first, so the file holds every write
+    /// swtpm acknowledged.
+    ExportRunning,
+    /// Write the newer file over the guest's (not running).
+    ImportOver,
 }
 
 /// Why an action is refused in a state.
@@ -135,6 +152,14 @@ pub fn decide(state: GuestState, action: Action) -> Result<Allowed, Refused> {
         (S::Stopped | S::Failed, A::Rekey) => Ok(Allowed::RekeyAtRest),
         (S::Running, A::Rekey) => Ok(Allowed::RekeyRunning),
         (S::Starting | S::Stopping, A::Rekey) => Err(Refused::NotAllowed),
+        (S::Stopped | S::Failed, A::Export) => Ok(Allowed::ExportAtRest),
+        (S::Running, A::Export) => Ok(Allowed::ExportRunning),
+        (S::Starting | S::Stopping, A::Export) => Err(Refused::NotAllowed),
+        (S::Stopped | S::Failed, A::Import) => Ok(Allowed::ImportOver),
+        // The running swtpm's next reseal would overwrite the import, or
+        // the import the writes it made: one writer per guest.
+        (S::Running, A::Import) => Err(Refused::GuestRunning),
+        (S::Starting | S::Stopping, A::Import) => Err(Refused::NotAllowed),
     }
 }
 
@@ -145,32 +170,42 @@ mod tests {
     use GuestState as S;
 
     /// Every (state, action) pair, written out once more by hand.
-    const TABLE: [(GuestState, Action, Result<Allowed, Refused>); 25] = [
+    const TABLE: [(GuestState, Action, Result<Allowed, Refused>); 35] = [
         (S::Stopped, A::Create, Err(Refused::GuestExists)),
         (S::Stopped, A::Start, Ok(Allowed::Start)),
         (S::Stopped, A::Stop, Err(Refused::GuestNotRunning)),
         (S::Stopped, A::Delete, Ok(Allowed::Delete)),
         (S::Stopped, A::Rekey, Ok(Allowed::RekeyAtRest)),
+        (S::Stopped, A::Export, Ok(Allowed::ExportAtRest)),
+        (S::Stopped, A::Import, Ok(Allowed::ImportOver)),
         (S::Starting, A::Create, Err(Refused::GuestExists)),
         (S::Starting, A::Start, Err(Refused::NotAllowed)),
         (S::Starting, A::Stop, Err(Refused::NotAllowed)),
         (S::Starting, A::Delete, Err(Refused::NotAllowed)),
         (S::Starting, A::Rekey, Err(Refused::NotAllowed)),
+        (S::Starting, A::Export, Err(Refused::NotAllowed)),
+        (S::Starting, A::Import, Err(Refused::NotAllowed)),
         (S::Running, A::Create, Err(Refused::GuestExists)),
         (S::Running, A::Start, Err(Refused::GuestRunning)),
         (S::Running, A::Stop, Ok(Allowed::Stop)),
         (S::Running, A::Delete, Err(Refused::GuestRunning)),
         (S::Running, A::Rekey, Ok(Allowed::RekeyRunning)),
+        (S::Running, A::Export, Ok(Allowed::ExportRunning)),
+        (S::Running, A::Import, Err(Refused::GuestRunning)),
         (S::Stopping, A::Create, Err(Refused::GuestExists)),
         (S::Stopping, A::Start, Err(Refused::NotAllowed)),
         (S::Stopping, A::Stop, Err(Refused::NotAllowed)),
         (S::Stopping, A::Delete, Err(Refused::NotAllowed)),
         (S::Stopping, A::Rekey, Err(Refused::NotAllowed)),
+        (S::Stopping, A::Export, Err(Refused::NotAllowed)),
+        (S::Stopping, A::Import, Err(Refused::NotAllowed)),
         (S::Failed, A::Create, Err(Refused::GuestExists)),
         (S::Failed, A::Start, Ok(Allowed::Start)),
         (S::Failed, A::Stop, Err(Refused::GuestNotRunning)),
         (S::Failed, A::Delete, Ok(Allowed::Delete)),
         (S::Failed, A::Rekey, Ok(Allowed::RekeyAtRest)),
+        (S::Failed, A::Export, Ok(Allowed::ExportAtRest)),
+        (S::Failed, A::Import, Ok(Allowed::ImportOver)),
     ];
 
     #[test]

@@ -22,6 +22,7 @@ mod format;
 mod inspect;
 mod kdf;
 mod sealed;
+mod transfer;
 
 pub use archive::{ArchiveEntry, ArchiveError, Skipped, StateArchive};
 pub use crypto::DataKey;
@@ -30,6 +31,7 @@ pub use error::VaultError;
 pub use inspect::{HeaderInfo, KeyslotInfo, inspect, inspect_bytes};
 pub use kdf::{KdfParams, KdfParamsError, KdfPolicy};
 pub use sealed::{Fallback, LeftAsIs, Opened, SealedState};
+pub use transfer::{OnDisk, Placement, SealedFile, check_sealed, install, on_disk, read_sealed};
 
 #[doc(hidden)]
 pub use archive::fuzz_archive;
@@ -38,6 +40,10 @@ pub use sealed::{FuzzSealCase, fuzz_seal_open, fuzz_sealed_file};
 
 /// Size of the per-guest swtpm state key, in bytes (AES-256).
 pub const SWTPM_STATE_KEY_LEN: usize = format::DATA_KEY_LEN;
+
+/// The largest a sealed file can be, in bytes (`docs/sealed-format.md`,
+/// Limits).
+pub const MAX_SEALED_FILE_LEN: usize = format::MAX_FILE_LEN;
 
 /// The longest passphrase accepted, in bytes.
 pub const MAX_PASSPHRASE_LEN: usize = 4096;

@@ -16,8 +16,9 @@ use crate::output;
 use crate::passphrase::PassphraseError;
 use crate::trust::{self, PathError, PeerError, TrustError, Trusted};
 
-/// The largest reply accepted (a List of many guests fits easily).
-pub const MAX_REPLY: usize = 16 * 1024 * 1024;
+/// The largest reply accepted: an Export of the largest sealed file the
+/// format allows (16,778,197 bytes, as base64), and a List of many guests.
+pub const MAX_REPLY: usize = 24 * 1024 * 1024;
 
 /// How long a write may block.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -75,6 +76,8 @@ pub enum ClientError {
     },
     #[error("{0}")]
     Usage(String),
+    #[error(transparent)]
+    Transfer(#[from] crate::transfer::TransferError),
     /// The socket may not be vtpmd's: nothing was written to it.
     #[error(
         "refusing to {} {}: {reason} (whoever runs that may not be vtpmd; give --socket PATH for the real one)",
@@ -387,7 +390,7 @@ mod tests {
         std::thread::spawn(move || {
             let (mut conn, _) = listener.accept().unwrap();
             let junk = vec![b' '; 1024 * 1024];
-            for _ in 0..20 {
+            for _ in 0..MAX_REPLY / junk.len() + 4 {
                 if conn.write_all(&junk).is_err() {
                     break;
                 }

@@ -175,6 +175,32 @@ pub enum Online {
         #[command(flatten)]
         conn: Conn,
     },
+    /// Write a guest's sealed file (ciphertext: no passphrase) for another
+    /// host's import; a running guest is resealed first.
+    Export {
+        /// The guest's id: a canonical lowercase UUID.
+        guest: GuestId,
+        /// Where to write it: mode 0600, complete or not at all [default:
+        /// stdout, unless it is a terminal; with --json, the reply as JSON,
+        /// the file as base64 in it].
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+        /// Replace FILE if it exists.
+        #[arg(long, requires = "out")]
+        force: bool,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Register a sealed file another host exported; the guest is then
+    /// stopped, ready for start with its passphrase.
+    Import {
+        /// The guest's id: a canonical lowercase UUID.
+        guest: GuestId,
+        /// The sealed file (`-`: stdin).
+        file: PathBuf,
+        #[command(flatten)]
+        conn: Conn,
+    },
     /// Print guest events as they happen (first one "existing" event per
     /// guest), until interrupted or vtpmd ends the stream.
     Monitor {
@@ -227,6 +253,8 @@ impl Online {
             | Self::Drain { conn }
             | Self::Delete { conn, .. }
             | Self::Rekey { conn, .. }
+            | Self::Export { conn, .. }
+            | Self::Import { conn, .. }
             | Self::Monitor { conn, .. }
             | Self::AttachArgs { conn, .. } => conn,
         }
@@ -371,6 +399,15 @@ pub fn run(command: Online) -> Result<Option<Printed>, ClientError> {
             }
             Ok(Some(Printed { human, json: reply }))
         }
+        Online::Export {
+            guest,
+            out,
+            force,
+            conn,
+        } => crate::transfer::export(conn.connect()?, guest, out.as_deref(), force, conn.json),
+        Online::Import { guest, file, conn } => {
+            crate::transfer::import(conn.connect()?, guest, &file)
+        }
         Online::Monitor { count, conn } => {
             monitor(&conn, count)?;
             Ok(None)
@@ -462,7 +499,7 @@ fn guest_params(guest: GuestId) -> Map<String, Value> {
     m
 }
 
-fn guest_reply(reply: Value) -> Result<Option<Printed>, ClientError> {
+pub fn guest_reply(reply: Value) -> Result<Option<Printed>, ClientError> {
     let view = reply
         .get("guest")
         .ok_or_else(|| unexpected("no guest"))

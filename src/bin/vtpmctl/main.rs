@@ -1,8 +1,9 @@
 //! vtpmctl, the operator's client for vtpmd.
 //!
 //! One subcommand per method of `io.vtpmd.Manager` (capabilities, create,
-//! start, stop, status, list, delete, rekey, monitor), `attach-args` for
-//! the VMM side, and the offline `state inspect|verify`. Passphrases come
+//! start, stop, status, list, drain, delete, rekey, export, import,
+//! monitor), `attach-args` for the VMM side, and the offline
+//! `state inspect|verify`. Passphrases come
 //! from `--passphrase-file FILE` (`-`: stdin) or, on a terminal, from a
 //! prompt with echo off; never from argv or the environment.
 //!
@@ -12,9 +13,9 @@
 //! | exit | meaning |
 //! |---|---|
 //! | 0 | success |
-//! | 1 | vtpmd answered with an error: its Varlink name and a sentence go to stderr (with `--json`, also `{"error": NAME, "parameters": {…}}` on stdout); also `attach-args` refusing a guest that does not run, or a TPM the VMM cannot take (named `io.vtpmd.Manager.GuestNotRunning` / `InvalidTpmSpec` the same way); and vtpmctl refusing a socket that may not be vtpmd's (`io.vtpmd.vtpmctl.UntrustedSocket`, see below) |
+//! | 1 | vtpmd answered with an error: its Varlink name and a sentence go to stderr (with `--json`, also `{"error": NAME, "parameters": {…}}` on stdout); also `attach-args` refusing a guest that does not run, or a TPM the VMM cannot take (named `io.vtpmd.Manager.GuestNotRunning` / `InvalidTpmSpec` the same way); `import` refusing a file above the daemon's `max_sealed_bytes` before sending it (`io.vtpmd.Manager.SealedTooLarge`); and vtpmctl refusing a socket that may not be vtpmd's (`io.vtpmd.vtpmctl.UntrustedSocket`, see below) |
 //! | 2 | usage error (bad arguments, e.g. a guest id that is not a canonical UUID) |
-//! | 6 | local failure: cannot connect to the socket, permission denied on it, I/O error or timeout, an unreadable, empty, too long or mismatched passphrase, a cancelled prompt (with `--json`, `{"error": "vtpmctl.Passphrase" or "vtpmctl.LocalFailure", "parameters": {"reason": …}}` on stdout; a usage error found after parsing, `vtpmctl.Usage`) |
+//! | 6 | local failure: cannot connect to the socket, permission denied on it, I/O error or timeout, an unreadable, empty, too long or mismatched passphrase, a cancelled prompt, `export --out FILE` finding FILE without `--force` (nothing written), an import file that cannot be read or is larger than a sealed file can be (with `--json`, `{"error": "vtpmctl.Passphrase" or "vtpmctl.LocalFailure", "parameters": {"reason": …}}` on stdout; a usage error found after parsing, `vtpmctl.Usage`) |
 //!
 //! Before a call carrying a passphrase (create, start, rekey) vtpmctl
 //! checks that the socket's directory belongs to root or the caller and
@@ -41,6 +42,7 @@ mod message;
 mod output;
 mod passphrase;
 mod state;
+mod transfer;
 mod trust;
 
 use client::ClientError;
@@ -199,6 +201,19 @@ mod tests {
         assert!(matches!(online(&["stop", G]), Online::Stop { .. }));
         assert!(matches!(online(&["list"]), Online::List { .. }));
         assert!(matches!(online(&["delete", G]), Online::Delete { .. }));
+        assert!(matches!(
+            online(&["export", G, "--out", "/f", "--force"]),
+            Online::Export { force: true, .. }
+        ));
+        assert!(matches!(
+            online(&["export", G]),
+            Online::Export { out: None, .. }
+        ));
+        assert!(
+            parse(&["export", G, "--force"]).is_err(),
+            "--force needs --out"
+        );
+        assert!(matches!(online(&["import", G, "-"]), Online::Import { .. }));
         assert!(matches!(
             online(&["start", G, "--passphrase-file", "-"]),
             Online::Start { .. }

@@ -38,12 +38,12 @@ pub fn describe_remote(name: &str, parameters: &Value) -> String {
             format!("guest {}: wrong passphrase", p("guest"))
         }
         (Some("io.vtpmd.Manager."), "StateCorrupt") => format!(
-            "guest {}: the sealed state is damaged and no earlier generation opens ({}); restore it from a backup",
+            "guest {}: the sealed state is damaged and no earlier generation opens ({}); restore it from a backup (or import a sound copy)",
             p("guest"),
             p("reason")
         ),
         (Some("io.vtpmd.Manager."), "GuestMismatch") => format!(
-            "guest {}: the sealed file at its path belongs to guest {}; put the guest's own file back (nothing is damaged)",
+            "guest {}: the sealed file belongs to guest {} (nothing is damaged); put the guest's own file at its path, or import this guest's file",
             p("guest"),
             p("found")
         ),
@@ -62,6 +62,23 @@ pub fn describe_remote(name: &str, parameters: &Value) -> String {
             }
             text
         }
+        (Some("io.vtpmd.Manager."), "StaleGeneration") => format!(
+            "guest {}: the sealed file is generation {}, not newer than generation {} on this host; importing it would roll the TPM back (nothing was written)",
+            p("guest"),
+            p("generation"),
+            p("current")
+        ),
+        (Some("io.vtpmd.Manager."), "UnsealedWrites") => format!(
+            "guest {}: has writes that are not sealed yet ({}); start it with its passphrase first",
+            p("guest"),
+            p("reason")
+        ),
+        (Some("io.vtpmd.Manager."), "SealedTooLarge") => format!(
+            "guest {}: the sealed file is {} bytes, above this host's limit of {} ([api] max_sealed_bytes)",
+            p("guest"),
+            p("size"),
+            p("limit")
+        ),
         (Some("io.vtpmd.Manager."), "PermissionDenied") => format!(
             "permission denied for {}: this needs vtpmd's (read-write) group or root",
             p("method")
@@ -144,6 +161,11 @@ pub fn capabilities(c: &CapabilitiesReply) -> String {
         ("versions", c.versions.join(", ")),
         ("models", c.models.join(", ")),
         ("traits", c.traits.join(", ")),
+        (
+            "max_sealed_bytes",
+            c.max_sealed_bytes
+                .map_or_else(|| "?".to_owned(), |n| n.to_string()),
+        ),
     ])
 }
 
@@ -294,6 +316,21 @@ mod tests {
                 "permission denied for Start",
             ),
             ("Busy", json!({"guest": G}), "busy"),
+            (
+                "StaleGeneration",
+                json!({"guest": G, "generation": 3, "current": 5}),
+                "generation 3, not newer than generation 5",
+            ),
+            (
+                "UnsealedWrites",
+                json!({"guest": G, "reason": "no key"}),
+                "not sealed yet (no key)",
+            ),
+            (
+                "SealedTooLarge",
+                json!({"guest": G, "size": 9, "limit": 8}),
+                "9 bytes, above this host's limit of 8",
+            ),
             (
                 "Internal",
                 json!({"reason": "disk full"}),
