@@ -5,8 +5,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::protocol::manager::{
-    CapabilitiesReply, GuestReply, GuestView, ListReply, ManagerError, MonitorReply, Passphrase,
-    Request, StartTimingsView,
+    CapabilitiesReply, GuestReply, GuestView, HostKeyReply, ListReply, ManagerError, MonitorReply,
+    Passphrase, Request, StartTimingsView,
 };
 use crate::protocol::varlink::{ServiceError, encode_reply};
 use crate::secret::{SecretBuf, SecretError};
@@ -44,6 +44,16 @@ pub(super) async fn run(
                     models: caps.models.iter().map(|m| m.as_str().to_owned()).collect(),
                     traits: caps.traits.clone(),
                     swtpm_version: caps.swtpm_version.clone(),
+                },
+                false,
+            )
+        }
+        Request::GetHostKey => {
+            let public = supervisor.host_public_key();
+            encode_reply(
+                &HostKeyReply {
+                    public_key: public.to_base64(),
+                    fingerprint: public.fingerprint_hex(),
                 },
                 false,
             )

@@ -38,6 +38,7 @@ impl fmt::Debug for Passphrase<'_> {
 #[derive(Debug)]
 pub enum Request<'a> {
     GetCapabilities,
+    GetHostKey,
     Create {
         guest: GuestId,
         spec: TpmSpec,
@@ -72,6 +73,7 @@ impl Request<'_> {
     pub fn method(&self) -> &'static str {
         match self {
             Self::GetCapabilities => "GetCapabilities",
+            Self::GetHostKey => "GetHostKey",
             Self::Create { .. } => "Create",
             Self::Start { .. } => "Start",
             Self::Stop { .. } => "Stop",
@@ -88,7 +90,11 @@ impl Request<'_> {
     pub fn is_read_only(&self) -> bool {
         matches!(
             self,
-            Self::GetCapabilities | Self::Status { .. } | Self::List | Self::Monitor
+            Self::GetCapabilities
+                | Self::GetHostKey
+                | Self::Status { .. }
+                | Self::List
+                | Self::Monitor
         )
     }
 }
@@ -161,6 +167,10 @@ pub fn parse_request<'a>(member: &str, parameters: &'a str) -> Result<Request<'a
         "GetCapabilities" => {
             decode::<NoParams>(parameters)?;
             Request::GetCapabilities
+        }
+        "GetHostKey" => {
+            decode::<NoParams>(parameters)?;
+            Request::GetHostKey
         }
         "List" => {
             decode::<NoParams>(parameters)?;
@@ -275,7 +285,7 @@ fn passphrase<'a>(name: &str, raw: &'a RawValue) -> Result<Passphrase<'a>, Reque
         .unwrap_or_default();
     let valid = !text.is_empty()
         && text.len() <= MAX_PASSPHRASE_BASE64
-        && text.len() % 4 == 0
+        && text.len().is_multiple_of(4)
         && text
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'='));
@@ -368,6 +378,15 @@ pub struct CapabilitiesReply {
     pub models: Vec<String>,
     pub traits: Vec<String>,
     pub swtpm_version: String,
+}
+
+/// `GetHostKey`'s reply.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostKeyReply {
+    /// Standard base64 (RFC 4648, padded) of the 32-byte X25519 public key.
+    pub public_key: String,
+    /// Hex of the first 16 bytes of SHA-256(public key).
+    pub fingerprint: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -506,6 +525,7 @@ mod tests {
             Ok(Request::GetCapabilities)
         ));
         assert!(matches!(parse("List", "{}"), Ok(Request::List)));
+        assert!(matches!(parse("GetHostKey", "{}"), Ok(Request::GetHostKey)));
         assert!(matches!(parse("Drain", "{}"), Ok(Request::Drain)));
         assert!(matches!(parse("Monitor", "{}"), Ok(Request::Monitor)));
         assert!(matches!(parse("Status", &g), Ok(Request::Status { .. })));

@@ -67,7 +67,11 @@ pub fn fuzz_call(message: &[u8]) -> Vec<manager::Passphrase<'_>> {
         | Request::Status { guest }
         | Request::Delete { guest }
         | Request::Rekey { guest, .. } => Some(*guest),
-        Request::GetCapabilities | Request::List | Request::Drain | Request::Monitor => None,
+        Request::GetCapabilities
+        | Request::GetHostKey
+        | Request::List
+        | Request::Drain
+        | Request::Monitor => None,
     };
     if let Some(guest) = guest {
         let text = guest.to_string();

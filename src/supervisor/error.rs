@@ -73,6 +73,8 @@ pub enum SupervisorError {
     #[error("vtpmd is shutting down")]
     ShuttingDown,
 
+    #[error("this host's key cannot be used; vtpmd does not start without it")]
+    HostKey(#[source] crate::vault::HostKeyError),
     #[error("invalid supervisor configuration: {what}")]
     Config { what: String },
     #[error("swtpm cannot be used on this host")]

@@ -230,6 +230,8 @@ pub(crate) struct Shared {
     space: space::RuntimeSpace,
     /// One vtpmd per state directory, for as long as this one lives.
     _daemon_lock: DaemonLock,
+    /// This host's identity: what `host` keyslots for this host open with.
+    host_key: Arc<crate::vault::HostKey>,
 }
 
 impl Shared {
@@ -380,32 +382,37 @@ impl Supervisor {
         let bins = config.binaries.clone();
         let for_setup = store.clone();
         let uid_range = config.swtpm_uids;
-        let (host, ca, guests, uids, daemon_lock) = tokio::task::spawn_blocking(move || {
-            for_setup.init().map_err(SupervisorError::InitStore)?;
-            // Before anything is read or removed: a second vtpmd on this
-            // state would take the first one's guests for leftovers.
-            let daemon_lock = for_setup
-                .lock_daemon()
-                .map_err(SupervisorError::InitStore)?;
-            let host = crate::swtpm::probe::probe(&bins).map_err(SupervisorError::ProbeSwtpm)?;
-            if uid_range.is_some() {
-                for_setup
-                    .check_reachable()
+        let (host, ca, guests, uids, daemon_lock, host_key) =
+            tokio::task::spawn_blocking(move || {
+                for_setup.init().map_err(SupervisorError::InitStore)?;
+                // Before anything is read or removed: a second vtpmd on this
+                // state would take the first one's guests for leftovers.
+                let daemon_lock = for_setup
+                    .lock_daemon()
                     .map_err(SupervisorError::InitStore)?;
-            }
-            let ca = if host.can_create_certificates() {
-                Some(LocalCa::open(&for_setup.ca_dir()).map_err(SupervisorError::OpenLocalCa)?)
-            } else {
-                None
-            };
-            let guests = recover::recover(&for_setup, &bins.swtpm)?;
-            let uids = uid_range.map(|range| recover::recover_uids(&for_setup, range, &guests));
-            Ok::<_, SupervisorError>((host, ca, guests, uids, daemon_lock))
-        })
-        .await
-        .map_err(|source| SupervisorError::Config {
-            what: format!("start-up task failed: {source}"),
-        })??;
+                // Under the lock: two vtpmds never race to make it.
+                let host_key = crate::vault::HostKey::load_or_create(&for_setup.host_key_path())
+                    .map_err(SupervisorError::HostKey)?;
+                let host =
+                    crate::swtpm::probe::probe(&bins).map_err(SupervisorError::ProbeSwtpm)?;
+                if uid_range.is_some() {
+                    for_setup
+                        .check_reachable()
+                        .map_err(SupervisorError::InitStore)?;
+                }
+                let ca = if host.can_create_certificates() {
+                    Some(LocalCa::open(&for_setup.ca_dir()).map_err(SupervisorError::OpenLocalCa)?)
+                } else {
+                    None
+                };
+                let guests = recover::recover(&for_setup, &bins.swtpm)?;
+                let uids = uid_range.map(|range| recover::recover_uids(&for_setup, range, &guests));
+                Ok::<_, SupervisorError>((host, ca, guests, uids, daemon_lock, host_key))
+            })
+            .await
+            .map_err(|source| SupervisorError::Config {
+                what: format!("start-up task failed: {source}"),
+            })??;
 
         let watcher = watcher::Watcher::start().map_err(|e| SupervisorError::Config {
             what: format!("cannot create an inotify instance: {e}"),
@@ -442,6 +449,7 @@ impl Supervisor {
             scopes,
             space,
             _daemon_lock: daemon_lock,
+            host_key: Arc::new(host_key),
         });
         let adopted = adopted::take_over(&shared, found).await;
         // Tmpfs mounts whose guest stopped while no vtpmd ran (emptied by
@@ -465,6 +473,12 @@ impl Supervisor {
 
     pub fn capabilities(&self) -> Capabilities {
         self.shared.capabilities()
+    }
+
+    /// This host's public key, what `Grant` on another host is given to
+    /// let this one open a guest.
+    pub fn host_public_key(&self) -> crate::vault::HostPublicKey {
+        self.shared.host_key.public()
     }
 
     /// Provisions and seals a new TPM (generation 1); the guest is

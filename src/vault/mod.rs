@@ -19,6 +19,7 @@ mod crypto;
 mod durable;
 mod error;
 mod format;
+mod host_key;
 mod inspect;
 mod kdf;
 mod sealed;
@@ -27,9 +28,11 @@ pub use archive::{ArchiveEntry, ArchiveError, Skipped, StateArchive};
 pub use crypto::DataKey;
 pub use durable::SealedPaths;
 pub use error::VaultError;
+pub use format::SlotKind;
+pub use host_key::{HOST_KEY_FILE_LEN, HostKey, HostKeyError, HostPublicKey, HostPublicKeyError};
 pub use inspect::{HeaderInfo, KeyslotInfo, inspect, inspect_bytes};
 pub use kdf::{KdfParams, KdfParamsError, KdfPolicy};
-pub use sealed::{Fallback, LeftAsIs, Opened, SealedState};
+pub use sealed::{Credential, Fallback, LeftAsIs, Opened, SealedState, SlotSummary};
 
 #[doc(hidden)]
 pub use archive::fuzz_archive;
@@ -38,6 +41,9 @@ pub use sealed::{FuzzSealCase, fuzz_seal_open, fuzz_sealed_file};
 
 /// Size of the per-guest swtpm state key, in bytes (AES-256).
 pub const SWTPM_STATE_KEY_LEN: usize = format::DATA_KEY_LEN;
+
+/// The length of a `key` slot's key, in bytes.
+pub const KEY_LEN: usize = format::DATA_KEY_LEN;
 
 /// The longest passphrase accepted, in bytes.
 pub const MAX_PASSPHRASE_LEN: usize = 4096;
