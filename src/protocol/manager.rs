@@ -66,6 +66,22 @@ pub enum Request<'a> {
         new_passphrase: Passphrase<'a>,
     },
     Monitor,
+    MigrateOut {
+        guest: GuestId,
+        /// The destination's host public key (GetHostKey's), base64.
+        destination: &'a str,
+        ttl_seconds: Option<u64>,
+    },
+    MigrateIn {
+        guest: GuestId,
+        /// base64 of the ticket MigrateOut answered.
+        ticket: &'a str,
+        /// base64 of the sealed file MigrateOut answered.
+        sealed: &'a str,
+    },
+    AbortMigration {
+        guest: GuestId,
+    },
 }
 
 impl Request<'_> {
@@ -83,6 +99,9 @@ impl Request<'_> {
             Self::Delete { .. } => "Delete",
             Self::Rekey { .. } => "Rekey",
             Self::Monitor => "Monitor",
+            Self::MigrateOut { .. } => "MigrateOut",
+            Self::MigrateIn { .. } => "MigrateIn",
+            Self::AbortMigration { .. } => "AbortMigration",
         }
     }
 
@@ -128,6 +147,28 @@ struct StartParams<'a> {
     guest: &'a str,
     #[serde(borrow)]
     passphrase: &'a RawValue,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MigrateOutParams<'a> {
+    #[serde(borrow)]
+    guest: &'a str,
+    #[serde(borrow)]
+    destination: &'a str,
+    #[serde(default)]
+    ttl_seconds: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MigrateInParams<'a> {
+    #[serde(borrow)]
+    guest: &'a str,
+    #[serde(borrow)]
+    ticket: &'a str,
+    #[serde(borrow)]
+    sealed: &'a str,
 }
 
 #[derive(Deserialize)]
@@ -183,6 +224,28 @@ pub fn parse_request<'a>(member: &str, parameters: &'a str) -> Result<Request<'a
         "Monitor" => {
             decode::<NoParams>(parameters)?;
             Request::Monitor
+        }
+        "MigrateOut" => {
+            let p: MigrateOutParams<'a> = decode(parameters)?;
+            Request::MigrateOut {
+                guest: guest_id(p.guest)?,
+                destination: p.destination,
+                ttl_seconds: p.ttl_seconds,
+            }
+        }
+        "MigrateIn" => {
+            let p: MigrateInParams<'a> = decode(parameters)?;
+            Request::MigrateIn {
+                guest: guest_id(p.guest)?,
+                ticket: p.ticket,
+                sealed: p.sealed,
+            }
+        }
+        "AbortMigration" => {
+            let p: GuestParams<'a> = decode(parameters)?;
+            Request::AbortMigration {
+                guest: guest_id(p.guest)?,
+            }
         }
         "Stop" | "Status" | "Delete" => {
             let p: GuestParams<'a> = decode(parameters)?;
@@ -380,6 +443,19 @@ pub struct CapabilitiesReply {
     pub swtpm_version: String,
 }
 
+/// `MigrateOut`'s reply: what the orchestrator hands the destination's
+/// MigrateIn.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrateOutReply {
+    /// base64 of the ticket (docs/sealed-format.md, "Migration tickets").
+    pub ticket: String,
+    /// base64 of the sealed file, sealed durably just now.
+    pub sealed: String,
+    pub generation: u64,
+    /// When the ticket stops opening, Unix seconds.
+    pub expires: u64,
+}
+
 /// `GetHostKey`'s reply.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HostKeyReply {
@@ -473,6 +549,13 @@ pub enum ManagerError {
         scope: String,
         limit: u64,
     },
+    MigratedOut {
+        guest: String,
+    },
+    MigrationRefused {
+        guest: String,
+        reason: String,
+    },
 }
 
 impl ManagerError {
@@ -491,6 +574,8 @@ impl ManagerError {
             Self::Busy { .. } => "io.vtpmd.Manager.Busy",
             Self::Internal { .. } => "io.vtpmd.Manager.Internal",
             Self::TooManyConnections { .. } => "io.vtpmd.Manager.TooManyConnections",
+            Self::MigratedOut { .. } => "io.vtpmd.Manager.MigratedOut",
+            Self::MigrationRefused { .. } => "io.vtpmd.Manager.MigrationRefused",
         }
     }
 

@@ -66,6 +66,9 @@ pub fn fuzz_call(message: &[u8]) -> Vec<manager::Passphrase<'_>> {
         | Request::Stop { guest }
         | Request::Status { guest }
         | Request::Delete { guest }
+        | Request::MigrateOut { guest, .. }
+        | Request::MigrateIn { guest, .. }
+        | Request::AbortMigration { guest }
         | Request::Rekey { guest, .. } => Some(*guest),
         Request::GetCapabilities
         | Request::GetHostKey

@@ -111,6 +111,18 @@ pub enum SupervisorError {
         #[source]
         source: SpawnError,
     },
+    #[error(
+        "guest {guest} was migrated to another host: only Delete (or MigrateIn to take it back) applies here"
+    )]
+    MigratedOut { guest: GuestId },
+    #[error("guest {guest}: {why}")]
+    Migration { guest: GuestId, why: String },
+    #[error("guest {guest}: the migration ticket is refused")]
+    Ticket {
+        guest: GuestId,
+        #[source]
+        source: crate::vault::TicketError,
+    },
     #[error("cannot give guest {guest} a runtime directory of its own: {what}")]
     RuntimeSpace { guest: GuestId, what: String },
     #[error("cannot {op} for guest {guest}")]
@@ -129,6 +141,7 @@ impl SupervisorError {
             Refused::GuestExists => Self::GuestExists { guest },
             Refused::GuestRunning => Self::GuestRunning { guest, state },
             Refused::GuestNotRunning => Self::GuestNotRunning { guest, state },
+            Refused::MigratedOut => Self::MigratedOut { guest },
             Refused::NotAllowed => Self::NotAllowed {
                 guest,
                 state,

@@ -36,6 +36,7 @@ mod guest;
 mod handover;
 mod lost_write;
 mod manage;
+mod migrate;
 mod reattach;
 mod recover;
 mod registry;
@@ -65,6 +66,7 @@ use crate::swtpm::provision::LocalCa;
 pub use config::{DEFAULT_RUNTIME_SPACE_MIB, SupervisorConfig, default_kdf_parallelism};
 pub use error::SupervisorError;
 pub use handover::KeyStore;
+pub use migrate::{DEFAULT_TICKET_TTL, MigrationOut};
 pub use state::{Action, Allowed, GuestState, Refused, decide};
 pub use uids::UidRange;
 
@@ -137,6 +139,15 @@ pub enum EventKind {
     /// swtpm said it could not store its state: a write is lost and its
     /// TPM fails every command (detail: swtpm's words).
     StoreFailed,
+    /// MigrateOut handed a ticket for the guest to another host; the guest
+    /// runs here until its VMM has moved.
+    MigratingOut,
+    /// The run handed out ended: the guest lives on the other host now.
+    MigratedOut,
+    /// MigrateIn: a swtpm waits for the VMM's state from the source.
+    MigratingIn,
+    /// Abort: a migration was called off on this host.
+    MigrationAborted,
 }
 
 impl EventKind {
@@ -153,6 +164,10 @@ impl EventKind {
             EventKind::Resealed { .. } => "resealed",
             EventKind::ResealFailed => "reseal-failed",
             EventKind::StoreFailed => "store-failed",
+            EventKind::MigratingOut => "migrating-out",
+            EventKind::MigratedOut => "migrated-out",
+            EventKind::MigratingIn => "migrating-in",
+            EventKind::MigrationAborted => "migration-aborted",
         }
     }
 
@@ -164,6 +179,7 @@ impl EventKind {
             GuestState::Running => EventKind::Running { start: None },
             GuestState::Stopping => EventKind::Stopping,
             GuestState::Failed => EventKind::Failed,
+            GuestState::MigratedOut => EventKind::MigratedOut,
         }
     }
 }
@@ -226,6 +242,8 @@ pub(crate) struct Shared {
     handover: handover::Handover,
     /// Each swtpm's transient systemd scope.
     scopes: scopes::Scopes,
+    /// Migration tickets taken here, until they expire.
+    used_tickets: migrate::UsedTickets,
     /// Whether each guest's runtime directory gets a tmpfs of its own.
     space: space::RuntimeSpace,
     /// One vtpmd per state directory, for as long as this one lives.
@@ -448,6 +466,7 @@ impl Supervisor {
             handover: handover::Handover::new(keys),
             scopes,
             space,
+            used_tickets: migrate::UsedTickets::default(),
             _daemon_lock: daemon_lock,
             host_key: Arc::new(host_key),
         });
@@ -506,6 +525,48 @@ impl Supervisor {
         let shared = Arc::clone(&self.shared);
         detached(guest, "start", async move {
             start::start_guest(shared, guest, passphrase).await
+        })
+        .await
+    }
+
+    /// The source of a live migration: seals the running guest once more
+    /// and answers that file with a ticket for `destination` (valid for
+    /// `ttl`). The guest goes on here; once this run ends it is
+    /// `migrated-out`.
+    pub async fn migrate_out(
+        &self,
+        guest: GuestId,
+        destination: crate::vault::HostPublicKey,
+        ttl: Duration,
+    ) -> Result<MigrationOut, SupervisorError> {
+        let shared = Arc::clone(&self.shared);
+        detached(guest, "migrate out", async move {
+            migrate::migrate_out(shared, guest, destination, ttl).await
+        })
+        .await
+    }
+
+    /// The destination of a live migration: takes the guest in from the
+    /// source's sealed file and ticket, and runs a swtpm for QEMU's
+    /// `-incoming`.
+    pub async fn migrate_in(
+        &self,
+        guest: GuestId,
+        ticket: Vec<u8>,
+        sealed: Vec<u8>,
+    ) -> Result<GuestInfo, SupervisorError> {
+        let shared = Arc::clone(&self.shared);
+        detached(guest, "migrate in", async move {
+            migrate::migrate_in(shared, guest, ticket, sealed).await
+        })
+        .await
+    }
+
+    /// Calls a migration off on this host (source or destination).
+    pub async fn abort_migration(&self, guest: GuestId) -> Result<GuestInfo, SupervisorError> {
+        let shared = Arc::clone(&self.shared);
+        detached(guest, "abort the migration of", async move {
+            migrate::abort(shared, guest).await
         })
         .await
     }

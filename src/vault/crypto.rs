@@ -402,3 +402,79 @@ pub(crate) fn random_array<const N: usize>() -> Result<[u8; N], VaultError> {
 }
 
 const _: () = assert!(WRAPPED_KEY_LEN == DATA_KEY_LEN + TAG_LEN);
+
+/// Seals the data key to `host` with HPKE base mode (single shot, the host
+/// slots' suite) under `info` and `aad`: the encapsulated key and the
+/// wrapped key with its tag. For a migration ticket, whose bytes around the
+/// wrap differ from a slot's.
+pub(crate) fn seal_key_to_host(
+    data_key: &DataKey,
+    host: &HostPublicKey,
+    info: &[u8],
+    aad: &[u8],
+) -> Result<([u8; X25519_LEN], [u8; WRAPPED_KEY_LEN]), VaultError> {
+    use hpke::{Deserializable, Serializable};
+    let mut enc = [0u8; X25519_LEN];
+    let mut wrapped_key = [0u8; WRAPPED_KEY_LEN];
+    let (body, tag) = wrapped_key.split_at_mut(DATA_KEY_LEN);
+    let (enc_bytes, tag_bytes) = on_scrubbed_stack(|| {
+        let pk = <HostKem as hpke::Kem>::PublicKey::from_bytes(host.as_bytes()).map_err(|_| {
+            VaultError::Crypto {
+                what: "host public key",
+            }
+        })?;
+        let buffer =
+            InOutBuf::new(data_key.0.expose_secret(), body).map_err(|_| VaultError::Crypto {
+                what: "wrapped key length",
+            })?;
+        let (encapped, tag) = hpke::single_shot_seal_inout_detached::<HostAead, HostKdf, HostKem>(
+            &hpke::OpModeS::Base,
+            &pk,
+            info,
+            buffer,
+            aad,
+        )
+        .map_err(|_| VaultError::Crypto {
+            what: "HPKE seal to the host key",
+        })?;
+        Ok::<_, VaultError>((encapped.to_bytes(), tag.to_bytes()))
+    })?;
+    enc.copy_from_slice(&enc_bytes);
+    tag.copy_from_slice(&tag_bytes);
+    Ok((enc, wrapped_key))
+}
+
+/// Opens what [`seal_key_to_host`] sealed, with this host's private key;
+/// `None` when it does not open (sealed to another host, or edited).
+pub(crate) fn open_key_from_host(
+    host: &HostKey,
+    info: &[u8],
+    aad: &[u8],
+    enc: &[u8; X25519_LEN],
+    wrapped_key: &[u8; WRAPPED_KEY_LEN],
+) -> Result<Option<DataKey>, VaultError> {
+    use hpke::Deserializable;
+    let mut key = SecretBuf::zeroed(DATA_KEY_LEN)?;
+    let (ciphertext, tag) = wrapped_key.split_at(DATA_KEY_LEN);
+    key.expose_secret_mut().copy_from_slice(ciphertext);
+    let ok = on_scrubbed_stack(|| {
+        let (Ok(sk), Ok(encapped), Ok(tag)) = (
+            <HostKem as hpke::Kem>::PrivateKey::from_bytes(host.private().expose_secret()),
+            <HostKem as hpke::Kem>::EncappedKey::from_bytes(enc),
+            hpke::aead::AeadTag::<HostAead>::from_bytes(tag),
+        ) else {
+            return false;
+        };
+        hpke::single_shot_open_inout_detached::<HostAead, HostKdf, HostKem>(
+            &hpke::OpModeR::Base,
+            &sk,
+            &encapped,
+            info,
+            key.expose_secret_mut().into(),
+            aad,
+            &tag,
+        )
+        .is_ok()
+    });
+    Ok(ok.then_some(DataKey(key)))
+}

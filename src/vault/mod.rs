@@ -23,6 +23,7 @@ mod host_key;
 mod inspect;
 mod kdf;
 mod sealed;
+mod ticket;
 
 pub use archive::{ArchiveEntry, ArchiveError, Skipped, StateArchive};
 pub use crypto::DataKey;
@@ -33,6 +34,7 @@ pub use host_key::{HOST_KEY_FILE_LEN, HostKey, HostKeyError, HostPublicKey, Host
 pub use inspect::{HeaderInfo, KeyslotInfo, inspect, inspect_bytes};
 pub use kdf::{KdfParams, KdfParamsError, KdfPolicy};
 pub use sealed::{Credential, Fallback, LeftAsIs, Opened, SealedState, SlotSummary};
+pub use ticket::{MAX_TICKET_TTL, OpenedTicket, TICKET_LEN, TicketError, open as open_ticket};
 
 #[doc(hidden)]
 pub use archive::fuzz_archive;

@@ -557,6 +557,64 @@ impl SealedState {
         Ok(out)
     }
 
+    /// A migration ticket for `destination` (docs/sealed-format.md,
+    /// "Migration tickets"): this state's data key, for this generation,
+    /// valid for `ttl`.
+    pub fn migration_ticket(
+        &self,
+        destination: &HostPublicKey,
+        ttl: Duration,
+    ) -> Result<Vec<u8>, VaultError> {
+        super::ticket::seal(
+            &self.data_key,
+            &self.guest,
+            self.generation,
+            destination,
+            ttl,
+        )
+    }
+
+    /// A migration's sealed file, made this guest's on this host (a guest
+    /// new here: `paths` holds nothing yet): written durably, then opened
+    /// with the ticket's `handover`. A file that does not open with it, or
+    /// only through a previous generation, is removed again and refused.
+    pub fn take_in(
+        paths: SealedPaths,
+        guest: GuestId,
+        bytes: &[u8],
+        handover: &SecretBuf,
+    ) -> Result<Opened, VaultError> {
+        durable::write_new_generation(&paths, bytes)?;
+        let opened = match Self::resume(paths.clone(), guest, handover) {
+            Ok(opened) if opened.fell_back.is_none() => Ok(opened),
+            Ok(_) => Err(VaultError::WrongHandover {
+                path: paths.current().to_owned(),
+            }),
+            Err(e) => Err(e),
+        };
+        if opened.is_err() {
+            let _ = durable::remove_all(&paths);
+        }
+        opened
+    }
+
+    /// The bytes of the current sealed file (what the last seal wrote),
+    /// e.g. to hand it to another host.
+    pub fn current_file(&self) -> Result<Vec<u8>, VaultError> {
+        durable::read(self.paths.current(), super::format::MAX_FILE_LEN)?.ok_or_else(|| {
+            VaultError::Missing {
+                path: self.paths.current().to_owned(),
+            }
+        })
+    }
+
+    /// Raises the generation the next seal writes above `floor`: a
+    /// migration's destination starts above anything its source can have
+    /// sealed meanwhile, so its history is the newer one.
+    pub fn raise_generation_above(&mut self, floor: u64) {
+        self.generation = self.generation.max(floor);
+    }
+
     /// Opens the guest's sealed state with a [`handover`](Self::handover)
     /// instead of a passphrase: no KDF. The current file, or the previous
     /// generation when the current one is damaged, must open with it.
@@ -652,6 +710,17 @@ impl SealedState {
 /// What identifies an archive's content, for [`SealedState::seal_if_changed`].
 fn archive_digest(archive: &StateArchive) -> [u8; 32] {
     archive.digest()
+}
+
+/// A handover of `data_key` with no unlocked slot: what a migration
+/// ticket carries.
+pub(crate) fn handover_of(data_key: &DataKey) -> Result<SecretBuf, VaultError> {
+    let mut out = SecretBuf::zeroed(HANDOVER_LEN)?;
+    let bytes = out.expose_secret_mut();
+    bytes[0] = HANDOVER_VERSION;
+    bytes[1] = NO_SLOT;
+    data_key.copy_into(&mut bytes[2..]);
+    Ok(out)
 }
 
 /// [`SealedState::handover`]'s layout.
