@@ -484,7 +484,7 @@ impl Load {
                     let mut n: u64 = 0;
                     while !stop.load(Ordering::SeqCst) {
                         n += 1;
-                        let cmd = if n % NV_EVERY as u64 == 0 {
+                        let cmd = if n.is_multiple_of(NV_EVERY as u64) {
                             tpm::tpm2_nv_write(NV_INDEX, &n.to_be_bytes(), 0).unwrap()
                         } else {
                             tpm::tpm2_get_random(16)

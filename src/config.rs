@@ -110,7 +110,7 @@ pub struct ApiSection {
     /// Members may call every method (default: nobody but root).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub admin_group: Option<String>,
-    /// Members may call GetCapabilities, Status, List and Monitor.
+    /// Members may call GetCapabilities, GetHostKey, Status, List and Monitor.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub readonly_group: Option<String>,
     /// The largest message accepted, bytes (default 65536).

@@ -362,7 +362,7 @@ fn the_outside_reader_decodes_what_vtpmd_sealed_and_agrees_with_vtpmctl_on_every
     let mut padded = base.clone();
     padded.resize(16_778_198, 0);
     let mut newer_padded = padded.clone();
-    newer_padded[9] = 2;
+    newer_padded[9] = 3;
     let long_pass = vec![b'a'; 4097];
 
     // (what, bytes, guest, passphrase, allow weak, verdict, step)
@@ -397,8 +397,8 @@ fn the_outside_reader_decodes_what_vtpmd_sealed_and_agrees_with_vtpmctl_on_every
             2,
         ),
         (
-            "step 2: version 2",
-            edited(&base, |b| b[9] = 2, false),
+            "step 2: version 3",
+            edited(&base, |b| b[9] = 3, false),
             G,
             p,
             true,
@@ -406,7 +406,7 @@ fn the_outside_reader_decodes_what_vtpmd_sealed_and_agrees_with_vtpmctl_on_every
             2,
         ),
         (
-            "step 2: version 2, oversized",
+            "step 2: version 3, oversized",
             newer_padded,
             G,
             p,

@@ -517,3 +517,110 @@ fn tpm2_tis_qemu_killed_leaves_the_guest_stopped_sealed_and_startable() {
     vm.done();
     vm.wait_poweroff();
 }
+
+/// A live migration of a running Linux guest from one host to another
+/// (two vtpmd daemons, each its own host key and directories; two QEMU
+/// 7.2 processes; QMP `migrate` over a unix socket), with no passphrase:
+/// before it the guest extends PCR 16 and writes its NV index; after it,
+/// on the destination and without a reboot, it reads the same PCR value
+/// (the volatile state moved live) and the NV data; then it reboots there
+/// and reads the NV data again. The source ends `migrated-out`.
+fn live_migration(model: &str) {
+    // Two VMs at once: one migration at a time, or two of them could each
+    // hold one of the MAX_VMS slots and wait for the other forever.
+    static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+    let _one = ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let a = Daemon::start();
+    let b = Daemon::start();
+    create(&a, "2.0", model);
+    start(&a);
+    let mut src = boot(&attach_args(&a), "migrate", false);
+    check_tpm(&mut src, "2.0", model);
+    let pcr16 = src.value("pcr16-before");
+    assert!(is_hex(&pcr16, 64), "{pcr16}");
+    assert_ne!(pcr16, "0".repeat(64), "PCR 16 not extended");
+    assert_eq!(src.value("nv-written"), NV_DATA);
+    src.marker("waiting-for-migration");
+
+    let destination = b.client().manager("GetHostKey", json!({})).unwrap()["public_key"].clone();
+    let out = a
+        .client()
+        .manager(
+            "MigrateOut",
+            json!({"guest": G1, "destination": destination}),
+        )
+        .unwrap();
+    b.client()
+        .manager(
+            "MigrateIn",
+            json!({"guest": G1, "ticket": out["ticket"], "sealed": out["sealed"]}),
+        )
+        .unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let uri = format!("unix:{}", dir.path().join("migration.sock").display());
+    let mut dst = boot_with_incoming(&attach_args(&b), "migrate", &uri);
+    let started = Instant::now();
+    src.qemu
+        .qmp()
+        .execute_value("migrate", Some(json!({ "uri": uri })))
+        .unwrap();
+    let done = loop {
+        let state = src.qemu.qmp().execute_value("query-migrate", None).unwrap();
+        match state["status"].as_str() {
+            Some("completed") => break state,
+            Some("failed" | "cancelled") => panic!("migration {state}"),
+            _ => {}
+        }
+        assert!(started.elapsed() < BOOT_TIMEOUT, "migration: {state}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    eprintln!(
+        "{model}: migrated in {} ms, downtime {} ms",
+        done["total-time"], done["downtime"]
+    );
+    src.qemu.quit(Duration::from_secs(10));
+    let moved = a.wait_state(G1, "migrated-out", STATE_TIMEOUT);
+    assert_eq!(moved["state"], "migrated-out");
+
+    // The guest, now on the destination, goes on where it waited.
+    dst.qemu.serial().write(b"go\n").unwrap();
+    assert_eq!(dst.value("pcr16-after"), pcr16, "PCR 16 did not move");
+    assert_eq!(dst.value("nv-read-after"), NV_DATA);
+    dst.marker("waiting-for-reset");
+    let there = b.guest_status(G1);
+    assert_eq!(there["state"], "running", "{there}");
+    // Resealed on the destination, above the source's generations.
+    let generation = out["generation"].as_u64().unwrap();
+    assert!(
+        there["generation"].as_u64().unwrap() > generation + (1 << 20) - 1,
+        "{there}"
+    );
+    dst.qemu.qmp().system_reset().unwrap();
+    assert_eq!(dst.value("migrate-step"), "read");
+    assert_eq!(dst.value("nv-read"), NV_DATA);
+    dst.done();
+    dst.wait_poweroff();
+    b.wait_state(G1, "stopped", STATE_TIMEOUT);
+}
+
+/// [`boot_with`] for a migration's destination: the same machine, waiting
+/// for the source's state on `uri`.
+fn boot_with_incoming(attach: &[String], step: &str, uri: &str) -> Vm {
+    let mut args = attach.to_vec();
+    args.push("-incoming".to_owned());
+    args.push(uri.to_owned());
+    boot_with(&args, step, false, "")
+}
+
+#[test]
+fn tpm2_tis_live_migration_moves_pcrs_and_nv_to_another_host() {
+    live_migration("tpm-tis");
+}
+
+#[test]
+fn tpm2_crb_live_migration_moves_pcrs_and_nv_to_another_host() {
+    live_migration("tpm-crb");
+}

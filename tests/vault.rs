@@ -485,14 +485,14 @@ fn a_damaged_current_file_is_reported_as_damage_even_with_a_wrong_passphrase() {
 fn a_newer_format_is_reported_as_such_whatever_its_size() {
     let dir = tempfile::tempdir().unwrap();
     let paths = SealedPaths::new(dir.path().join("future.sealed"));
-    let mut bytes = b"VTPMSEAL\x00\x02".to_vec();
+    let mut bytes = b"VTPMSEAL\x00\x03".to_vec();
     bytes.resize(17 * 1024 * 1024 + 1, 0); // larger than any version-1 file
 
     fs::write(paths.current(), &bytes).unwrap();
     let result = SealedState::open(paths, guest(), &passphrase("x"), &weak_policy());
 
     assert!(
-        matches!(result, Err(VaultError::UnsupportedVersion { found: 2, .. })),
+        matches!(result, Err(VaultError::UnsupportedVersion { found: 3, .. })),
         "{result:?}"
     );
 }
@@ -591,4 +591,169 @@ fn an_unchanged_state_is_not_sealed_again() {
         .state;
     assert_eq!(resumed.seal_if_changed(&small_archive(2)).unwrap(), None);
     assert_eq!(resumed.seal_if_changed(&small_archive(3)).unwrap(), Some(3));
+}
+
+mod kinds {
+    //! `key` and `host` keyslots (format version 2) on real files.
+
+    use super::*;
+    use vtpmd::vault::{Credential, HostKey, SlotKind};
+
+    fn key(byte: u8) -> SecretBuf {
+        let mut buf = SecretBuf::with_capacity(32).unwrap();
+        buf.extend_from_slice(&[byte; 32]).unwrap();
+        buf
+    }
+
+    fn created(dir: &Path) -> (SealedPaths, SealedState) {
+        let paths = SealedPaths::new(dir.join("state.sealed"));
+        let state = SealedState::create(
+            paths.clone(),
+            guest(),
+            spec(),
+            &passphrase("correct horse"),
+            &weak_policy(),
+            &small_archive(1),
+        )
+        .unwrap();
+        (paths, state)
+    }
+
+    fn open(paths: &SealedPaths, credential: Credential<'_>) -> Result<SealedState, VaultError> {
+        SealedState::open_with(paths.clone(), guest(), credential, &weak_policy()).map(|o| o.state)
+    }
+
+    fn version_of(path: &Path) -> u16 {
+        let bytes = fs::read(path).unwrap();
+        u16::from_be_bytes([bytes[8], bytes[9]])
+    }
+
+    #[test]
+    fn a_key_slot_opens_with_its_key_only_and_makes_the_file_version_2() {
+        let dir = tempfile::tempdir().unwrap();
+        let (paths, mut state) = created(dir.path());
+        state.seal(&small_archive(2)).unwrap();
+        assert_eq!(version_of(paths.current()), 1);
+        let body_before = fs::read(paths.current()).unwrap()[223..].to_vec();
+
+        assert_eq!(state.add_key(&key(7)).unwrap(), 1);
+        assert_eq!(version_of(paths.current()), 2);
+        assert_eq!(version_of(paths.previous()), 2);
+        let file = fs::read(paths.current()).unwrap();
+        assert_eq!(file[329..], body_before[..], "the body is copied verbatim");
+
+        let opened = SealedState::open_with(
+            paths.clone(),
+            guest(),
+            Credential::Key(&key(7)),
+            &weak_policy(),
+        )
+        .unwrap();
+        assert_eq!(opened.state.unlocked_slot(), Some(1));
+        assert_eq!(opened.archive, small_archive(2));
+        assert!(
+            opened.kdf_time < std::time::Duration::from_millis(50),
+            "{:?}",
+            opened.kdf_time
+        );
+        assert!(matches!(
+            open(&paths, Credential::Key(&key(8))),
+            Err(VaultError::WrongKey {
+                kind: SlotKind::Key,
+                ..
+            })
+        ));
+        assert!(matches!(
+            open(&paths, Credential::Key(&passphrase("short"))),
+            Err(VaultError::InvalidKey { len: 5 })
+        ));
+        // The passphrase still opens its own slot.
+        assert_eq!(
+            open(&paths, Credential::Passphrase(&passphrase("correct horse")))
+                .unwrap()
+                .unlocked_slot(),
+            Some(0)
+        );
+
+        // Removing the key slot brings the file back to version 1, still
+        // with the same body.
+        state.remove_keyslot(1).unwrap();
+        assert_eq!(version_of(paths.current()), 1);
+        assert_eq!(fs::read(paths.current()).unwrap()[223..], body_before[..]);
+        assert!(matches!(
+            open(&paths, Credential::Key(&key(7))),
+            Err(VaultError::NoKeyslot {
+                kind: SlotKind::Key,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn a_host_slot_opens_on_its_host_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let (paths, mut state) = created(dir.path());
+        let here = HostKey::generate().unwrap();
+        let there = HostKey::generate().unwrap();
+        assert_eq!(state.add_host(&there.public()).unwrap(), 1);
+        // Granting the same host again changes nothing.
+        let before = fs::read(paths.current()).unwrap();
+        assert_eq!(state.add_host(&there.public()).unwrap(), 1);
+        assert_eq!(fs::read(paths.current()).unwrap(), before);
+
+        let opened = open(&paths, Credential::Host(&there)).unwrap();
+        assert_eq!(opened.unlocked_slot(), Some(1));
+        assert!(
+            opened
+                .swtpm_state_key()
+                .unwrap()
+                .ct_eq(&state.swtpm_state_key().unwrap())
+        );
+        let e = open(&paths, Credential::Host(&here)).unwrap_err();
+        assert!(
+            matches!(
+                &e,
+                VaultError::NoKeyslot {
+                    kind: SlotKind::Host,
+                    for_host: Some(f),
+                    ..
+                } if *f == here.public().fingerprint_hex()
+            ),
+            "{e}"
+        );
+        let slots = state.keyslots();
+        assert_eq!(slots[1].kind, SlotKind::Host);
+        assert_eq!(
+            slots[1].host_fingerprint.as_deref(),
+            Some(there.public().fingerprint_hex().as_str())
+        );
+        let info = vtpmd::vault::inspect(paths.current()).unwrap();
+        assert_eq!(info.format_version, 2);
+        assert_eq!(info.keyslots[1].kind, "host");
+        assert_eq!(info.keyslots[0].kind, "argon2id-passphrase");
+
+        // Copied to another guest's path, the host slot is refused like any.
+        let moved = SealedPaths::new(dir.path().join("other.sealed"));
+        fs::copy(paths.current(), moved.current()).unwrap();
+        assert!(matches!(
+            SealedState::open_with(
+                moved,
+                GuestId::parse(OTHER_GUEST).unwrap(),
+                Credential::Host(&there),
+                &weak_policy()
+            ),
+            Err(VaultError::GuestMismatch { .. })
+        ));
+
+        // The last slot never goes, whatever its kind.
+        state.remove_keyslot(0).unwrap();
+        assert!(matches!(
+            state.remove_keyslot(0),
+            Err(VaultError::LastKeyslot { index: 0 })
+        ));
+        assert!(matches!(
+            state.change_passphrase_of(0, &passphrase("x"), &weak_policy()),
+            Err(VaultError::NotAPassphraseSlot { index: 0, .. })
+        ));
+    }
 }

@@ -5,13 +5,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::protocol::manager::{
-    CapabilitiesReply, ExportReply, GuestReply, GuestView, ListReply, ManagerError, MonitorReply,
-    Passphrase, Request, StartTimingsView,
+    CapabilitiesReply, ExportReply, GuestReply, GuestView, HostKeyReply, ListReply, ManagerError,
+    MigrateOutReply, MonitorReply, Passphrase, Request, StartTimingsView,
 };
 use crate::protocol::varlink::{ServiceError, encode_reply};
 use crate::secret::{SecretBuf, SecretError};
 use crate::supervisor::{Event, EventKind, GuestInfo, Supervisor, SupervisorError};
 use crate::vault::MAX_PASSPHRASE_LEN;
+use base64ct::{Base64, Encoding};
 
 use super::{Limits, LogGate};
 
@@ -46,6 +47,16 @@ pub(super) async fn run(
                     traits: caps.traits.clone(),
                     swtpm_version: caps.swtpm_version.clone(),
                     max_sealed_bytes: Some(wide(limits.max_sealed)),
+                },
+                false,
+            )
+        }
+        Request::GetHostKey => {
+            let public = supervisor.host_public_key();
+            encode_reply(
+                &HostKeyReply {
+                    public_key: public.to_base64(),
+                    fingerprint: public.fingerprint_hex(),
                 },
                 false,
             )
@@ -111,6 +122,64 @@ pub(super) async fn run(
                         Err(e) => error(&e, log),
                     },
                 )
+        }
+        Request::MigrateOut {
+            guest,
+            destination,
+            ttl_seconds,
+        } => {
+            let Ok(destination) = crate::vault::HostPublicKey::parse_base64(destination) else {
+                return invalid("destination");
+            };
+            let ttl =
+                ttl_seconds.map_or(crate::supervisor::DEFAULT_TICKET_TTL, Duration::from_secs);
+            let sup = Arc::clone(supervisor);
+            detached(timeout, async move {
+                sup.migrate_out(guest, destination, ttl).await
+            })
+            .await
+            .map_or_else(
+                |reply| reply,
+                |result| match result {
+                    Ok(out) => encode_reply(
+                        &MigrateOutReply {
+                            ticket: Base64::encode_string(&out.ticket),
+                            sealed: Base64::encode_string(&out.sealed),
+                            generation: out.generation,
+                            expires: out
+                                .expires
+                                .duration_since(std::time::UNIX_EPOCH)
+                                .map_or(0, |d| d.as_secs()),
+                        },
+                        false,
+                    ),
+                    Err(e) => error(&e, log),
+                },
+            )
+        }
+        Request::MigrateIn {
+            guest,
+            ticket,
+            sealed,
+        } => {
+            let Ok(ticket) = Base64::decode_vec(ticket) else {
+                return invalid("ticket");
+            };
+            let Ok(sealed) = Base64::decode_vec(sealed) else {
+                return invalid("sealed");
+            };
+            let sup = Arc::clone(supervisor);
+            detached(timeout, async move {
+                sup.migrate_in(guest, ticket, sealed).await
+            })
+            .await
+            .map_or_else(|reply| reply, guest_reply)
+        }
+        Request::AbortMigration { guest } => {
+            let sup = Arc::clone(supervisor);
+            detached(timeout, async move { sup.abort_migration(guest).await })
+                .await
+                .map_or_else(|reply| reply, guest_reply)
         }
         Request::Delete { guest } => {
             let sup = Arc::clone(supervisor);
@@ -342,6 +411,17 @@ fn wire_error(e: &SupervisorError) -> ManagerError {
         S::WrongPassphrase { guest } => ManagerError::WrongPassphrase {
             guest: guest.to_string(),
         },
+        S::MigratedOut { guest } => ManagerError::MigratedOut {
+            guest: guest.to_string(),
+        },
+        S::Ticket { guest, source } => ManagerError::MigrationRefused {
+            guest: guest.to_string(),
+            reason: source.to_string(),
+        },
+        S::Migration { guest, why } => ManagerError::MigrationRefused {
+            guest: guest.to_string(),
+            reason: why.clone(),
+        },
         S::StateCorrupt { guest, what } => ManagerError::StateCorrupt {
             guest: guest.to_string(),
             reason: what.clone(),
@@ -381,6 +461,14 @@ fn wire_error(e: &SupervisorError) -> ManagerError {
             reason: crate::error_chain::chain(other),
         },
     }
+}
+
+/// `InvalidParameter` for `parameter`.
+fn invalid(parameter: &str) -> Vec<u8> {
+    ServiceError::InvalidParameter {
+        parameter: parameter.to_owned(),
+    }
+    .encode()
 }
 
 #[cfg(test)]

@@ -41,6 +41,7 @@ impl fmt::Debug for Passphrase<'_> {
 #[derive(Debug)]
 pub enum Request<'a> {
     GetCapabilities,
+    GetHostKey,
     Create {
         guest: GuestId,
         spec: TpmSpec,
@@ -76,6 +77,22 @@ pub enum Request<'a> {
         sealed: Vec<u8>,
     },
     Monitor,
+    MigrateOut {
+        guest: GuestId,
+        /// The destination's host public key (GetHostKey's), base64.
+        destination: &'a str,
+        ttl_seconds: Option<u64>,
+    },
+    MigrateIn {
+        guest: GuestId,
+        /// base64 of the ticket MigrateOut answered.
+        ticket: &'a str,
+        /// base64 of the sealed file MigrateOut answered.
+        sealed: &'a str,
+    },
+    AbortMigration {
+        guest: GuestId,
+    },
 }
 
 impl Request<'_> {
@@ -83,6 +100,7 @@ impl Request<'_> {
     pub fn method(&self) -> &'static str {
         match self {
             Self::GetCapabilities => "GetCapabilities",
+            Self::GetHostKey => "GetHostKey",
             Self::Create { .. } => "Create",
             Self::Start { .. } => "Start",
             Self::Stop { .. } => "Stop",
@@ -94,6 +112,9 @@ impl Request<'_> {
             Self::Export { .. } => "Export",
             Self::Import { .. } => "Import",
             Self::Monitor => "Monitor",
+            Self::MigrateOut { .. } => "MigrateOut",
+            Self::MigrateIn { .. } => "MigrateIn",
+            Self::AbortMigration { .. } => "AbortMigration",
         }
     }
 
@@ -101,7 +122,11 @@ impl Request<'_> {
     pub fn is_read_only(&self) -> bool {
         matches!(
             self,
-            Self::GetCapabilities | Self::Status { .. } | Self::List | Self::Monitor
+            Self::GetCapabilities
+                | Self::GetHostKey
+                | Self::Status { .. }
+                | Self::List
+                | Self::Monitor
         )
     }
 }
@@ -135,6 +160,28 @@ struct StartParams<'a> {
     guest: &'a str,
     #[serde(borrow)]
     passphrase: &'a RawValue,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MigrateOutParams<'a> {
+    #[serde(borrow)]
+    guest: &'a str,
+    #[serde(borrow)]
+    destination: &'a str,
+    #[serde(default)]
+    ttl_seconds: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MigrateInParams<'a> {
+    #[serde(borrow)]
+    guest: &'a str,
+    #[serde(borrow)]
+    ticket: &'a str,
+    #[serde(borrow)]
+    sealed: &'a str,
 }
 
 #[derive(Deserialize)]
@@ -186,6 +233,10 @@ pub fn parse_request<'a>(member: &str, parameters: &'a str) -> Result<Request<'a
             decode::<NoParams>(parameters)?;
             Request::GetCapabilities
         }
+        "GetHostKey" => {
+            decode::<NoParams>(parameters)?;
+            Request::GetHostKey
+        }
         "List" => {
             decode::<NoParams>(parameters)?;
             Request::List
@@ -197,6 +248,28 @@ pub fn parse_request<'a>(member: &str, parameters: &'a str) -> Result<Request<'a
         "Monitor" => {
             decode::<NoParams>(parameters)?;
             Request::Monitor
+        }
+        "MigrateOut" => {
+            let p: MigrateOutParams<'a> = decode(parameters)?;
+            Request::MigrateOut {
+                guest: guest_id(p.guest)?,
+                destination: p.destination,
+                ttl_seconds: p.ttl_seconds,
+            }
+        }
+        "MigrateIn" => {
+            let p: MigrateInParams<'a> = decode(parameters)?;
+            Request::MigrateIn {
+                guest: guest_id(p.guest)?,
+                ticket: p.ticket,
+                sealed: p.sealed,
+            }
+        }
+        "AbortMigration" => {
+            let p: GuestParams<'a> = decode(parameters)?;
+            Request::AbortMigration {
+                guest: guest_id(p.guest)?,
+            }
         }
         "Stop" | "Status" | "Delete" | "Export" => {
             let p: GuestParams<'a> = decode(parameters)?;
@@ -311,7 +384,7 @@ fn passphrase<'a>(name: &str, raw: &'a RawValue) -> Result<Passphrase<'a>, Reque
         .unwrap_or_default();
     let valid = !text.is_empty()
         && text.len() <= MAX_PASSPHRASE_BASE64
-        && text.len() % 4 == 0
+        && text.len().is_multiple_of(4)
         && text
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'='));
@@ -427,6 +500,28 @@ impl ExportReply {
     }
 }
 
+/// `MigrateOut`'s reply: what the orchestrator hands the destination's
+/// MigrateIn.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrateOutReply {
+    /// base64 of the ticket (docs/sealed-format.md, "Migration tickets").
+    pub ticket: String,
+    /// base64 of the sealed file, sealed durably just now.
+    pub sealed: String,
+    pub generation: u64,
+    /// When the ticket stops opening, Unix seconds.
+    pub expires: u64,
+}
+
+/// `GetHostKey`'s reply.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostKeyReply {
+    /// Standard base64 (RFC 4648, padded) of the 32-byte X25519 public key.
+    pub public_key: String,
+    /// Hex of the first 16 bytes of SHA-256(public key).
+    pub fingerprint: String,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GuestReply {
     pub guest: GuestView,
@@ -525,6 +620,13 @@ pub enum ManagerError {
         scope: String,
         limit: u64,
     },
+    MigratedOut {
+        guest: String,
+    },
+    MigrationRefused {
+        guest: String,
+        reason: String,
+    },
 }
 
 impl ManagerError {
@@ -546,6 +648,8 @@ impl ManagerError {
             Self::Busy { .. } => "io.vtpmd.Manager.Busy",
             Self::Internal { .. } => "io.vtpmd.Manager.Internal",
             Self::TooManyConnections { .. } => "io.vtpmd.Manager.TooManyConnections",
+            Self::MigratedOut { .. } => "io.vtpmd.Manager.MigratedOut",
+            Self::MigrationRefused { .. } => "io.vtpmd.Manager.MigrationRefused",
         }
     }
 
@@ -580,6 +684,7 @@ mod tests {
             Ok(Request::GetCapabilities)
         ));
         assert!(matches!(parse("List", "{}"), Ok(Request::List)));
+        assert!(matches!(parse("GetHostKey", "{}"), Ok(Request::GetHostKey)));
         assert!(matches!(parse("Drain", "{}"), Ok(Request::Drain)));
         assert!(matches!(parse("Monitor", "{}"), Ok(Request::Monitor)));
         assert!(matches!(parse("Status", &g), Ok(Request::Status { .. })));

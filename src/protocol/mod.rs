@@ -68,8 +68,15 @@ pub fn fuzz_call(message: &[u8]) -> Vec<manager::Passphrase<'_>> {
         | Request::Delete { guest }
         | Request::Export { guest }
         | Request::Import { guest, .. }
+        | Request::MigrateOut { guest, .. }
+        | Request::MigrateIn { guest, .. }
+        | Request::AbortMigration { guest }
         | Request::Rekey { guest, .. } => Some(*guest),
-        Request::GetCapabilities | Request::List | Request::Drain | Request::Monitor => None,
+        Request::GetCapabilities
+        | Request::GetHostKey
+        | Request::List
+        | Request::Drain
+        | Request::Monitor => None,
     };
     if let Some(guest) = guest {
         let text = guest.to_string();

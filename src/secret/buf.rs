@@ -63,7 +63,7 @@ impl SecretBuf {
     /// problem is [`SecretError::InvalidBase64`], which says nothing about
     /// where or what: that would reveal part of the secret.
     pub fn from_base64(text: &[u8], max_len: usize) -> Result<SecretBuf, SecretError> {
-        if text.len() % 4 != 0 {
+        if !text.len().is_multiple_of(4) {
             return Err(SecretError::InvalidBase64);
         }
         // Padding is at most two '=' and its amount follows from the decoded

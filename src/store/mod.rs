@@ -9,6 +9,7 @@
 //! <state_dir>/guests/<uuid>/tpm.sealed.prev  0600  previous generation
 //! <state_dir>/guests/<uuid>/owner            0600  `uid=N`: the guest's swtpm uid (gid = uid)
 //! <state_dir>/ca/                   0700  vtpmd           local CA (swtpm::provision::LocalCa)
+//! <state_dir>/host.key               0600  vtpmd           this host's X25519 key (vault::HostKey)
 //! <runtime_dir>/                    0711  vtpmd           RAM (/run/vtpmd): search only
 //! <runtime_dir>/<uuid>/             0770  vtpmd:guest gid       swtpm's state dir while running
 //! <runtime_dir>/<uuid>/<file>       0644  guest uid:guest gid   swtpm's (encrypted) state files
@@ -289,6 +290,12 @@ impl Store {
     }
 
     /// Where the local CA lives.
+    /// This host's identity (`vault::HostKey`): made on first start, never
+    /// replaced.
+    pub fn host_key_path(&self) -> PathBuf {
+        self.state_dir.join("host.key")
+    }
+
     pub fn ca_dir(&self) -> PathBuf {
         self.state_dir.join("ca")
     }

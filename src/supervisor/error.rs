@@ -87,6 +87,8 @@ pub enum SupervisorError {
     #[error("vtpmd is shutting down")]
     ShuttingDown,
 
+    #[error("this host's key cannot be used; vtpmd does not start without it")]
+    HostKey(#[source] crate::vault::HostKeyError),
     #[error("invalid supervisor configuration: {what}")]
     Config { what: String },
     #[error("swtpm cannot be used on this host")]
@@ -123,6 +125,18 @@ pub enum SupervisorError {
         #[source]
         source: SpawnError,
     },
+    #[error(
+        "guest {guest} was migrated to another host: only Delete (or MigrateIn to take it back) applies here"
+    )]
+    MigratedOut { guest: GuestId },
+    #[error("guest {guest}: {why}")]
+    Migration { guest: GuestId, why: String },
+    #[error("guest {guest}: the migration ticket is refused")]
+    Ticket {
+        guest: GuestId,
+        #[source]
+        source: crate::vault::TicketError,
+    },
     #[error("cannot give guest {guest} a runtime directory of its own: {what}")]
     RuntimeSpace { guest: GuestId, what: String },
     #[error("cannot {op} for guest {guest}")]
@@ -141,6 +155,7 @@ impl SupervisorError {
             Refused::GuestExists => Self::GuestExists { guest },
             Refused::GuestRunning => Self::GuestRunning { guest, state },
             Refused::GuestNotRunning => Self::GuestNotRunning { guest, state },
+            Refused::MigratedOut => Self::MigratedOut { guest },
             Refused::NotAllowed => Self::NotAllowed {
                 guest,
                 state,

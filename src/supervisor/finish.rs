@@ -100,11 +100,20 @@ pub(super) async fn finish(
         shared.handover.remove(id);
     }
 
-    let (state, failure) = settle(ending, &outcome);
-    let reason = match &outcome.resealed {
+    let (mut state, failure) = settle(ending, &outcome);
+    let mut reason = match &outcome.resealed {
         Err(Unsealed::NoKey) => Some(LEFTOVER_REASON.to_owned()),
         _ => None,
     };
+    slot.incoming = false;
+    // A run handed out with MigrateOut that ended cleanly: its VMM moved.
+    if let (Some(out), GuestState::Stopped) = (slot.outgoing.take(), state) {
+        state = GuestState::MigratedOut;
+        reason = Some(format!(
+            "migrated out to host {} (from generation {}): Delete it here once it runs there",
+            out.to, out.generation
+        ));
+    }
     let info = guest.update(|i| {
         i.state = state;
         i.pid = None;

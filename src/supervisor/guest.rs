@@ -44,6 +44,12 @@ pub(super) struct Slot {
     /// reseal failed): the next Start seals them before anything else, and
     /// nothing wipes the directory until then.
     pub(super) unsealed_leftover: bool,
+    /// This run was handed out with MigrateOut: when it ends cleanly, the
+    /// guest is `migrated-out`.
+    pub(super) outgoing: Option<super::migrate::Outgoing>,
+    /// This run is a migration's destination (MigrateIn), which Abort may
+    /// still call off.
+    pub(super) incoming: bool,
     next_epoch: u64,
 }
 

@@ -36,6 +36,7 @@ mod guest;
 mod handover;
 mod lost_write;
 mod manage;
+mod migrate;
 mod mobility;
 mod reattach;
 mod recover;
@@ -66,6 +67,7 @@ use crate::swtpm::provision::LocalCa;
 pub use config::{DEFAULT_RUNTIME_SPACE_MIB, SupervisorConfig, default_kdf_parallelism};
 pub use error::SupervisorError;
 pub use handover::KeyStore;
+pub use migrate::{DEFAULT_TICKET_TTL, MigrationOut};
 pub use mobility::Exported;
 pub use state::{Action, Allowed, GuestState, Refused, decide};
 pub use uids::UidRange;
@@ -145,6 +147,15 @@ pub enum EventKind {
     Exported,
     /// An Import registered the guest or gave it a newer generation.
     Imported,
+    /// MigrateOut handed a ticket for the guest to another host; the guest
+    /// runs here until its VMM has moved.
+    MigratingOut,
+    /// The run handed out ended: the guest lives on the other host now.
+    MigratedOut,
+    /// MigrateIn: a swtpm waits for the VMM's state from the source.
+    MigratingIn,
+    /// Abort: a migration was called off on this host.
+    MigrationAborted,
 }
 
 impl EventKind {
@@ -163,6 +174,10 @@ impl EventKind {
             EventKind::StoreFailed => "store-failed",
             EventKind::Exported => "exported",
             EventKind::Imported => "imported",
+            EventKind::MigratingOut => "migrating-out",
+            EventKind::MigratedOut => "migrated-out",
+            EventKind::MigratingIn => "migrating-in",
+            EventKind::MigrationAborted => "migration-aborted",
         }
     }
 
@@ -174,6 +189,7 @@ impl EventKind {
             GuestState::Running => EventKind::Running { start: None },
             GuestState::Stopping => EventKind::Stopping,
             GuestState::Failed => EventKind::Failed,
+            GuestState::MigratedOut => EventKind::MigratedOut,
         }
     }
 }
@@ -236,10 +252,14 @@ pub(crate) struct Shared {
     handover: handover::Handover,
     /// Each swtpm's transient systemd scope.
     scopes: scopes::Scopes,
+    /// Migration tickets taken here, until they expire.
+    used_tickets: migrate::UsedTickets,
     /// Whether each guest's runtime directory gets a tmpfs of its own.
     space: space::RuntimeSpace,
     /// One vtpmd per state directory, for as long as this one lives.
     _daemon_lock: DaemonLock,
+    /// This host's identity: what `host` keyslots for this host open with.
+    host_key: Arc<crate::vault::HostKey>,
 }
 
 impl Shared {
@@ -390,32 +410,37 @@ impl Supervisor {
         let bins = config.binaries.clone();
         let for_setup = store.clone();
         let uid_range = config.swtpm_uids;
-        let (host, ca, guests, uids, daemon_lock) = tokio::task::spawn_blocking(move || {
-            for_setup.init().map_err(SupervisorError::InitStore)?;
-            // Before anything is read or removed: a second vtpmd on this
-            // state would take the first one's guests for leftovers.
-            let daemon_lock = for_setup
-                .lock_daemon()
-                .map_err(SupervisorError::InitStore)?;
-            let host = crate::swtpm::probe::probe(&bins).map_err(SupervisorError::ProbeSwtpm)?;
-            if uid_range.is_some() {
-                for_setup
-                    .check_reachable()
+        let (host, ca, guests, uids, daemon_lock, host_key) =
+            tokio::task::spawn_blocking(move || {
+                for_setup.init().map_err(SupervisorError::InitStore)?;
+                // Before anything is read or removed: a second vtpmd on this
+                // state would take the first one's guests for leftovers.
+                let daemon_lock = for_setup
+                    .lock_daemon()
                     .map_err(SupervisorError::InitStore)?;
-            }
-            let ca = if host.can_create_certificates() {
-                Some(LocalCa::open(&for_setup.ca_dir()).map_err(SupervisorError::OpenLocalCa)?)
-            } else {
-                None
-            };
-            let guests = recover::recover(&for_setup, &bins.swtpm)?;
-            let uids = uid_range.map(|range| recover::recover_uids(&for_setup, range, &guests));
-            Ok::<_, SupervisorError>((host, ca, guests, uids, daemon_lock))
-        })
-        .await
-        .map_err(|source| SupervisorError::Config {
-            what: format!("start-up task failed: {source}"),
-        })??;
+                // Under the lock: two vtpmds never race to make it.
+                let host_key = crate::vault::HostKey::load_or_create(&for_setup.host_key_path())
+                    .map_err(SupervisorError::HostKey)?;
+                let host =
+                    crate::swtpm::probe::probe(&bins).map_err(SupervisorError::ProbeSwtpm)?;
+                if uid_range.is_some() {
+                    for_setup
+                        .check_reachable()
+                        .map_err(SupervisorError::InitStore)?;
+                }
+                let ca = if host.can_create_certificates() {
+                    Some(LocalCa::open(&for_setup.ca_dir()).map_err(SupervisorError::OpenLocalCa)?)
+                } else {
+                    None
+                };
+                let guests = recover::recover(&for_setup, &bins.swtpm)?;
+                let uids = uid_range.map(|range| recover::recover_uids(&for_setup, range, &guests));
+                Ok::<_, SupervisorError>((host, ca, guests, uids, daemon_lock, host_key))
+            })
+            .await
+            .map_err(|source| SupervisorError::Config {
+                what: format!("start-up task failed: {source}"),
+            })??;
 
         let watcher = watcher::Watcher::start().map_err(|e| SupervisorError::Config {
             what: format!("cannot create an inotify instance: {e}"),
@@ -451,7 +476,9 @@ impl Supervisor {
             handover: handover::Handover::new(keys),
             scopes,
             space,
+            used_tickets: migrate::UsedTickets::default(),
             _daemon_lock: daemon_lock,
+            host_key: Arc::new(host_key),
         });
         let adopted = adopted::take_over(&shared, found).await;
         // Tmpfs mounts whose guest stopped while no vtpmd ran (emptied by
@@ -475,6 +502,12 @@ impl Supervisor {
 
     pub fn capabilities(&self) -> Capabilities {
         self.shared.capabilities()
+    }
+
+    /// This host's public key, what `Grant` on another host is given to
+    /// let this one open a guest.
+    pub fn host_public_key(&self) -> crate::vault::HostPublicKey {
+        self.shared.host_key.public()
     }
 
     /// Provisions and seals a new TPM (generation 1); the guest is
@@ -502,6 +535,48 @@ impl Supervisor {
         let shared = Arc::clone(&self.shared);
         detached(guest, "start", async move {
             start::start_guest(shared, guest, passphrase).await
+        })
+        .await
+    }
+
+    /// The source of a live migration: seals the running guest once more
+    /// and answers that file with a ticket for `destination` (valid for
+    /// `ttl`). The guest goes on here; once this run ends it is
+    /// `migrated-out`.
+    pub async fn migrate_out(
+        &self,
+        guest: GuestId,
+        destination: crate::vault::HostPublicKey,
+        ttl: Duration,
+    ) -> Result<MigrationOut, SupervisorError> {
+        let shared = Arc::clone(&self.shared);
+        detached(guest, "migrate out", async move {
+            migrate::migrate_out(shared, guest, destination, ttl).await
+        })
+        .await
+    }
+
+    /// The destination of a live migration: takes the guest in from the
+    /// source's sealed file and ticket, and runs a swtpm for QEMU's
+    /// `-incoming`.
+    pub async fn migrate_in(
+        &self,
+        guest: GuestId,
+        ticket: Vec<u8>,
+        sealed: Vec<u8>,
+    ) -> Result<GuestInfo, SupervisorError> {
+        let shared = Arc::clone(&self.shared);
+        detached(guest, "migrate in", async move {
+            migrate::migrate_in(shared, guest, ticket, sealed).await
+        })
+        .await
+    }
+
+    /// Calls a migration off on this host (source or destination).
+    pub async fn abort_migration(&self, guest: GuestId) -> Result<GuestInfo, SupervisorError> {
+        let shared = Arc::clone(&self.shared);
+        detached(guest, "abort the migration of", async move {
+            migrate::abort(shared, guest).await
         })
         .await
     }

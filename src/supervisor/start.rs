@@ -186,6 +186,39 @@ async fn launch(
         ));
     }
     let detail = (!detail.is_empty()).then(|| detail.join("; "));
+    let (info, ran) = run(shared, guest, slot, state, Some(archive)).await?;
+    let timings = StartTimings {
+        queued,
+        kdf: kdf_time,
+        unseal: opening.saturating_sub(kdf_time) + ran.unpacked,
+        spawn: ran.spawn,
+        ready: ran.ready,
+        total: Duration::ZERO,
+    };
+    Ok((info, detail, timings))
+}
+
+/// How long the steps of [`run`] took.
+pub(super) struct Ran {
+    pub(super) unpacked: Duration,
+    pub(super) spawn: Duration,
+    pub(super) ready: Duration,
+}
+
+/// Runs the guest from its opened `state`: a fresh runtime directory of
+/// vtpmd and the guest's group, `archive` unpacked in it (none for a
+/// migration's destination, whose swtpm gets its state from the VMM),
+/// watched, swtpm spawned and serving, recorded, resealed from then on.
+/// The guest is `running` when this returns; on an error nothing is left.
+pub(super) async fn run(
+    shared: &Arc<Shared>,
+    guest: &Arc<Guest>,
+    slot: &mut Slot,
+    state: SealedState,
+    archive: Option<crate::vault::StateArchive>,
+) -> Result<(GuestInfo, Ran), SupervisorError> {
+    let id = guest.id;
+    let store = &shared.store;
     let spec = state.spec();
     if !shared.host.supports(spec.version()) {
         return Err(SupervisorError::UnsupportedTpm {
@@ -219,7 +252,7 @@ async fn launch(
             space::bound(shared, id, &dir, owner.map(|(_, gid)| gid)).await?;
             let dir2 = dir.clone();
             blocking(id, "unpack the state", move || {
-                unpack(&dir2, owner, &archive)
+                unpack(&dir2, owner, archive.as_ref())
             })
             .await?
         }
@@ -338,15 +371,14 @@ async fn launch(
         i.reason = None;
     });
     tracing::debug!(guest = %id, pid, generation, swtpm_uid = ?uid, "swtpm serving");
-    let timings = StartTimings {
-        queued,
-        kdf: kdf_time,
-        unseal: opening.saturating_sub(kdf_time) + unpacked,
-        spawn: spawn_time,
-        ready: ready_time,
-        total: Duration::ZERO,
-    };
-    Ok((info, detail, timings))
+    Ok((
+        info,
+        Ran {
+            unpacked,
+            spawn: spawn_time,
+            ready: ready_time,
+        },
+    ))
 }
 
 /// The guest's swtpm uid: the recorded one, or (a guest created before
@@ -399,11 +431,13 @@ enum Unpack {
 fn unpack(
     dir: &Path,
     owner: Option<(Uid, Gid)>,
-    archive: &crate::vault::StateArchive,
+    archive: Option<&crate::vault::StateArchive>,
 ) -> Result<(), Unpack> {
-    archive
-        .write_to_dir(dir)
-        .map_err(|e| Unpack::Vault(VaultError::Archive(e)))?;
+    if let Some(archive) = archive {
+        archive
+            .write_to_dir(dir)
+            .map_err(|e| Unpack::Vault(VaultError::Archive(e)))?;
+    }
     if let Some((uid, gid)) = owner {
         store::hand_over_entries(dir, uid, gid, store::GUEST_STATE_FILE_MODE)
             .map_err(Unpack::Store)?;

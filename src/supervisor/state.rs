@@ -1,7 +1,9 @@
 //! The per-guest state machine: which action is allowed in which state.
 //!
 //! `stopped → starting → running → stopping → stopped`, and `failed` when
-//! swtpm dies on its own or a final reseal fails. `starting` and
+//! swtpm dies on its own or a final reseal fails; `migrated-out` when a
+//! run handed out with MigrateOut ended (the guest runs on another host
+//! now: this one may only Delete it, or take it back with MigrateIn). `starting` and
 //! `stopping` exist only while an operation holds the guest's lock, so
 //! another operation, which must take that lock first, normally meets
 //! `stopped`, `running` or `failed`; the table still says what happens in
@@ -17,15 +19,17 @@ pub enum GuestState {
     Running,
     Stopping,
     Failed,
+    MigratedOut,
 }
 
 impl GuestState {
-    pub const ALL: [GuestState; 5] = [
+    pub const ALL: [GuestState; 6] = [
         GuestState::Stopped,
         GuestState::Starting,
         GuestState::Running,
         GuestState::Stopping,
         GuestState::Failed,
+        GuestState::MigratedOut,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -35,6 +39,7 @@ impl GuestState {
             GuestState::Running => "running",
             GuestState::Stopping => "stopping",
             GuestState::Failed => "failed",
+            GuestState::MigratedOut => "migrated-out",
         }
     }
 }
@@ -121,6 +126,8 @@ pub enum Refused {
     GuestRunning,
     GuestNotRunning,
     NotAllowed,
+    /// The guest's TPM now lives on another host.
+    MigratedOut,
 }
 
 /// [`decide`] for guest `guest`, refusals as the supervisor's errors.
@@ -137,9 +144,17 @@ pub fn decide(state: GuestState, action: Action) -> Result<Allowed, Refused> {
     use Action as A;
     use GuestState as S;
     match (state, action) {
-        (S::Stopped | S::Starting | S::Running | S::Stopping | S::Failed, A::Create) => {
-            Err(Refused::GuestExists)
-        }
+        (
+            S::Stopped | S::Starting | S::Running | S::Stopping | S::Failed | S::MigratedOut,
+            A::Create,
+        ) => Err(Refused::GuestExists),
+        (S::MigratedOut, A::Start | A::Rekey) => Err(Refused::MigratedOut),
+        (S::MigratedOut, A::Stop) => Err(Refused::GuestNotRunning),
+        (S::MigratedOut, A::Delete) => Ok(Allowed::Delete),
+        // Its file here is older than the other host's: not worth moving.
+        (S::MigratedOut, A::Export) => Err(Refused::MigratedOut),
+        // The guest coming back by a cold move, with a newer generation.
+        (S::MigratedOut, A::Import) => Ok(Allowed::ImportOver),
         (S::Stopped | S::Failed, A::Start) => Ok(Allowed::Start),
         (S::Running, A::Start) => Err(Refused::GuestRunning),
         (S::Starting | S::Stopping, A::Start) => Err(Refused::NotAllowed),
@@ -170,7 +185,7 @@ mod tests {
     use GuestState as S;
 
     /// Every (state, action) pair, written out once more by hand.
-    const TABLE: [(GuestState, Action, Result<Allowed, Refused>); 35] = [
+    const TABLE: [(GuestState, Action, Result<Allowed, Refused>); 42] = [
         (S::Stopped, A::Create, Err(Refused::GuestExists)),
         (S::Stopped, A::Start, Ok(Allowed::Start)),
         (S::Stopped, A::Stop, Err(Refused::GuestNotRunning)),
@@ -206,6 +221,13 @@ mod tests {
         (S::Failed, A::Rekey, Ok(Allowed::RekeyAtRest)),
         (S::Failed, A::Export, Ok(Allowed::ExportAtRest)),
         (S::Failed, A::Import, Ok(Allowed::ImportOver)),
+        (S::MigratedOut, A::Create, Err(Refused::GuestExists)),
+        (S::MigratedOut, A::Start, Err(Refused::MigratedOut)),
+        (S::MigratedOut, A::Stop, Err(Refused::GuestNotRunning)),
+        (S::MigratedOut, A::Delete, Ok(Allowed::Delete)),
+        (S::MigratedOut, A::Rekey, Err(Refused::MigratedOut)),
+        (S::MigratedOut, A::Export, Err(Refused::MigratedOut)),
+        (S::MigratedOut, A::Import, Ok(Allowed::ImportOver)),
     ];
 
     #[test]
@@ -232,7 +254,14 @@ mod tests {
         let names: Vec<&str> = GuestState::ALL.iter().map(|s| s.as_str()).collect();
         assert_eq!(
             names,
-            ["stopped", "starting", "running", "stopping", "failed"]
+            [
+                "stopped",
+                "starting",
+                "running",
+                "stopping",
+                "failed",
+                "migrated-out"
+            ]
         );
     }
 }

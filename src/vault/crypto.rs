@@ -15,13 +15,26 @@ use crate::secret::SecretBuf;
 use crate::secret::scrub::on_scrubbed_stack;
 
 use super::VaultError;
-use super::format::{DATA_KEY_LEN, Keyslot, NONCE_LEN, SALT_LEN, TAG_LEN, WRAPPED_KEY_LEN};
+use super::format::{
+    DATA_KEY_LEN, Keyslot, NONCE_LEN, SALT_LEN, TAG_LEN, WRAPPED_KEY_LEN, X25519_LEN,
+};
+use super::host_key::{HostKey, HostPublicKey};
 
 /// HKDF labels: each derived key has its own, so no two uses share a key.
 const BODY_KEY_LABEL: &[u8] = b"vtpmd sealed body key v1";
 const SWTPM_STATE_KEY_LABEL: &[u8] = b"vtpmd swtpm state key v1";
 const SWTPM_MIGRATION_KEY_LABEL: &[u8] = b"vtpmd swtpm migration key v1";
 const KEYSLOT_AAD_LABEL: &[u8] = b"vtpmd keyslot v1";
+/// HKDF info of a `key` slot's KEK (followed by the guest id).
+const KEY_SLOT_LABEL: &[u8] = b"vtpmd key keyslot v2";
+/// HPKE info of a `host` slot (followed by the guest id).
+const HOST_SLOT_LABEL: &[u8] = b"vtpmd host keyslot v2";
+
+/// The HPKE suite of host slots: DHKEM(X25519, HKDF-SHA256), HKDF-SHA256,
+/// AES-256-GCM (RFC 9180 ids 0x0020, 0x0001, 0x0002), base mode.
+type HostKem = hpke::kem::X25519HkdfSha256;
+type HostKdf = hpke::kdf::HkdfSha256;
+type HostAead = hpke::aead::AesGcm256;
 
 /// The guest's 256-bit data key: it encrypts every generation of the body
 /// (through a per-generation subkey) and is what keyslots wrap.
@@ -99,7 +112,7 @@ impl DataKey {
 }
 
 /// Associated data of a keyslot's wrapped key: the label, the guest and the
-/// slot's own parameters and salt.
+/// slot's own bound bytes (kind, parameters, salt or fingerprint).
 fn keyslot_aad(guest: &GuestId, slot: &Keyslot) -> Vec<u8> {
     let mut aad = Vec::new();
     aad.extend_from_slice(KEYSLOT_AAD_LABEL);
@@ -108,20 +121,34 @@ fn keyslot_aad(guest: &GuestId, slot: &Keyslot) -> Vec<u8> {
     aad
 }
 
-/// Wraps `data_key` under `kek` into `slot` (whose parameters and salt are
-/// already set), with a fresh nonce. The data key is read from its locked
-/// pages and only its ciphertext is written into the slot: no plaintext
-/// copy of it exists outside locked memory, not even for an instant.
+/// Wraps `data_key` under `kek` into `slot` (a passphrase or key slot
+/// whose parameters and salt are already set), with a fresh nonce. The
+/// data key is read from its locked pages and only its ciphertext is
+/// written into the slot: no plaintext copy of it exists outside locked
+/// memory, not even for an instant.
 pub(crate) fn wrap_key(
     kek: &SecretBuf,
     data_key: &DataKey,
     guest: &GuestId,
     slot: &mut Keyslot,
 ) -> Result<(), VaultError> {
-    slot.nonce = random_array()?;
     let aad = keyslot_aad(guest, slot);
-    let nonce = Nonce::from(slot.nonce);
-    let (body, tag) = slot.wrapped_key.split_at_mut(DATA_KEY_LEN);
+    let (nonce_field, wrapped_key) = match slot {
+        Keyslot::Passphrase {
+            nonce, wrapped_key, ..
+        }
+        | Keyslot::Key {
+            nonce, wrapped_key, ..
+        } => (nonce, wrapped_key),
+        Keyslot::Host { .. } => {
+            return Err(VaultError::Crypto {
+                what: "a host slot is wrapped with HPKE, not a KEK",
+            });
+        }
+    };
+    *nonce_field = random_array()?;
+    let nonce = Nonce::from(*nonce_field);
+    let (body, tag) = wrapped_key.split_at_mut(DATA_KEY_LEN);
     let produced = on_scrubbed_stack(|| {
         let buffer =
             InOutBuf::new(data_key.0.expose_secret(), body).map_err(|_| VaultError::Crypto {
@@ -138,20 +165,23 @@ pub(crate) fn wrap_key(
     Ok(())
 }
 
-/// Unwraps a keyslot; `None` when the tag does not verify, which (the header
-/// checksum having passed) means the passphrase was wrong. The ciphertext
-/// is decrypted in place in the data key's locked pages.
+/// Unwraps a passphrase or key slot; `None` when the tag does not verify,
+/// which (the header checksum having passed) means the secret was wrong.
+/// The ciphertext is decrypted in place in the data key's locked pages.
 pub(crate) fn unwrap_key(
     kek: &SecretBuf,
     guest: &GuestId,
     slot: &Keyslot,
 ) -> Result<Option<DataKey>, VaultError> {
     let aad = keyslot_aad(guest, slot);
+    let nonce = match slot {
+        Keyslot::Passphrase { nonce, .. } | Keyslot::Key { nonce, .. } => Nonce::from(*nonce),
+        Keyslot::Host { .. } => return Ok(None),
+    };
     let mut key = SecretBuf::zeroed(DATA_KEY_LEN)?;
-    let (ciphertext, tag) = slot.wrapped_key.split_at(DATA_KEY_LEN);
+    let (ciphertext, tag) = slot.wrapped_key().split_at(DATA_KEY_LEN);
     key.expose_secret_mut().copy_from_slice(ciphertext);
     let tag = tag_from(tag)?;
-    let nonce = Nonce::from(slot.nonce);
     let ok = on_scrubbed_stack(|| {
         Ok::<_, VaultError>(
             cipher(kek)?
@@ -160,6 +190,132 @@ pub(crate) fn unwrap_key(
         )
     })?;
     // On failure `key` holds garbage; it is zeroized on drop like any other.
+    Ok(ok.then_some(DataKey(key)))
+}
+
+/// The KEK of a `key` slot: HKDF-SHA256 of the 256-bit key with the slot's
+/// salt, bound to the guest. A random key needs no stretching, so this
+/// costs microseconds where Argon2id costs a second.
+pub(crate) fn key_slot_kek(
+    key: &SecretBuf,
+    salt: &[u8; SALT_LEN],
+    guest: &GuestId,
+) -> Result<SecretBuf, VaultError> {
+    let mut info = Vec::with_capacity(KEY_SLOT_LABEL.len() + 16);
+    info.extend_from_slice(KEY_SLOT_LABEL);
+    info.extend_from_slice(guest.as_bytes());
+    let mut out = SecretBuf::zeroed(DATA_KEY_LEN)?;
+    on_scrubbed_stack(|| {
+        Hkdf::<Sha256>::new(Some(salt), key.expose_secret()).expand(&info, out.expose_secret_mut())
+    })
+    .map_err(|_| VaultError::Crypto {
+        what: "HKDF expand",
+    })?;
+    Ok(out)
+}
+
+fn host_info(guest: &GuestId) -> Vec<u8> {
+    let mut info = Vec::with_capacity(HOST_SLOT_LABEL.len() + 16);
+    info.extend_from_slice(HOST_SLOT_LABEL);
+    info.extend_from_slice(guest.as_bytes());
+    info
+}
+
+/// A `host` slot: the data key sealed to `host` with HPKE base mode
+/// (single shot), info = label || guest, aad = the slot's AAD. The
+/// ephemeral key and every secret of the key schedule live on the
+/// scrubbed stack (hpke and x25519-dalek zeroize them on drop too).
+pub(crate) fn wrap_for_host(
+    data_key: &DataKey,
+    guest: &GuestId,
+    host: &HostPublicKey,
+) -> Result<Keyslot, VaultError> {
+    use hpke::{Deserializable, Serializable};
+    let fingerprint = host.fingerprint();
+    // The AAD covers kind, reserved bytes and fingerprint only: known
+    // before the seal.
+    let aad = keyslot_aad(
+        guest,
+        &Keyslot::Host {
+            fingerprint,
+            enc: [0; X25519_LEN],
+            wrapped_key: [0; WRAPPED_KEY_LEN],
+        },
+    );
+    let info = host_info(guest);
+    let mut enc = [0u8; X25519_LEN];
+    let mut wrapped_key = [0u8; WRAPPED_KEY_LEN];
+    let (body, tag) = wrapped_key.split_at_mut(DATA_KEY_LEN);
+    let (enc_bytes, tag_bytes) = on_scrubbed_stack(|| {
+        let pk = <HostKem as hpke::Kem>::PublicKey::from_bytes(host.as_bytes()).map_err(|_| {
+            VaultError::Crypto {
+                what: "host public key",
+            }
+        })?;
+        let buffer =
+            InOutBuf::new(data_key.0.expose_secret(), body).map_err(|_| VaultError::Crypto {
+                what: "wrapped key length",
+            })?;
+        let (encapped, tag) = hpke::single_shot_seal_inout_detached::<HostAead, HostKdf, HostKem>(
+            &hpke::OpModeS::Base,
+            &pk,
+            &info,
+            buffer,
+            &aad,
+        )
+        .map_err(|_| VaultError::Crypto {
+            what: "HPKE seal to the host key",
+        })?;
+        Ok::<_, VaultError>((encapped.to_bytes(), tag.to_bytes()))
+    })?;
+    enc.copy_from_slice(&enc_bytes);
+    tag.copy_from_slice(&tag_bytes);
+    Ok(Keyslot::Host {
+        fingerprint,
+        enc,
+        wrapped_key,
+    })
+}
+
+/// Opens a `host` slot with this host's private key; `None` when it does
+/// not open (another host's slot, or one edited since). Decrypted in place
+/// in the data key's locked pages.
+pub(crate) fn unwrap_for_host(
+    host: &HostKey,
+    guest: &GuestId,
+    slot: &Keyslot,
+) -> Result<Option<DataKey>, VaultError> {
+    use hpke::Deserializable;
+    let Keyslot::Host {
+        enc, wrapped_key, ..
+    } = slot
+    else {
+        return Ok(None);
+    };
+    let aad = keyslot_aad(guest, slot);
+    let info = host_info(guest);
+    let mut key = SecretBuf::zeroed(DATA_KEY_LEN)?;
+    let (ciphertext, tag) = wrapped_key.split_at(DATA_KEY_LEN);
+    key.expose_secret_mut().copy_from_slice(ciphertext);
+    let ok = on_scrubbed_stack(|| {
+        let (Ok(sk), Ok(encapped), Ok(tag)) = (
+            <HostKem as hpke::Kem>::PrivateKey::from_bytes(host.private().expose_secret()),
+            <HostKem as hpke::Kem>::EncappedKey::from_bytes(enc),
+            hpke::aead::AeadTag::<HostAead>::from_bytes(tag),
+        ) else {
+            return false;
+        };
+        hpke::single_shot_open_inout_detached::<HostAead, HostKdf, HostKem>(
+            &hpke::OpModeR::Base,
+            &sk,
+            &encapped,
+            &info,
+            key.expose_secret_mut().into(),
+            &aad,
+            &tag,
+        )
+        .is_ok()
+    });
     Ok(ok.then_some(DataKey(key)))
 }
 
@@ -246,3 +402,79 @@ pub(crate) fn random_array<const N: usize>() -> Result<[u8; N], VaultError> {
 }
 
 const _: () = assert!(WRAPPED_KEY_LEN == DATA_KEY_LEN + TAG_LEN);
+
+/// Seals the data key to `host` with HPKE base mode (single shot, the host
+/// slots' suite) under `info` and `aad`: the encapsulated key and the
+/// wrapped key with its tag. For a migration ticket, whose bytes around the
+/// wrap differ from a slot's.
+pub(crate) fn seal_key_to_host(
+    data_key: &DataKey,
+    host: &HostPublicKey,
+    info: &[u8],
+    aad: &[u8],
+) -> Result<([u8; X25519_LEN], [u8; WRAPPED_KEY_LEN]), VaultError> {
+    use hpke::{Deserializable, Serializable};
+    let mut enc = [0u8; X25519_LEN];
+    let mut wrapped_key = [0u8; WRAPPED_KEY_LEN];
+    let (body, tag) = wrapped_key.split_at_mut(DATA_KEY_LEN);
+    let (enc_bytes, tag_bytes) = on_scrubbed_stack(|| {
+        let pk = <HostKem as hpke::Kem>::PublicKey::from_bytes(host.as_bytes()).map_err(|_| {
+            VaultError::Crypto {
+                what: "host public key",
+            }
+        })?;
+        let buffer =
+            InOutBuf::new(data_key.0.expose_secret(), body).map_err(|_| VaultError::Crypto {
+                what: "wrapped key length",
+            })?;
+        let (encapped, tag) = hpke::single_shot_seal_inout_detached::<HostAead, HostKdf, HostKem>(
+            &hpke::OpModeS::Base,
+            &pk,
+            info,
+            buffer,
+            aad,
+        )
+        .map_err(|_| VaultError::Crypto {
+            what: "HPKE seal to the host key",
+        })?;
+        Ok::<_, VaultError>((encapped.to_bytes(), tag.to_bytes()))
+    })?;
+    enc.copy_from_slice(&enc_bytes);
+    tag.copy_from_slice(&tag_bytes);
+    Ok((enc, wrapped_key))
+}
+
+/// Opens what [`seal_key_to_host`] sealed, with this host's private key;
+/// `None` when it does not open (sealed to another host, or edited).
+pub(crate) fn open_key_from_host(
+    host: &HostKey,
+    info: &[u8],
+    aad: &[u8],
+    enc: &[u8; X25519_LEN],
+    wrapped_key: &[u8; WRAPPED_KEY_LEN],
+) -> Result<Option<DataKey>, VaultError> {
+    use hpke::Deserializable;
+    let mut key = SecretBuf::zeroed(DATA_KEY_LEN)?;
+    let (ciphertext, tag) = wrapped_key.split_at(DATA_KEY_LEN);
+    key.expose_secret_mut().copy_from_slice(ciphertext);
+    let ok = on_scrubbed_stack(|| {
+        let (Ok(sk), Ok(encapped), Ok(tag)) = (
+            <HostKem as hpke::Kem>::PrivateKey::from_bytes(host.private().expose_secret()),
+            <HostKem as hpke::Kem>::EncappedKey::from_bytes(enc),
+            hpke::aead::AeadTag::<HostAead>::from_bytes(tag),
+        ) else {
+            return false;
+        };
+        hpke::single_shot_open_inout_detached::<HostAead, HostKdf, HostKem>(
+            &hpke::OpModeR::Base,
+            &sk,
+            &encapped,
+            info,
+            key.expose_secret_mut().into(),
+            aad,
+            &tag,
+        )
+        .is_ok()
+    });
+    Ok(ok.then_some(DataKey(key)))
+}

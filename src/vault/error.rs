@@ -4,6 +4,7 @@ use crate::protocol::GuestId;
 use crate::secret::SecretError;
 
 use super::archive::ArchiveError;
+use super::format::SlotKind;
 use super::kdf::KdfParams;
 
 /// Everything that can go wrong with a sealed file.
@@ -17,7 +18,7 @@ pub enum VaultError {
     WrongPassphrase { path: PathBuf },
     #[error("{path} is corrupt: {what}")]
     Corrupt { path: PathBuf, what: String },
-    #[error("{path} is in sealed-format version {found}; this vtpmd reads version 1")]
+    #[error("{path} is in sealed-format version {found}; this vtpmd reads versions 1 and 2")]
     UnsupportedVersion { path: PathBuf, found: u16 },
     #[error("{params} is below OWASP's floor (m = 19 MiB, t = 2); set allow_weak_kdf to accept it")]
     WeakKdf { params: KdfParams },
@@ -27,6 +28,19 @@ pub enum VaultError {
         expected: GuestId,
         found: GuestId,
     },
+    #[error("the {kind} does not open any {kind} slot of {path}")]
+    WrongKey { path: PathBuf, kind: SlotKind },
+    #[error("{path} has no {kind} slot{}", for_host.as_ref().map(|f| format!(" for this host (fingerprint {f})")).unwrap_or_default())]
+    NoKeyslot {
+        path: PathBuf,
+        kind: SlotKind,
+        /// The host's fingerprint, for a host slot.
+        for_host: Option<String>,
+    },
+    #[error("a key is exactly 32 bytes; this one is {len}")]
+    InvalidKey { len: usize },
+    #[error("keyslot {index} is a {kind} slot, not a passphrase slot")]
+    NotAPassphraseSlot { index: usize, kind: SlotKind },
     #[error("keyslot {index} is the last one; add another before removing it")]
     LastKeyslot { index: usize },
     #[error("there is no keyslot {index}")]

@@ -1,4 +1,4 @@
-//! Byte layout of a sealed file, version 1 (`docs/sealed-format.md`).
+//! Byte layout of a sealed file, versions 1 and 2 (`docs/sealed-format.md`).
 //!
 //! Pure encoding and decoding: no I/O, no keys. Decoding accepts exactly one
 //! encoding of each header and rejects everything else, so this is what the
@@ -11,9 +11,17 @@ use super::kdf::KdfParams;
 
 /// "The file MUST begin with the 8 bytes `VTPMSEAL`."
 pub(crate) const MAGIC: &[u8; 8] = b"VTPMSEAL";
-/// "The version is a big-endian u16 right after the magic; this document
-/// describes version 1."
+/// The version of a file whose keyslots are all passphrase slots: what
+/// every vtpmd so far reads.
 pub(crate) const VERSION: u16 = 1;
+/// The version of a file that holds a `key` or `host` slot. Older readers
+/// refuse such a file as a newer version (not as corruption), and a file
+/// whose last such slot is removed is readable by them again.
+pub(crate) const VERSION_KINDS: u16 = 2;
+/// Bytes of a host slot's fingerprint of the host's public key.
+pub(crate) const FINGERPRINT_LEN: usize = 16;
+/// An X25519 public key, and HPKE's encapsulated key (Nenc).
+pub(crate) const X25519_LEN: usize = 32;
 
 pub(crate) const SALT_LEN: usize = 32;
 pub(crate) const NONCE_LEN: usize = 12;
@@ -35,7 +43,18 @@ pub(crate) const MAX_BODY_LEN: usize = 16 * 1024 * 1024 + TAG_LEN;
 pub(crate) const MAX_FILE_LEN: usize = header_len(MAX_KEYSLOTS) + MAX_BODY_LEN;
 
 const KEYSLOT_KIND_ARGON2ID: u8 = 1;
+const KEYSLOT_KIND_KEY: u8 = 2;
+const KEYSLOT_KIND_HOST: u8 = 3;
 const ARGON2_VERSION_0X13: u8 = 0x13;
+/// Where each field of a record starts; the wrapped key ends every kind.
+const KEY_SALT_AT: usize = 14;
+const HOST_FINGERPRINT_AT: usize = 10;
+const HOST_ENC_AT: usize = HOST_FINGERPRINT_AT + FINGERPRINT_LEN;
+const WRAPPED_AT: usize = KEYSLOT_LEN - WRAPPED_KEY_LEN;
+/// A host slot authenticates kind, reserved bytes and fingerprint.
+pub(crate) const HOST_BOUND_LEN: usize = HOST_ENC_AT;
+const _: () = assert!(HOST_ENC_AT + X25519_LEN == WRAPPED_AT);
+const _: () = assert!(KEY_SALT_AT + SALT_LEN + NONCE_LEN == WRAPPED_AT);
 
 /// The header fields the body is bound to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,13 +68,56 @@ pub(crate) struct Bound {
     pub body_len: u32,
 }
 
-/// A passphrase keyslot: the data key wrapped under Argon2id(passphrase).
+/// One keyslot: the data key wrapped for one way of opening the file.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Keyslot {
-    pub kdf: KdfParams,
-    pub salt: [u8; SALT_LEN],
-    pub nonce: [u8; NONCE_LEN],
-    pub wrapped_key: [u8; WRAPPED_KEY_LEN],
+pub(crate) enum Keyslot {
+    /// Under Argon2id(passphrase): a person's secret.
+    Passphrase {
+        kdf: KdfParams,
+        salt: [u8; SALT_LEN],
+        nonce: [u8; NONCE_LEN],
+        wrapped_key: [u8; WRAPPED_KEY_LEN],
+    },
+    /// Under HKDF(a random 256-bit key from a key manager): no stretching,
+    /// since a random key cannot be guessed.
+    Key {
+        salt: [u8; SALT_LEN],
+        nonce: [u8; NONCE_LEN],
+        wrapped_key: [u8; WRAPPED_KEY_LEN],
+    },
+    /// HPKE (RFC 9180, base mode) to one host's X25519 key.
+    Host {
+        fingerprint: [u8; FINGERPRINT_LEN],
+        enc: [u8; X25519_LEN],
+        wrapped_key: [u8; WRAPPED_KEY_LEN],
+    },
+}
+
+/// A keyslot's kind, as `inspect`, `Status` and errors name it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum SlotKind {
+    #[serde(rename = "argon2id-passphrase")]
+    Passphrase,
+    #[serde(rename = "key")]
+    Key,
+    #[serde(rename = "host")]
+    Host,
+}
+
+impl SlotKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Passphrase => "argon2id-passphrase",
+            Self::Key => "key",
+            Self::Host => "host",
+        }
+    }
+}
+
+impl std::fmt::Display for SlotKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -71,6 +133,8 @@ pub(crate) enum FormatError {
     BadMagic,
     #[error("sealed-format version {0}")]
     UnsupportedVersion(u16),
+    #[error("format version 2 with passphrase keyslots only (such a file is version 1)")]
+    NeedlessVersion,
     #[error("file ends inside the header ({len} bytes)")]
     TruncatedHeader { len: usize },
     #[error("header checksum mismatch")]
@@ -96,7 +160,7 @@ pub(crate) enum FormatError {
 impl Header {
     /// "Decoders MUST check the magic, then the version, before anything
     /// else."
-    pub(crate) fn check_magic_and_version(file: &[u8]) -> Result<(), FormatError> {
+    pub(crate) fn check_magic_and_version(file: &[u8]) -> Result<u16, FormatError> {
         let mut r = Reader::new(file);
         if r.take(MAGIC.len()) != Some(MAGIC.as_slice()) {
             return Err(FormatError::BadMagic);
@@ -104,10 +168,24 @@ impl Header {
         let version = r
             .u16()
             .ok_or(FormatError::TruncatedHeader { len: file.len() })?;
-        if version != VERSION {
+        if version != VERSION && version != VERSION_KINDS {
             return Err(FormatError::UnsupportedVersion(version));
         }
-        Ok(())
+        Ok(version)
+    }
+
+    /// Version 2 exactly when a slot needs it: one encoding per header, and
+    /// a file old readers can open stays one they can open.
+    pub(crate) fn version(&self) -> u16 {
+        if self
+            .keyslots
+            .iter()
+            .all(|s| s.kind() == SlotKind::Passphrase)
+        {
+            VERSION
+        } else {
+            VERSION_KINDS
+        }
     }
 
     pub(crate) fn encoded_len(&self) -> usize {
@@ -118,6 +196,9 @@ impl Header {
     pub(crate) fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(self.encoded_len() + self.bound.body_len as usize);
         out.extend_from_slice(&self.bound.encode());
+        // The bound bytes say version 1 (what the body authenticates); the
+        // file says which version its keyslots need.
+        out[MAGIC.len()..MAGIC.len() + 2].copy_from_slice(&self.version().to_be_bytes());
         let count = u8::try_from(self.keyslots.len()).unwrap_or(u8::MAX);
         out.push(count);
         for slot in &self.keyslots {
@@ -133,7 +214,7 @@ impl Header {
     /// Order matters: magic and version first, so that a file of a newer
     /// format says so instead of failing its checksum.
     pub(crate) fn decode(file: &[u8]) -> Result<(Header, &[u8]), FormatError> {
-        Self::check_magic_and_version(file)?;
+        let version = Self::check_magic_and_version(file)?;
         let mut r = Reader::new(file);
         r.take(MAGIC.len() + 2);
         let count = *file
@@ -154,8 +235,13 @@ impl Header {
         let bound = Bound::decode(&mut r)?;
         r.take(1); // keyslot count, read above
         let keyslots = (0..usize::from(count))
-            .map(|index| Keyslot::decode(&mut r, index))
+            .map(|index| Keyslot::decode(&mut r, index, version))
             .collect::<Result<Vec<_>, _>>()?;
+        let header = Header { bound, keyslots };
+        if header.version() != version {
+            return Err(FormatError::NeedlessVersion);
+        }
+        let Header { bound, keyslots } = header;
         let body = file.get(header_len..).unwrap_or_default();
         let expected = header_len + bound.body_len as usize;
         if body.len() != bound.body_len as usize {
@@ -173,6 +259,10 @@ pub(crate) const fn header_len(keyslots: usize) -> usize {
 }
 
 impl Bound {
+    /// The 84 bound bytes as the body authenticates them: with version 1
+    /// whatever the file's version, so adding or removing a `key` or
+    /// `host` slot (which changes the file's version) leaves the body's
+    /// bytes as they are.
     pub(crate) fn encode(&self) -> [u8; BOUND_LEN] {
         let mut out = [0u8; BOUND_LEN];
         let mut w = Writer::new(&mut out);
@@ -228,49 +318,134 @@ impl Bound {
 }
 
 impl Keyslot {
-    /// The bytes the wrapped key is bound to: kind, Argon2 version,
-    /// parameters and salt.
-    pub(crate) fn bound_bytes(&self) -> [u8; KEYSLOT_BOUND_LEN] {
-        let mut out = [0u8; KEYSLOT_BOUND_LEN];
-        let mut w = Writer::new(&mut out);
-        w.put(&[KEYSLOT_KIND_ARGON2ID, ARGON2_VERSION_0X13]);
-        w.put(&self.kdf.memory_kib().to_be_bytes());
-        w.put(&self.kdf.iterations().to_be_bytes());
-        w.put(&self.kdf.lanes().to_be_bytes());
-        w.put(&self.salt);
-        out
+    pub(crate) fn kind(&self) -> SlotKind {
+        match self {
+            Self::Passphrase { .. } => SlotKind::Passphrase,
+            Self::Key { .. } => SlotKind::Key,
+            Self::Host { .. } => SlotKind::Host,
+        }
+    }
+
+    /// The bytes the wrapped key is bound to (`S` in the spec): bytes
+    /// 0..46 of a passphrase or key slot (kind through salt), 0..26 of a
+    /// host slot (kind, reserved bytes, fingerprint).
+    pub(crate) fn bound_bytes(&self) -> Vec<u8> {
+        let record = self.encode();
+        let len = match self {
+            Self::Passphrase { .. } | Self::Key { .. } => KEYSLOT_BOUND_LEN,
+            Self::Host { .. } => HOST_BOUND_LEN,
+        };
+        record[..len].to_vec()
+    }
+
+    pub(crate) fn wrapped_key(&self) -> &[u8; WRAPPED_KEY_LEN] {
+        match self {
+            Self::Passphrase { wrapped_key, .. }
+            | Self::Key { wrapped_key, .. }
+            | Self::Host { wrapped_key, .. } => wrapped_key,
+        }
     }
 
     fn encode(&self) -> [u8; KEYSLOT_LEN] {
         let mut out = [0u8; KEYSLOT_LEN];
         let mut w = Writer::new(&mut out);
-        w.put(&self.bound_bytes());
-        w.put(&self.nonce);
-        w.put(&self.wrapped_key);
+        match self {
+            Self::Passphrase {
+                kdf,
+                salt,
+                nonce,
+                wrapped_key,
+            } => {
+                w.put(&[KEYSLOT_KIND_ARGON2ID, ARGON2_VERSION_0X13]);
+                w.put(&kdf.memory_kib().to_be_bytes());
+                w.put(&kdf.iterations().to_be_bytes());
+                w.put(&kdf.lanes().to_be_bytes());
+                w.put(salt);
+                w.put(nonce);
+                w.put(wrapped_key);
+            }
+            Self::Key {
+                salt,
+                nonce,
+                wrapped_key,
+            } => {
+                w.put(&[KEYSLOT_KIND_KEY]);
+                w.put(&[0; KEY_SALT_AT - 1]);
+                w.put(salt);
+                w.put(nonce);
+                w.put(wrapped_key);
+            }
+            Self::Host {
+                fingerprint,
+                enc,
+                wrapped_key,
+            } => {
+                w.put(&[KEYSLOT_KIND_HOST]);
+                w.put(&[0; HOST_FINGERPRINT_AT - 1]);
+                w.put(fingerprint);
+                w.put(enc);
+                w.put(wrapped_key);
+            }
+        }
         out
     }
 
-    fn decode(r: &mut Reader<'_>, index: usize) -> Result<Self, FormatError> {
+    fn decode(r: &mut Reader<'_>, index: usize, version: u16) -> Result<Self, FormatError> {
         let bad = |what: String| FormatError::Keyslot { index, what };
         let truncated = || bad("truncated".to_owned());
+        let record: [u8; KEYSLOT_LEN] = r.array().ok_or_else(truncated)?;
+        let mut r = Reader::new(&record);
         let kind = r.u8().ok_or_else(truncated)?;
-        if kind != KEYSLOT_KIND_ARGON2ID {
-            return Err(bad(format!("unknown keyslot kind {kind}")));
+        let reserved_zero = |from: usize, to: usize| {
+            if record[from..to].iter().any(|&b| b != 0) {
+                Err(bad(format!(
+                    "reserved bytes {from}..{to} of a kind {kind} slot are not zero"
+                )))
+            } else {
+                Ok(())
+            }
+        };
+        match kind {
+            KEYSLOT_KIND_ARGON2ID => {
+                let argon2_version = r.u8().ok_or_else(truncated)?;
+                if argon2_version != ARGON2_VERSION_0X13 {
+                    return Err(bad(format!("unknown Argon2 version {argon2_version:#x}")));
+                }
+                let memory_kib = r.u32().ok_or_else(truncated)?;
+                let iterations = r.u32().ok_or_else(truncated)?;
+                let lanes = r.u32().ok_or_else(truncated)?;
+                let kdf = KdfParams::new(memory_kib, iterations, lanes)
+                    .map_err(|e| bad(e.to_string()))?;
+                Ok(Self::Passphrase {
+                    kdf,
+                    salt: r.array().ok_or_else(truncated)?,
+                    nonce: r.array().ok_or_else(truncated)?,
+                    wrapped_key: r.array().ok_or_else(truncated)?,
+                })
+            }
+            KEYSLOT_KIND_KEY | KEYSLOT_KIND_HOST if version == VERSION => Err(bad(format!(
+                "keyslot kind {kind} in a version 1 file (it needs version 2)"
+            ))),
+            KEYSLOT_KIND_KEY => {
+                reserved_zero(1, KEY_SALT_AT)?;
+                r.take(KEY_SALT_AT - 1);
+                Ok(Self::Key {
+                    salt: r.array().ok_or_else(truncated)?,
+                    nonce: r.array().ok_or_else(truncated)?,
+                    wrapped_key: r.array().ok_or_else(truncated)?,
+                })
+            }
+            KEYSLOT_KIND_HOST => {
+                reserved_zero(1, HOST_FINGERPRINT_AT)?;
+                r.take(HOST_FINGERPRINT_AT - 1);
+                Ok(Self::Host {
+                    fingerprint: r.array().ok_or_else(truncated)?,
+                    enc: r.array().ok_or_else(truncated)?,
+                    wrapped_key: r.array().ok_or_else(truncated)?,
+                })
+            }
+            other => Err(bad(format!("unknown keyslot kind {other}"))),
         }
-        let argon2_version = r.u8().ok_or_else(truncated)?;
-        if argon2_version != ARGON2_VERSION_0X13 {
-            return Err(bad(format!("unknown Argon2 version {argon2_version:#x}")));
-        }
-        let memory_kib = r.u32().ok_or_else(truncated)?;
-        let iterations = r.u32().ok_or_else(truncated)?;
-        let lanes = r.u32().ok_or_else(truncated)?;
-        let kdf = KdfParams::new(memory_kib, iterations, lanes).map_err(|e| bad(e.to_string()))?;
-        Ok(Self {
-            kdf,
-            salt: r.array().ok_or_else(truncated)?,
-            nonce: r.array().ok_or_else(truncated)?,
-            wrapped_key: r.array().ok_or_else(truncated)?,
-        })
     }
 }
 
@@ -345,7 +520,7 @@ mod tests {
                 body_len: 20,
             },
             keyslots: (0..slots)
-                .map(|i| Keyslot {
+                .map(|i| Keyslot::Passphrase {
                     kdf: KdfParams::new(65536, 3, 4).unwrap(),
                     salt: [u8::try_from(i).unwrap(); SALT_LEN],
                     nonce: [4; NONCE_LEN],
@@ -384,11 +559,69 @@ mod tests {
     #[test]
     fn a_newer_version_is_reported_as_such_not_as_corruption() {
         let mut file = sample_file(1);
-        file[9] = 2;
+        file[9] = 3;
         assert_eq!(
             Header::decode(&file).unwrap_err(),
-            FormatError::UnsupportedVersion(2)
+            FormatError::UnsupportedVersion(3)
         );
+    }
+
+    fn mixed_header() -> Header {
+        let mut header = sample_header(1);
+        header.keyslots.push(Keyslot::Key {
+            salt: [6; SALT_LEN],
+            nonce: [7; NONCE_LEN],
+            wrapped_key: [8; WRAPPED_KEY_LEN],
+        });
+        header.keyslots.push(Keyslot::Host {
+            fingerprint: [9; FINGERPRINT_LEN],
+            enc: [10; X25519_LEN],
+            wrapped_key: [11; WRAPPED_KEY_LEN],
+        });
+        header
+    }
+
+    #[test]
+    fn key_and_host_slots_round_trip_in_version_2_only() {
+        let header = mixed_header();
+        assert_eq!(header.version(), VERSION_KINDS);
+        let mut file = header.encode();
+        assert_eq!(&file[8..10], &[0, 2]);
+        file.extend_from_slice(&[9u8; 20]);
+        let (decoded, _) = Header::decode(&file).unwrap();
+        assert_eq!(decoded, header);
+        // The same slots under version 1 are refused, and so is version 2
+        // with passphrase slots only.
+        let mut as_v1 = file.clone();
+        as_v1[9] = 1;
+        let as_v1 = with_valid_checksum(&as_v1).unwrap();
+        assert!(matches!(
+            Header::decode(&as_v1),
+            Err(FormatError::Keyslot { index: 1, .. })
+        ));
+        let mut plain = sample_file(2);
+        plain[9] = 2;
+        let plain = with_valid_checksum(&plain).unwrap();
+        assert_eq!(
+            Header::decode(&plain).unwrap_err(),
+            FormatError::NeedlessVersion
+        );
+    }
+
+    #[test]
+    fn reserved_bytes_must_be_zero() {
+        let header = mixed_header();
+        let mut file = header.encode();
+        file.extend_from_slice(&[9u8; 20]);
+        for (slot, at) in [(1, 1), (1, 13), (2, 1), (2, 9)] {
+            let mut bad = file.clone();
+            bad[BOUND_LEN + 1 + slot * KEYSLOT_LEN + at] = 1;
+            let bad = with_valid_checksum(&bad).unwrap();
+            assert!(
+                matches!(Header::decode(&bad), Err(FormatError::Keyslot { .. })),
+                "slot {slot} byte {at}"
+            );
+        }
     }
 
     #[test]

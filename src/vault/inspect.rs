@@ -7,7 +7,7 @@ use crate::protocol::GuestId;
 
 use super::VaultError;
 use super::durable;
-use super::format::{FormatError, Header, MAX_FILE_LEN, header_len};
+use super::format::{FormatError, Header, Keyslot, MAX_FILE_LEN, header_len};
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct HeaderInfo {
@@ -25,9 +25,16 @@ pub struct HeaderInfo {
 pub struct KeyslotInfo {
     pub index: usize,
     pub kind: &'static str,
-    pub argon2_memory_kib: u32,
-    pub argon2_iterations: u32,
-    pub argon2_lanes: u32,
+    /// Argon2id parameters, of a passphrase slot only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub argon2_memory_kib: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub argon2_iterations: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub argon2_lanes: Option<u32>,
+    /// A host slot's host: the fingerprint of its public key (hex).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host_fingerprint: Option<String>,
 }
 
 /// Reads and describes a sealed file's header.
@@ -42,7 +49,7 @@ pub fn inspect(path: &Path) -> Result<HeaderInfo, VaultError> {
 pub fn inspect_bytes(path: &Path, bytes: &[u8]) -> Result<HeaderInfo, VaultError> {
     let (header, body) = decode(path, bytes)?;
     Ok(HeaderInfo {
-        format_version: super::format::VERSION,
+        format_version: header.version(),
         guest: header.bound.guest,
         generation: header.bound.generation,
         tpm_version: header.bound.spec.version().as_str(),
@@ -53,12 +60,24 @@ pub fn inspect_bytes(path: &Path, bytes: &[u8]) -> Result<HeaderInfo, VaultError
             .keyslots
             .iter()
             .enumerate()
-            .map(|(index, slot)| KeyslotInfo {
-                index,
-                kind: "argon2id-passphrase",
-                argon2_memory_kib: slot.kdf.memory_kib(),
-                argon2_iterations: slot.kdf.iterations(),
-                argon2_lanes: slot.kdf.lanes(),
+            .map(|(index, slot)| {
+                let kdf = match slot {
+                    Keyslot::Passphrase { kdf, .. } => Some(*kdf),
+                    _ => None,
+                };
+                KeyslotInfo {
+                    index,
+                    kind: slot.kind().as_str(),
+                    argon2_memory_kib: kdf.map(|k| k.memory_kib()),
+                    argon2_iterations: kdf.map(|k| k.iterations()),
+                    argon2_lanes: kdf.map(|k| k.lanes()),
+                    host_fingerprint: match slot {
+                        Keyslot::Host { fingerprint, .. } => {
+                            Some(super::host_key::hex(fingerprint))
+                        }
+                        _ => None,
+                    },
+                }
             })
             .collect(),
     })

@@ -19,18 +19,23 @@ mod crypto;
 mod durable;
 mod error;
 mod format;
+mod host_key;
 mod inspect;
 mod kdf;
 mod sealed;
+mod ticket;
 mod transfer;
 
 pub use archive::{ArchiveEntry, ArchiveError, Skipped, StateArchive};
 pub use crypto::DataKey;
 pub use durable::SealedPaths;
 pub use error::VaultError;
+pub use format::SlotKind;
+pub use host_key::{HOST_KEY_FILE_LEN, HostKey, HostKeyError, HostPublicKey, HostPublicKeyError};
 pub use inspect::{HeaderInfo, KeyslotInfo, inspect, inspect_bytes};
 pub use kdf::{KdfParams, KdfParamsError, KdfPolicy};
-pub use sealed::{Fallback, LeftAsIs, Opened, SealedState};
+pub use sealed::{Credential, Fallback, LeftAsIs, Opened, SealedState, SlotSummary};
+pub use ticket::{MAX_TICKET_TTL, OpenedTicket, TICKET_LEN, TicketError, open as open_ticket};
 pub use transfer::{OnDisk, Placement, SealedFile, check_sealed, install, on_disk, read_sealed};
 
 #[doc(hidden)]
@@ -44,6 +49,8 @@ pub const SWTPM_STATE_KEY_LEN: usize = format::DATA_KEY_LEN;
 /// The largest a sealed file can be, in bytes (`docs/sealed-format.md`,
 /// Limits).
 pub const MAX_SEALED_FILE_LEN: usize = format::MAX_FILE_LEN;
+/// The length of a `key` slot's key, in bytes.
+pub const KEY_LEN: usize = format::DATA_KEY_LEN;
 
 /// The longest passphrase accepted, in bytes.
 pub const MAX_PASSPHRASE_LEN: usize = 4096;

@@ -11,7 +11,10 @@ use secrecy::{ExposeSecret, ExposeSecretMut};
 use super::archive::{ArchiveError, StateArchive};
 use super::crypto::{self, DataKey};
 use super::durable::{self, SealedPaths};
-use super::format::{self, BOUND_LEN, Bound, Header, Keyslot, MAX_FILE_LEN, MAX_KEYSLOTS, TAG_LEN};
+use super::format::{
+    self, BOUND_LEN, Bound, Header, Keyslot, MAX_FILE_LEN, MAX_KEYSLOTS, SlotKind, TAG_LEN,
+};
+use super::host_key::{HostKey, HostPublicKey};
 use super::inspect::decode;
 use super::kdf::{self, KdfPolicy};
 use super::{MAX_PASSPHRASE_LEN, VaultError};
@@ -34,6 +37,71 @@ pub struct SealedState {
     /// opened or last sealed), so a state that has not changed is not
     /// sealed again ([`seal_if_changed`](Self::seal_if_changed)).
     sealed_digest: Option<[u8; 32]>,
+}
+
+/// What opens a sealed file: each finds only the slots of its own kind.
+#[derive(Clone, Copy)]
+pub enum Credential<'a> {
+    /// A person's passphrase: Argon2id, passphrase slots.
+    Passphrase(&'a SecretBuf),
+    /// A 256-bit key from a key manager: HKDF, `key` slots.
+    Key(&'a SecretBuf),
+    /// This host's key: HPKE, the `host` slots with its fingerprint.
+    Host(&'a HostKey),
+}
+
+impl std::fmt::Debug for Credential<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Passphrase(_) => "Credential::Passphrase(<redacted>)",
+            Self::Key(_) => "Credential::Key(<redacted>)",
+            Self::Host(_) => "Credential::Host(<redacted>)",
+        })
+    }
+}
+
+impl Credential<'_> {
+    pub fn kind(&self) -> SlotKind {
+        match self {
+            Self::Passphrase(_) => SlotKind::Passphrase,
+            Self::Key(_) => SlotKind::Key,
+            Self::Host(_) => SlotKind::Host,
+        }
+    }
+
+    /// What is refused before a file is opened (spec, step 0).
+    fn check(&self) -> Result<(), VaultError> {
+        match self {
+            Self::Passphrase(p) => check_passphrase(p),
+            Self::Key(k) => check_key(k),
+            Self::Host(_) => Ok(()),
+        }
+    }
+}
+
+/// One keyslot as an operator sees it (Status, inspect).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct SlotSummary {
+    pub index: usize,
+    pub kind: SlotKind,
+    /// A host slot's host: the fingerprint of its public key, hex.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host_fingerprint: Option<String>,
+}
+
+pub(crate) fn summarize(keyslots: &[Keyslot]) -> Vec<SlotSummary> {
+    keyslots
+        .iter()
+        .enumerate()
+        .map(|(index, slot)| SlotSummary {
+            index,
+            kind: slot.kind(),
+            host_fingerprint: match slot {
+                Keyslot::Host { fingerprint, .. } => Some(super::host_key::hex(fingerprint)),
+                _ => None,
+            },
+        })
+        .collect()
 }
 
 /// The result of [`SealedState::open`].
@@ -130,6 +198,18 @@ impl SealedState {
         passphrase: &SecretBuf,
         policy: &KdfPolicy,
     ) -> Result<Opened, VaultError> {
+        Self::open_with(paths, guest, Credential::Passphrase(passphrase), policy)
+    }
+
+    /// [`open`](Self::open) with any credential: a passphrase, a key or
+    /// this host's key, each trying only the slots of its kind.
+    pub fn open_with(
+        paths: SealedPaths,
+        guest: GuestId,
+        credential: Credential<'_>,
+        policy: &KdfPolicy,
+    ) -> Result<Opened, VaultError> {
+        let passphrase = credential;
         let mut kdf_time = Duration::ZERO;
         let current_problem =
             match open_file(paths.current(), &guest, passphrase, policy, &mut kdf_time) {
@@ -256,6 +336,23 @@ impl SealedState {
         policy: &KdfPolicy,
     ) -> Result<Vec<LeftAsIs>, VaultError> {
         let index = self.unlocked_slot.ok_or(VaultError::UnlockingSlotRemoved)?;
+        self.change_passphrase_of(index, new_passphrase, policy)
+    }
+
+    /// Rewraps passphrase slot `index` under a new passphrase: a running
+    /// guest may have been unlocked by a key or host slot, and Rekey must
+    /// replace the slot its old passphrase opened, never that one.
+    pub fn change_passphrase_of(
+        &mut self,
+        index: usize,
+        new_passphrase: &SecretBuf,
+        policy: &KdfPolicy,
+    ) -> Result<Vec<LeftAsIs>, VaultError> {
+        match self.keyslots.get(index).map(Keyslot::kind) {
+            None => return Err(VaultError::NoSuchKeyslot { index }),
+            Some(SlotKind::Passphrase) => {}
+            Some(kind) => return Err(VaultError::NotAPassphraseSlot { index, kind }),
+        }
         let slot = new_keyslot(&self.data_key, &self.guest, new_passphrase, policy)?;
         let mut keyslots = self.keyslots.clone();
         *keyslots
@@ -279,6 +376,59 @@ impl SealedState {
         // Logged by `commit_keyslots`; the index is what callers need.
         let _left_as_is = self.commit_keyslots(keyslots)?;
         Ok(self.keyslots.len() - 1)
+    }
+
+    /// Adds a `key` slot for `key` (32 bytes from a key manager); returns
+    /// its index.
+    pub fn add_key(&mut self, key: &SecretBuf) -> Result<usize, VaultError> {
+        check_key(key)?;
+        if self.keyslots.len() >= MAX_KEYSLOTS {
+            return Err(VaultError::KeyslotsFull { max: MAX_KEYSLOTS });
+        }
+        let mut slot = Keyslot::Key {
+            salt: crypto::random_array()?,
+            nonce: [0; format::NONCE_LEN],
+            wrapped_key: [0; format::WRAPPED_KEY_LEN],
+        };
+        let Keyslot::Key { salt, .. } = &slot else {
+            return Err(VaultError::Crypto {
+                what: "key slot layout",
+            });
+        };
+        let kek = crypto::key_slot_kek(key, salt, &self.guest)?;
+        crypto::wrap_key(&kek, &self.data_key, &self.guest, &mut slot)?;
+        let mut keyslots = self.keyslots.clone();
+        keyslots.push(slot);
+        // Logged by `commit_keyslots`; the index is what callers need.
+        let _left_as_is = self.commit_keyslots(keyslots)?;
+        Ok(self.keyslots.len() - 1)
+    }
+
+    /// Adds a `host` slot for `host`; returns its index. A host that has
+    /// one already keeps it (its index is returned, nothing is written):
+    /// granting twice is not an error, and one slot per host is enough.
+    pub fn add_host(&mut self, host: &HostPublicKey) -> Result<usize, VaultError> {
+        let fingerprint = host.fingerprint();
+        if let Some(index) = self
+            .keyslots
+            .iter()
+            .position(|s| matches!(s, Keyslot::Host { fingerprint: f, .. } if *f == fingerprint))
+        {
+            return Ok(index);
+        }
+        if self.keyslots.len() >= MAX_KEYSLOTS {
+            return Err(VaultError::KeyslotsFull { max: MAX_KEYSLOTS });
+        }
+        let slot = crypto::wrap_for_host(&self.data_key, &self.guest, host)?;
+        let mut keyslots = self.keyslots.clone();
+        keyslots.push(slot);
+        let _left_as_is = self.commit_keyslots(keyslots)?;
+        Ok(self.keyslots.len() - 1)
+    }
+
+    /// Each keyslot's kind (and host), in order.
+    pub fn keyslots(&self) -> Vec<SlotSummary> {
+        summarize(&self.keyslots)
     }
 
     /// Removes a keyslot; the last one cannot go.
@@ -407,6 +557,64 @@ impl SealedState {
         Ok(out)
     }
 
+    /// A migration ticket for `destination` (docs/sealed-format.md,
+    /// "Migration tickets"): this state's data key, for this generation,
+    /// valid for `ttl`.
+    pub fn migration_ticket(
+        &self,
+        destination: &HostPublicKey,
+        ttl: Duration,
+    ) -> Result<Vec<u8>, VaultError> {
+        super::ticket::seal(
+            &self.data_key,
+            &self.guest,
+            self.generation,
+            destination,
+            ttl,
+        )
+    }
+
+    /// A migration's sealed file, made this guest's on this host (a guest
+    /// new here: `paths` holds nothing yet): written durably, then opened
+    /// with the ticket's `handover`. A file that does not open with it, or
+    /// only through a previous generation, is removed again and refused.
+    pub fn take_in(
+        paths: SealedPaths,
+        guest: GuestId,
+        bytes: &[u8],
+        handover: &SecretBuf,
+    ) -> Result<Opened, VaultError> {
+        durable::write_new_generation(&paths, bytes)?;
+        let opened = match Self::resume(paths.clone(), guest, handover) {
+            Ok(opened) if opened.fell_back.is_none() => Ok(opened),
+            Ok(_) => Err(VaultError::WrongHandover {
+                path: paths.current().to_owned(),
+            }),
+            Err(e) => Err(e),
+        };
+        if opened.is_err() {
+            let _ = durable::remove_all(&paths);
+        }
+        opened
+    }
+
+    /// The bytes of the current sealed file (what the last seal wrote),
+    /// e.g. to hand it to another host.
+    pub fn current_file(&self) -> Result<Vec<u8>, VaultError> {
+        durable::read(self.paths.current(), super::format::MAX_FILE_LEN)?.ok_or_else(|| {
+            VaultError::Missing {
+                path: self.paths.current().to_owned(),
+            }
+        })
+    }
+
+    /// Raises the generation the next seal writes above `floor`: a
+    /// migration's destination starts above anything its source can have
+    /// sealed meanwhile, so its history is the newer one.
+    pub fn raise_generation_above(&mut self, floor: u64) {
+        self.generation = self.generation.max(floor);
+    }
+
     /// Opens the guest's sealed state with a [`handover`](Self::handover)
     /// instead of a passphrase: no KDF. The current file, or the previous
     /// generation when the current one is damaged, must open with it.
@@ -504,6 +712,17 @@ fn archive_digest(archive: &StateArchive) -> [u8; 32] {
     archive.digest()
 }
 
+/// A handover of `data_key` with no unlocked slot: what a migration
+/// ticket carries.
+pub(crate) fn handover_of(data_key: &DataKey) -> Result<SecretBuf, VaultError> {
+    let mut out = SecretBuf::zeroed(HANDOVER_LEN)?;
+    let bytes = out.expose_secret_mut();
+    bytes[0] = HANDOVER_VERSION;
+    bytes[1] = NO_SLOT;
+    data_key.copy_into(&mut bytes[2..]);
+    Ok(out)
+}
+
 /// [`SealedState::handover`]'s layout.
 const HANDOVER_VERSION: u8 = 1;
 const NO_SLOT: u8 = 0xff;
@@ -553,6 +772,13 @@ fn body_aad(bound: &[u8; BOUND_LEN], guest: &GuestId) -> Vec<u8> {
     aad
 }
 
+fn check_key(key: &SecretBuf) -> Result<(), VaultError> {
+    if key.len() != super::KEY_LEN {
+        return Err(VaultError::InvalidKey { len: key.len() });
+    }
+    Ok(())
+}
+
 fn check_passphrase(passphrase: &SecretBuf) -> Result<(), VaultError> {
     if passphrase.is_empty() {
         return Err(VaultError::EmptyPassphrase);
@@ -573,13 +799,14 @@ fn new_keyslot(
 ) -> Result<Keyslot, VaultError> {
     check_passphrase(passphrase)?;
     policy.check(policy.params)?;
-    let mut slot = Keyslot {
+    let salt = crypto::random_array()?;
+    let kek = kdf::derive(passphrase, &salt, policy.params)?;
+    let mut slot = Keyslot::Passphrase {
         kdf: policy.params,
-        salt: crypto::random_array()?,
+        salt,
         nonce: [0; format::NONCE_LEN],
         wrapped_key: [0; format::WRAPPED_KEY_LEN],
     };
-    let kek = kdf::derive(passphrase, &slot.salt, slot.kdf)?;
     crypto::wrap_key(&kek, data_key, guest, &mut slot)?;
     Ok(slot)
 }
@@ -589,11 +816,11 @@ fn new_keyslot(
 fn open_file(
     path: &Path,
     guest: &GuestId,
-    passphrase: &SecretBuf,
+    passphrase: Credential<'_>,
     policy: &KdfPolicy,
     kdf_time: &mut Duration,
 ) -> Result<(SealedState, StateArchive), VaultError> {
-    check_passphrase(passphrase)?;
+    passphrase.check()?;
     let bytes = durable::read(path, MAX_FILE_LEN)?.ok_or_else(|| VaultError::Missing {
         path: path.to_owned(),
     })?;
@@ -607,7 +834,7 @@ fn open_bytes(
     path: &Path,
     bytes: &[u8],
     guest: &GuestId,
-    passphrase: &SecretBuf,
+    passphrase: Credential<'_>,
     policy: &KdfPolicy,
     kdf_time: &mut Duration,
 ) -> Result<(SealedState, StateArchive), VaultError> {
@@ -851,7 +1078,7 @@ pub fn fuzz_seal_open(case: &FuzzSealCase) {
         path,
         &file,
         &guest,
-        &passphrase,
+        Credential::Passphrase(&passphrase),
         &policy,
         &mut Duration::default(),
     )
@@ -874,7 +1101,7 @@ pub fn fuzz_seal_open(case: &FuzzSealCase) {
             path,
             &file,
             &guest,
-            &secret(second),
+            Credential::Passphrase(&secret(second)),
             &policy,
             &mut Duration::default(),
         )
@@ -891,7 +1118,7 @@ pub fn fuzz_seal_open(case: &FuzzSealCase) {
             path,
             &file,
             &guest,
-            &secret(&wrong),
+            Credential::Passphrase(&secret(&wrong)),
             &policy,
             &mut Duration::default(),
         );
@@ -908,7 +1135,7 @@ pub fn fuzz_seal_open(case: &FuzzSealCase) {
             path,
             &file,
             &other,
-            &passphrase,
+            Credential::Passphrase(&passphrase),
             &policy,
             &mut Duration::default(),
         );
@@ -923,7 +1150,7 @@ pub fn fuzz_seal_open(case: &FuzzSealCase) {
         path,
         &damaged,
         &guest,
-        &passphrase,
+        Credential::Passphrase(&passphrase),
         &policy,
         &mut Duration::default(),
     );
@@ -939,36 +1166,76 @@ pub fn fuzz_seal_open(case: &FuzzSealCase) {
     assert_eq!(passphrase.expose_secret(), case.passphrase.as_slice());
 }
 
-/// Tries every keyslot whose parameters the policy accepts. The header's
-/// checksum has passed, so a tag that fails here means a wrong passphrase.
+/// Tries every keyslot of the credential's kind (a passphrase: those whose
+/// parameters the policy accepts; a host key: those with its fingerprint).
+/// The header's checksum has passed, so a tag that fails here means a
+/// wrong secret.
 fn unlock(
     path: &Path,
     header: &Header,
     guest: &GuestId,
-    passphrase: &SecretBuf,
+    credential: Credential<'_>,
     policy: &KdfPolicy,
     kdf_time: &mut Duration,
 ) -> Result<(DataKey, usize), VaultError> {
     let mut refused = None;
     let mut tried = false;
+    let own_fingerprint = match credential {
+        Credential::Host(host) => Some(host.public().fingerprint()),
+        _ => None,
+    };
     for (index, slot) in header.keyslots.iter().enumerate() {
-        if let Err(e) = policy.check(slot.kdf) {
-            refused = Some(e);
-            continue;
-        }
-        tried = true;
-        let began = Instant::now();
-        let kek = kdf::derive(passphrase, &slot.salt, slot.kdf);
-        *kdf_time += began.elapsed();
-        let kek = kek?;
-        if let Some(key) = crypto::unwrap_key(&kek, guest, slot)? {
+        let opened = match (credential, slot) {
+            (Credential::Passphrase(passphrase), Keyslot::Passphrase { kdf, salt, .. }) => {
+                if let Err(e) = policy.check(*kdf) {
+                    refused = Some(e);
+                    continue;
+                }
+                tried = true;
+                let began = Instant::now();
+                let kek = kdf::derive(passphrase, salt, *kdf);
+                *kdf_time += began.elapsed();
+                crypto::unwrap_key(&kek?, guest, slot)?
+            }
+            (Credential::Key(key), Keyslot::Key { salt, .. }) => {
+                tried = true;
+                let began = Instant::now();
+                let kek = crypto::key_slot_kek(key, salt, guest);
+                *kdf_time += began.elapsed();
+                crypto::unwrap_key(&kek?, guest, slot)?
+            }
+            (Credential::Host(host), Keyslot::Host { fingerprint, .. })
+                if Some(*fingerprint) == own_fingerprint =>
+            {
+                tried = true;
+                let began = Instant::now();
+                let opened = crypto::unwrap_for_host(host, guest, slot);
+                *kdf_time += began.elapsed();
+                opened?
+            }
+            _ => continue,
+        };
+        if let Some(key) = opened {
             return Ok((key, index));
         }
     }
-    match refused {
-        Some(e) if !tried => Err(e),
-        _ => Err(VaultError::WrongPassphrase {
+    let kind = credential.kind();
+    match (credential, refused) {
+        (Credential::Passphrase(_), Some(e)) if !tried => Err(e),
+        _ if !tried => Err(VaultError::NoKeyslot {
             path: path.to_owned(),
+            kind,
+            for_host: match credential {
+                Credential::Host(host) => Some(host.public().fingerprint_hex()),
+                _ => None,
+            },
+        }),
+        (Credential::Passphrase(_), _) => Err(VaultError::WrongPassphrase {
+            path: path.to_owned(),
+        }),
+        _ => Err(VaultError::WrongKey {
+            path: path.to_owned(),
+            kind,
         }),
     }
 }

@@ -89,6 +89,12 @@ pub enum Online {
         #[command(flatten)]
         conn: Conn,
     },
+    /// This host's public key (base64) and its fingerprint: what `grant`
+    /// on another host takes to let this one open a guest.
+    HostKey {
+        #[command(flatten)]
+        conn: Conn,
+    },
     /// Provision a new TPM for a guest and seal it under a passphrase.
     Create {
         /// The guest's id: a canonical lowercase UUID.
@@ -245,6 +251,7 @@ impl Online {
     pub fn conn_mut(&mut self) -> &mut Conn {
         match self {
             Self::Capabilities { conn }
+            | Self::HostKey { conn }
             | Self::Create { conn, .. }
             | Self::Start { conn, .. }
             | Self::Stop { conn, .. }
@@ -272,6 +279,22 @@ pub fn run(command: Online) -> Result<Option<Printed>, ClientError> {
                 human: output::capabilities(&caps),
                 json: reply,
             }))
+        }
+        Online::HostKey { conn } => {
+            let reply = conn.connect()?.call("GetHostKey", &Map::new())?;
+            let field = |name: &str| {
+                reply
+                    .get(name)
+                    .and_then(Value::as_str)
+                    .map(str::to_owned)
+                    .ok_or_else(|| unexpected(name))
+            };
+            let human = format!(
+                "public key   {}\nfingerprint  {}\n",
+                field("public_key")?,
+                field("fingerprint")?
+            );
+            Ok(Some(Printed { human, json: reply }))
         }
         Online::Create {
             guest,

@@ -131,14 +131,17 @@ fn render(file: &std::path::Path, info: &HeaderInfo) -> String {
         info.keyslots.len(),
     );
     for slot in &info.keyslots {
-        out.push_str(&format!(
-            "    {}: {}, m={} KiB t={} p={}\n",
-            slot.index,
-            slot.kind,
+        let detail = match (
             slot.argon2_memory_kib,
             slot.argon2_iterations,
-            slot.argon2_lanes
-        ));
+            slot.argon2_lanes,
+            &slot.host_fingerprint,
+        ) {
+            (Some(m), Some(t), Some(p), _) => format!(", m={m} KiB t={t} p={p}"),
+            (_, _, _, Some(fingerprint)) => format!(", host {fingerprint}"),
+            _ => String::new(),
+        };
+        out.push_str(&format!("    {}: {}{detail}\n", slot.index, slot.kind));
     }
     out
 }

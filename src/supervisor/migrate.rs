@@ -1,0 +1,291 @@
+//! Live migration, vtpmd to vtpmd through the orchestrator, with no
+//! passphrase on either side.
+//!
+//! Source: `MigrateOut` seals the running guest once more (durably) and
+//! answers that sealed file with a ticket: the data key sealed for the
+//! destination's host key, bound to the guest and that generation, short
+//! lived (`vault::ticket`). The guest keeps running and being resealed
+//! here while QEMU migrates; when this run ends, the guest is
+//! `migrated-out` (never started or resealed here again; Delete once the
+//! destination runs it). `Abort` on the source calls that off (the
+//! migration failed, the VM goes on here).
+//!
+//! Destination: `MigrateIn` opens the ticket with this host's key (once:
+//! its nonce is remembered until it expires), takes the sealed file in as
+//! a new guest here, and runs a swtpm on an empty runtime directory with
+//! the same keys (the state key and the migration key are derived from the
+//! data key): QEMU started with `-incoming` hands it the source's state
+//! blobs. From its first write on, the guest is resealed here, at
+//! generations above the source's (`GENERATION_LEAP`). `Abort` removes
+//! it again, leaving nothing behind.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, SystemTime};
+
+use crate::error_chain::chain;
+use crate::protocol::GuestId;
+use crate::vault::{HostPublicKey, SealedState, VaultError};
+
+use super::finish::{Ending, finish};
+use super::guest::Guest;
+use super::registry::Taken;
+use super::state::GuestState;
+use super::{EventKind, GuestInfo, Shared, SupervisorError, blocking, reseal, start};
+
+/// How far above the ticket's generation the destination's first seal
+/// goes: above anything the source can seal while QEMU migrates (a reseal
+/// every 5 ms for an hour is 720,000), so the destination's history is
+/// always the newer one, and an Import of the source's last file refused.
+pub(super) const GENERATION_LEAP: u64 = 1 << 20;
+
+/// A ticket's default life: the orchestrator starts the migration at once.
+pub const DEFAULT_TICKET_TTL: Duration = Duration::from_secs(300);
+
+/// What the source hands the orchestrator for the destination.
+#[derive(Debug)]
+pub struct MigrationOut {
+    pub ticket: Vec<u8>,
+    pub sealed: Vec<u8>,
+    pub generation: u64,
+    pub expires: SystemTime,
+}
+
+/// A run handed out with MigrateOut.
+#[derive(Debug, Clone)]
+pub(super) struct Outgoing {
+    /// The destination's fingerprint (hex).
+    pub(super) to: String,
+    pub(super) generation: u64,
+}
+
+/// Nonces of the tickets this host has taken, until they expire.
+#[derive(Debug, Default)]
+pub(super) struct UsedTickets(Mutex<HashMap<[u8; 16], SystemTime>>);
+
+impl UsedTickets {
+    /// Records `nonce`; false when it was taken before.
+    fn take(&self, nonce: [u8; 16], expires: SystemTime, now: SystemTime) -> bool {
+        let mut used = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        used.retain(|_, until| *until > now);
+        used.insert(nonce, expires).is_none()
+    }
+}
+
+pub(super) async fn migrate_out(
+    shared: Arc<Shared>,
+    id: GuestId,
+    destination: HostPublicKey,
+    ttl: Duration,
+) -> Result<MigrationOut, SupervisorError> {
+    let _admitted = shared.enter().await?;
+    let guest = shared.guest(id)?;
+    let mut slot = guest.lock(shared.config.lock_wait).await?;
+    let state = guest.state();
+    match state {
+        GuestState::Running => {}
+        GuestState::MigratedOut => return Err(SupervisorError::MigratedOut { guest: id }),
+        _ => return Err(SupervisorError::GuestNotRunning { guest: id, state }),
+    }
+    if destination == shared.host_key.public() {
+        return Err(SupervisorError::Migration {
+            guest: id,
+            why: "the destination's host key is this host's own".to_owned(),
+        });
+    }
+    let Some(run) = slot.run.as_ref() else {
+        return Err(SupervisorError::GuestNotRunning { guest: id, state });
+    };
+    let Some(sealer) = run.sealer.clone() else {
+        return Err(SupervisorError::Migration {
+            guest: id,
+            why: "vtpmd holds no key for it (adopted after a restart that brought none): Start it with its credential first".to_owned(),
+        });
+    };
+    let dir = run.dir.clone();
+    let to = destination.fingerprint_hex();
+    let out = blocking(id, "seal for the migration", move || {
+        // Durable first: the file handed over holds every write the VMM
+        // saw acknowledged so far.
+        reseal::reseal_now(&sealer, &dir)?;
+        let state = sealer.lock().unwrap_or_else(PoisonError::into_inner);
+        let ticket = state.migration_ticket(&destination, ttl)?;
+        Ok::<_, VaultError>(MigrationOut {
+            sealed: state.current_file()?,
+            generation: state.generation(),
+            ticket,
+            expires: SystemTime::now() + ttl.min(crate::vault::MAX_TICKET_TTL),
+        })
+    })
+    .await?
+    .map_err(|e| SupervisorError::from_vault(id, "seal for the migration", e))?;
+    slot.outgoing = Some(Outgoing {
+        to: to.clone(),
+        generation: out.generation,
+    });
+    let info = guest.update(|i| {
+        i.generation = i.generation.max(out.generation);
+        i.reason = Some(format!(
+            "migrating out to host {to}: it goes on here until its VMM has moved"
+        ));
+    });
+    tracing::info!(guest = %id, to, generation = out.generation, "migration ticket handed out");
+    shared.publish(
+        EventKind::MigratingOut,
+        info,
+        Some(format!(
+            "ticket for host {to}, generation {}",
+            out.generation
+        )),
+    );
+    Ok(out)
+}
+
+pub(super) async fn migrate_in(
+    shared: Arc<Shared>,
+    id: GuestId,
+    ticket: Vec<u8>,
+    sealed: Vec<u8>,
+) -> Result<GuestInfo, SupervisorError> {
+    let _admitted = shared.enter().await?;
+    let now = SystemTime::now();
+    let opened = crate::vault::open_ticket(&ticket, id, &shared.host_key, now)
+        .map_err(|source| SupervisorError::Ticket { guest: id, source })?;
+    let given = std::path::Path::new("(the sealed file MigrateIn was given)");
+    let header = crate::vault::inspect_bytes(given, &sealed)
+        .map_err(|e| SupervisorError::from_vault(id, "read the migrated sealed file of", e))?;
+    if header.guest != id {
+        return Err(SupervisorError::from_vault(
+            id,
+            "take in",
+            VaultError::GuestMismatch {
+                path: given.to_owned(),
+                expected: id,
+                found: header.guest,
+            },
+        ));
+    }
+    if header.generation != opened.generation {
+        return Err(SupervisorError::Migration {
+            guest: id,
+            why: format!(
+                "the sealed file is generation {}, the ticket is for generation {}: not the file MigrateOut handed out with it",
+                header.generation, opened.generation
+            ),
+        });
+    }
+    if !shared.used_tickets.take(opened.nonce, opened.expires, now) {
+        return Err(SupervisorError::Ticket {
+            guest: id,
+            source: crate::vault::TicketError::Used,
+        });
+    }
+    let reservation = shared.registry.reserve(id).map_err(|taken| match taken {
+        Taken::Exists(_) => SupervisorError::GuestExists { guest: id },
+        Taken::BeingCreated => SupervisorError::Busy { guest: id },
+    })?;
+    let store = shared.store.clone();
+    let handover = opened.handover;
+    let taken = blocking(id, "take in the migrated state", move || {
+        store
+            .create_guest_dir(id)
+            .map_err(|source| SupervisorError::Store {
+                guest: id,
+                op: "create the guest directory",
+                source,
+            })?;
+        let paths = store.sealed_paths(id);
+        SealedState::take_in(paths, id, &sealed, &handover).map_err(|e| {
+            let _ = store.remove_guest_dir(id);
+            SupervisorError::from_vault(id, "take in", e)
+        })
+    })
+    .await??;
+    let mut state = taken.state;
+    state.raise_generation_above(opened.generation + GENERATION_LEAP);
+    let guest = Guest::new(GuestInfo {
+        guest: id,
+        spec: state.spec(),
+        state: GuestState::Stopped,
+        pid: None,
+        ctrl_socket: None,
+        generation: opened.generation,
+        failure: None,
+        reason: None,
+    });
+    reservation.commit(Arc::clone(&guest));
+    let mut slot = guest.lock(shared.config.lock_wait).await?;
+    let ran = start::run(&shared, &guest, &mut slot, state, None).await;
+    match ran {
+        Ok((_, _)) => {
+            slot.incoming = true;
+            let info = guest.update(|i| {
+                i.reason = Some(
+                    "migrating in: its swtpm waits for the VMM's state (QEMU -incoming)".to_owned(),
+                )
+            });
+            tracing::info!(guest = %id, generation = opened.generation, "migration taken in");
+            shared.publish(EventKind::MigratingIn, info.clone(), None);
+            Ok(info)
+        }
+        Err(e) => {
+            slot.deleted = true;
+            drop(slot);
+            remove_guest(&shared, id).await;
+            Err(e)
+        }
+    }
+}
+
+/// Calls a migration off: on the source, the run is no longer handed out
+/// (the VM goes on here); on the destination, the incoming guest is
+/// removed with everything it had here.
+pub(super) async fn abort(shared: Arc<Shared>, id: GuestId) -> Result<GuestInfo, SupervisorError> {
+    let _admitted = shared.enter().await?;
+    let guest = shared.guest(id)?;
+    let mut slot = guest.lock(shared.config.lock_wait).await?;
+    if slot.outgoing.take().is_some() {
+        let info = guest.update(|i| i.reason = None);
+        tracing::info!(guest = %id, "outgoing migration called off; the guest goes on here");
+        shared.publish(EventKind::MigrationAborted, info.clone(), None);
+        return Ok(info);
+    }
+    if !slot.incoming {
+        return Err(SupervisorError::Migration {
+            guest: id,
+            why: "no migration of it is under way on this host".to_owned(),
+        });
+    }
+    let ended = if slot.run.is_some() {
+        finish(&shared, &guest, &mut slot, Ending::Stop).await
+    } else {
+        guest.info()
+    };
+    slot.deleted = true;
+    drop(slot);
+    remove_guest(&shared, id).await;
+    tracing::info!(guest = %id, "incoming migration called off; nothing of it is left");
+    shared.publish(EventKind::MigrationAborted, ended.clone(), None);
+    Ok(ended)
+}
+
+/// Removes a guest that was only taken in: its sealed files, its uid, its
+/// registry entry.
+async fn remove_guest(shared: &Arc<Shared>, id: GuestId) {
+    let store = shared.store.clone();
+    let removed = blocking(id, "remove the incoming guest", move || {
+        SealedState::delete(&store.sealed_paths(id)).map_err(|e| chain(&e))?;
+        store.remove_guest_dir(id).map_err(|e| chain(&e))
+    })
+    .await;
+    match removed {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::error!(guest = %id, "removing the incoming guest: {e}"),
+        Err(e) => tracing::error!(guest = %id, "removing the incoming guest: {}", chain(&e)),
+    }
+    shared.handover.remove(id);
+    shared.registry.remove(id);
+    if let Some(pool) = &shared.uids {
+        pool.release(id);
+    }
+}
