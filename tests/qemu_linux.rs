@@ -526,10 +526,7 @@ fn tpm2_tis_qemu_killed_leaves_the_guest_stopped_sealed_and_startable() {
 /// (the volatile state moved live) and the NV data; then it reboots there
 /// and reads the NV data again. The source ends `migrated-out`.
 fn live_migration(model: &str) {
-    // Two VMs at once: one migration at a time, or two of them could each
-    // hold one of the MAX_VMS slots and wait for the other forever.
-    static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
-    let _one = ONE_AT_A_TIME
+    let _one = MIGRATIONS
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
     let a = Daemon::start();
@@ -544,46 +541,7 @@ fn live_migration(model: &str) {
     assert_eq!(src.value("nv-written"), NV_DATA);
     src.marker("waiting-for-migration");
 
-    let destination = b.client().manager("GetHostKey", json!({})).unwrap()["public_key"].clone();
-    let out = a
-        .client()
-        .manager(
-            "MigrateOut",
-            json!({"guest": G1, "destination": destination}),
-        )
-        .unwrap();
-    b.client()
-        .manager(
-            "MigrateIn",
-            json!({"guest": G1, "ticket": out["ticket"], "sealed": out["sealed"]}),
-        )
-        .unwrap();
-
-    let dir = tempfile::tempdir().unwrap();
-    let uri = format!("unix:{}", dir.path().join("migration.sock").display());
-    let mut dst = boot_with_incoming(&attach_args(&b), "migrate", &uri);
-    let started = Instant::now();
-    src.qemu
-        .qmp()
-        .execute_value("migrate", Some(json!({ "uri": uri })))
-        .unwrap();
-    let done = loop {
-        let state = src.qemu.qmp().execute_value("query-migrate", None).unwrap();
-        match state["status"].as_str() {
-            Some("completed") => break state,
-            Some("failed" | "cancelled") => panic!("migration {state}"),
-            _ => {}
-        }
-        assert!(started.elapsed() < BOOT_TIMEOUT, "migration: {state}");
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    eprintln!(
-        "{model}: migrated in {} ms, downtime {} ms",
-        done["total-time"], done["downtime"]
-    );
-    src.qemu.quit(Duration::from_secs(10));
-    let moved = a.wait_state(G1, "migrated-out", STATE_TIMEOUT);
-    assert_eq!(moved["state"], "migrated-out");
+    let (mut dst, out) = migrate(&mut src, &a, &b);
 
     // The guest, now on the destination, goes on where it waited.
     dst.qemu.serial().write(b"go\n").unwrap();
@@ -606,6 +564,10 @@ fn live_migration(model: &str) {
     b.wait_state(G1, "stopped", STATE_TIMEOUT);
 }
 
+/// A migration needs two VMs at once: one at a time, or two of them could
+/// each hold one of the [`MAX_VMS`] slots and wait for the other forever.
+static MIGRATIONS: Mutex<()> = Mutex::new(());
+
 /// [`boot_with`] for a migration's destination: the same machine, waiting
 /// for the source's state on `uri`.
 fn boot_with_incoming(attach: &[String], step: &str, uri: &str) -> Vm {
@@ -613,6 +575,78 @@ fn boot_with_incoming(attach: &[String], step: &str, uri: &str) -> Vm {
     args.push("-incoming".to_owned());
     args.push(uri.to_owned());
     boot_with(&args, step, false, "")
+}
+
+/// TPM 1.2 moves live too: the PCRs SeaBIOS extended and the EK are the
+/// same on the destination (no NV: see the guest's init).
+#[test]
+fn tpm12_tis_live_migration_moves_its_pcrs_and_ek_to_another_host() {
+    let _one = MIGRATIONS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let a = Daemon::start();
+    let b = Daemon::start();
+    create(&a, "1.2", "tpm-tis");
+    start(&a);
+    let mut src = boot(&attach_args(&a), "migrate", false);
+    check_tpm(&mut src, "1.2", "tpm-tis");
+    let pubek = src.value("pubek-sha256");
+    let pcrs = src.value("pcrs-before");
+    src.marker("waiting-for-migration");
+    let (mut dst, _) = migrate(&mut src, &a, &b);
+    dst.qemu.serial().write(b"go\n").unwrap();
+    assert_eq!(dst.value("pcrs-after"), pcrs, "the PCRs did not move");
+    assert_eq!(dst.value("pubek-after"), pubek, "another EK");
+    dst.done();
+    dst.wait_poweroff();
+    b.wait_state(G1, "stopped", STATE_TIMEOUT);
+}
+
+/// MigrateOut on `a`, MigrateIn on `b`, a destination QEMU waiting with
+/// `-incoming`, QMP `migrate` until completed, the source QEMU quit and
+/// its guest `migrated-out`. Returns the destination VM and MigrateOut's
+/// reply.
+fn migrate(src: &mut Vm, a: &Daemon, b: &Daemon) -> (Vm, Value) {
+    let destination = b.client().manager("GetHostKey", json!({})).unwrap()["public_key"].clone();
+    let out = a
+        .client()
+        .manager(
+            "MigrateOut",
+            json!({"guest": G1, "destination": destination}),
+        )
+        .unwrap();
+    b.client()
+        .manager(
+            "MigrateIn",
+            json!({"guest": G1, "ticket": out["ticket"], "sealed": out["sealed"]}),
+        )
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let uri = format!("unix:{}", dir.path().join("migration.sock").display());
+    let dst = boot_with_incoming(&attach_args(b), "migrate", &uri);
+    let started = Instant::now();
+    src.qemu
+        .qmp()
+        .execute_value("migrate", Some(json!({ "uri": uri })))
+        .unwrap();
+    let done = loop {
+        let state = src.qemu.qmp().execute_value("query-migrate", None).unwrap();
+        match state["status"].as_str() {
+            Some("completed") => break state,
+            Some("failed" | "cancelled") => panic!("migration {state}"),
+            _ => {}
+        }
+        assert!(started.elapsed() < BOOT_TIMEOUT, "migration: {state}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    eprintln!(
+        "migrated in {} ms, downtime {} ms",
+        done["total-time"], done["downtime"]
+    );
+    src.qemu.quit(Duration::from_secs(10));
+    let moved = a.wait_state(G1, "migrated-out", STATE_TIMEOUT);
+    assert_eq!(moved["state"], "migrated-out");
+    (dst, out)
 }
 
 #[test]
