@@ -390,7 +390,11 @@ impl Keyslot {
         out
     }
 
-    fn decode(r: &mut Reader<'_>, index: usize, version: u16) -> Result<Self, FormatError> {
+    pub(super) fn decode(
+        r: &mut Reader<'_>,
+        index: usize,
+        version: u16,
+    ) -> Result<Self, FormatError> {
         let bad = |what: String| FormatError::Keyslot { index, what };
         let truncated = || bad("truncated".to_owned());
         let record: [u8; KEYSLOT_LEN] = r.array().ok_or_else(truncated)?;
