@@ -105,6 +105,13 @@ pub enum SlotKind {
 }
 
 impl SlotKind {
+    /// The kind [`as_str`](Self::as_str) names.
+    pub fn parse(text: &str) -> Option<Self> {
+        [Self::Passphrase, Self::Key, Self::Host]
+            .into_iter()
+            .find(|k| k.as_str() == text)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Passphrase => "argon2id-passphrase",
