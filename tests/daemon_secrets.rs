@@ -452,6 +452,94 @@ fn host_key_needles(host_key_file: &Path) -> Needles {
     needles
 }
 
+/// What opening a host slot computes, from the spec's spelled-out
+/// OpenBase: for every kind 03 slot seen, the KEM's shared secret (by the
+/// hpke crate's own decapsulation, the DH itself being internal to it),
+/// the key schedule's secret, its AEAD key (and AES schedule) and its
+/// exporter secret.
+fn host_slot_keys(headers: &[Vec<u8>], host_key_file: &Path) -> Needles {
+    use hpke::Deserializable;
+    use hpke::kem::{Kem, X25519HkdfSha256};
+    let guest: [u8; 16] = GuestId::parse(GUEST).unwrap().as_bytes().to_owned();
+    let file = std::fs::read(host_key_file).unwrap();
+    let sk = <X25519HkdfSha256 as Kem>::PrivateKey::from_bytes(&file[10..42]).unwrap();
+    let suite = b"HPKE\x00\x20\x00\x01\x00\x02";
+    let extract = |salt: &[u8], label: &[u8], ikm: &[u8]| {
+        let mut labeled = b"HPKE-v1".to_vec();
+        labeled.extend_from_slice(suite);
+        labeled.extend_from_slice(label);
+        labeled.extend_from_slice(ikm);
+        let salt = (!salt.is_empty()).then_some(salt);
+        Hkdf::<Sha256>::extract(salt, &labeled).0.to_vec()
+    };
+    let expand = |prk: &[u8], label: &[u8], info: &[u8], len: usize| {
+        let mut labeled = u16::try_from(len).unwrap().to_be_bytes().to_vec();
+        labeled.extend_from_slice(b"HPKE-v1");
+        labeled.extend_from_slice(suite);
+        labeled.extend_from_slice(label);
+        labeled.extend_from_slice(info);
+        let mut out = vec![0u8; len];
+        Hkdf::<Sha256>::from_prk(prk)
+            .unwrap()
+            .expand(&labeled, &mut out)
+            .unwrap();
+        out
+    };
+    let mut info = b"vtpmd host keyslot v2".to_vec();
+    info.extend_from_slice(&guest);
+    let mut context = vec![0u8];
+    context.extend_from_slice(&extract(b"", b"psk_id_hash", b""));
+    context.extend_from_slice(&extract(b"", b"info_hash", &info));
+    let mut needles = Needles::default();
+    let mut seen = BTreeSet::new();
+    for header in headers {
+        for slot in header[BOUND_LEN + 1..header.len() - 32].chunks(SLOT_LEN) {
+            if slot[0] != 3 || !seen.insert(slot.to_vec()) {
+                continue;
+            }
+            let enc = <X25519HkdfSha256 as Kem>::EncappedKey::from_bytes(&slot[26..58]).unwrap();
+            let Ok(shared) = X25519HkdfSha256::decap(&sk, None, &enc) else {
+                continue;
+            };
+            let shared = shared.0.to_vec();
+            let secret = extract(&shared, b"secret", b"");
+            let key: [u8; 32] = expand(&secret, b"key", &context, 32).try_into().unwrap();
+            let nonce = expand(&secret, b"base_nonce", &context, 12);
+            // The key schedule is right if it opens the slot (for a slot
+            // of another host, decap gives garbage and the open fails).
+            let mut aad = b"vtpmd keyslot v1".to_vec();
+            aad.extend_from_slice(&guest);
+            aad.extend_from_slice(&slot[..26]);
+            let opens = Aes256Gcm::new_from_slice(&key)
+                .unwrap()
+                .decrypt(
+                    &Nonce::try_from(nonce.as_slice()).unwrap(),
+                    Payload {
+                        msg: &slot[58..106],
+                        aad: &aad,
+                    },
+                )
+                .is_ok();
+            if !opens {
+                continue;
+            }
+            let tag = hex(&slot[26..30]);
+            needles.add(format!("HPKE shared secret (enc {tag}…)"), &shared);
+            needles.add(format!("HPKE key schedule secret (enc {tag}…)"), &secret);
+            add_aes_key(&mut needles, &format!("HPKE AEAD key (enc {tag}…)"), &key);
+            needles.add(
+                format!("HPKE exporter secret (enc {tag}…)"),
+                &expand(&secret, b"exp", &context, 32),
+            );
+        }
+    }
+    assert!(
+        !needles.named.is_empty() || seen.is_empty(),
+        "no host slot of this host opens with the key schedule derived here"
+    );
+    needles
+}
+
 #[test]
 fn no_key_slot_kek_nor_host_private_key_in_readable_memory() {
     if !nix::unistd::geteuid().is_root() {
@@ -472,6 +560,9 @@ fn no_key_slot_kek_nor_host_private_key_in_readable_memory() {
         let mut needles = derived_keys(&seen, &[PASSPHRASE]);
         needles.named.extend(key_slot_keys(&seen, &key).named);
         needles.named.extend(host_key_needles(&host_key_file).named);
+        needles
+            .named
+            .extend(host_slot_keys(&seen, &host_key_file).named);
         let (regions, unreadable) = readable_memory(d.pid());
         // The control: the daemon holds its state directory's path.
         assert!(
