@@ -292,6 +292,26 @@ fn sealed_files() -> Seeds {
         &archive(&[("tpm2-00.permall", b"p")]),
         7,
     );
+    {
+        // Format version 2: a passphrase, a key and a host slot.
+        let paths = SealedPaths::new(dir.path().join("key-and-host-slots"));
+        let mut state = SealedState::create(
+            paths.clone(),
+            guest,
+            v2_tis,
+            &passphrase("fuzz"),
+            &policy,
+            &archive(&[("tpm2-00.permall", &perm[..32])]),
+        )
+        .unwrap();
+        state.add_key(&passphrase(&"k".repeat(32))).unwrap();
+        let host = vtpmd::vault::HostKey::generate().unwrap();
+        state.add_host(&host.public()).unwrap();
+        files.push((
+            "key-and-host-slots".to_owned(),
+            fs::read(paths.current()).unwrap(),
+        ));
+    }
     let plain = [
         (
             "plain-body-two-files",
