@@ -360,3 +360,44 @@ fn grant_lets_a_second_host_start_the_guest_with_its_own_key_and_revoke_takes_it
     let out = source.vtpmctl(&["revoke", G, "1", "--passphrase-file", p]);
     assert!(!out.contains("host"), "{out}");
 }
+
+/// A `host` policy guest needs no key back across a vtpmd restart: the
+/// adopted swtpm is resealed at once with this host's key, where a `user`
+/// guest waits for a Start with its passphrase.
+#[test]
+fn after_a_restart_without_its_key_a_host_policy_guest_goes_on_resealing() {
+    let mut d = Daemon::start();
+    create(&d, G, json!({"policy": "host"}));
+    create(&d, G2, json!({}));
+    let host_run = start(&d, G, json!({})).unwrap()["guest"].clone();
+    let user_run =
+        start(&d, G2, json!({"passphrase": common::b64(PASS)})).unwrap()["guest"].clone();
+    // Each VMM stays attached: swtpm ends when its data channel closes.
+    let _vmm_host = common::nv::attach_and_write_nv(
+        std::path::Path::new(host_run["ctrl_socket"].as_str().unwrap()),
+        b"before",
+    );
+    let _vmm_user = common::nv::attach_and_write_nv(
+        std::path::Path::new(user_run["ctrl_socket"].as_str().unwrap()),
+        b"before",
+    );
+    // A restart with no service manager's fd store: no key comes back.
+    d.restart();
+    let host = d.guest_status(G);
+    assert_eq!(host["state"], "running", "{host}");
+    assert_eq!(host["pid"], host_run["pid"], "the same swtpm, adopted");
+    assert!(host.get("reason").is_none(), "{host}");
+    let user = d.guest_status(G2);
+    assert_eq!(user["state"], "running", "{user}");
+    assert!(
+        user["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("key needed"),
+        "{user}"
+    );
+    // And the host guest's writes are sealed again.
+    let generation = host["generation"].as_u64().unwrap();
+    fs::write(d.runtime_dir.join(G).join("extra"), b"after the restart").unwrap();
+    d.wait_generation_above(G, generation, std::time::Duration::from_secs(20));
+}
