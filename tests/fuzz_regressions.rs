@@ -497,6 +497,27 @@ fn varlink_streams() -> (Seeds, Seeds) {
             "rekey",
             json!({"method": m("Rekey"), "parameters": {"guest": guest, "passphrase": "b2xk", "new_passphrase": "bmV3IQ=="}}),
         ),
+        ("get-host-key", json!({"method": m("GetHostKey")})),
+        (
+            "start-with-key",
+            json!({"method": m("Start"), "parameters": {"guest": guest, "key": "QkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkI="}}),
+        ),
+        (
+            "start-with-host-key",
+            json!({"method": m("Start"), "parameters": {"guest": guest}}),
+        ),
+        (
+            "create-deployment",
+            json!({"method": m("Create"), "parameters": {"guest": guest, "version": "2.0", "passphrase": "cGFzcw==", "policy": "deployment", "key": "QkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkI="}}),
+        ),
+        (
+            "grant",
+            json!({"method": m("Grant"), "parameters": {"guest": guest, "passphrase": "cGFzcw==", "host_public_key": "YFpyXSpK3+6xop4X7dYhwbdZPujNvESsbEq24vgF0jw="}}),
+        ),
+        (
+            "revoke",
+            json!({"method": m("Revoke"), "parameters": {"guest": guest, "slot": 1, "key": "QkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkI="}}),
+        ),
         (
             "create",
             json!({"method": m("Create"), "parameters": {
