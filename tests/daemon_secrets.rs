@@ -3,8 +3,10 @@
 //! nowhere in vtpmd's readable pages; after Stop, neither is the guest's
 //! swtpm state key (raw or hex, as handed to swtpm). After every call that
 //! derives keys, no key derived from the passphrase and the sealed file
-//! (KEK, data key, body keys, state and migration keys, the HKDF PRKs and the AES key
-//! schedules) is either. A passphrase refused for a JSON escape is found
+//! (KEK, data key, body keys, state and migration keys, the HKDF PRKs and
+//! the AES key schedules) is either, nor, with a key slot and a host slot,
+//! the key, its KEK and PRK, or this host's X25519 private key. A
+//! passphrase refused for a JSON escape is found
 //! neither unescaped nor decoded. Pages of locked secret memory
 //! (memfd_secret) cannot be read through /proc at all, which is the point;
 //! mlocked pages (the fallback where secretmem is unavailable) are where
@@ -366,7 +368,9 @@ fn derived_keys(headers: &[Vec<u8>], passphrases: &[&str]) -> Needles {
             slots.insert(slot.to_vec());
         }
     }
-    for slot in &slots {
+    // Passphrase slots only (kind 01): key and host slots have no Argon2
+    // parameters; their keys are `key_slot_keys`' and the host key's.
+    for slot in slots.iter().filter(|slot| slot[0] == 1) {
         let salt = hex(&slot[14..18]);
         for passphrase in passphrases {
             let kek = kek(passphrase.as_bytes(), slot);
@@ -408,6 +412,212 @@ fn derived_keys(headers: &[Vec<u8>], passphrases: &[&str]) -> Needles {
     needles.add("swtpm migration key", &migration_key);
     needles.add("swtpm migration key (hex)", hex(&migration_key).as_bytes());
     needles
+}
+
+/// What a key slot's key leads to, from the spec: for every kind 02 slot
+/// seen, its KEK (and the KEK's AES schedule) and HKDF PRK; and the key
+/// itself, raw and as the base64 it travelled in.
+fn key_slot_keys(headers: &[Vec<u8>], key: &[u8; 32]) -> Needles {
+    use base64ct::{Base64, Encoding};
+    let guest: [u8; 16] = GuestId::parse(GUEST).unwrap().as_bytes().to_owned();
+    let mut needles = Needles::default();
+    needles.add("key", key);
+    needles.add("key (base64)", Base64::encode_string(key).as_bytes());
+    let mut info = b"vtpmd key keyslot v2".to_vec();
+    info.extend_from_slice(&guest);
+    let mut seen = BTreeSet::new();
+    for header in headers {
+        for slot in header[BOUND_LEN + 1..header.len() - 32].chunks(SLOT_LEN) {
+            if slot[0] != 2 || !seen.insert(slot.to_vec()) {
+                continue;
+            }
+            let (prk, kek) = hkdf(key, Some(&slot[14..46]), &info);
+            assert!(
+                unwrap_data_key(&kek, &guest, slot).is_some(),
+                "the key slot's KEK derived here does not open it"
+            );
+            let salt = hex(&slot[14..18]);
+            add_aes_key(&mut needles, &format!("key slot KEK (salt {salt}…)"), &kek);
+            needles.add(format!("key slot KEK PRK (salt {salt}…)"), &prk);
+        }
+    }
+    needles
+}
+
+/// This host's X25519 private key as the file holds it, and clamped (what
+/// x25519-dalek keeps).
+fn host_key_needles(host_key_file: &Path) -> Needles {
+    let bytes = std::fs::read(host_key_file).unwrap();
+    let mut private: [u8; 32] = bytes[10..42].try_into().unwrap();
+    let mut needles = Needles::default();
+    needles.add("host private key", &private);
+    private[0] &= 248;
+    private[31] &= 127;
+    private[31] |= 64;
+    needles.add("host private key (clamped)", &private);
+    needles
+}
+
+/// What opening a host slot computes, from the spec's spelled-out
+/// OpenBase: for every kind 03 slot seen, the KEM's shared secret (by the
+/// hpke crate's own decapsulation, the DH itself being internal to it),
+/// the key schedule's secret, its AEAD key (and AES schedule) and its
+/// exporter secret.
+fn host_slot_keys(headers: &[Vec<u8>], host_key_file: &Path) -> Needles {
+    use hpke::Deserializable;
+    use hpke::kem::{Kem, X25519HkdfSha256};
+    let guest: [u8; 16] = GuestId::parse(GUEST).unwrap().as_bytes().to_owned();
+    let file = std::fs::read(host_key_file).unwrap();
+    let sk = <X25519HkdfSha256 as Kem>::PrivateKey::from_bytes(&file[10..42]).unwrap();
+    let suite = b"HPKE\x00\x20\x00\x01\x00\x02";
+    let extract = |salt: &[u8], label: &[u8], ikm: &[u8]| {
+        let mut labeled = b"HPKE-v1".to_vec();
+        labeled.extend_from_slice(suite);
+        labeled.extend_from_slice(label);
+        labeled.extend_from_slice(ikm);
+        let salt = (!salt.is_empty()).then_some(salt);
+        Hkdf::<Sha256>::extract(salt, &labeled).0.to_vec()
+    };
+    let expand = |prk: &[u8], label: &[u8], info: &[u8], len: usize| {
+        let mut labeled = u16::try_from(len).unwrap().to_be_bytes().to_vec();
+        labeled.extend_from_slice(b"HPKE-v1");
+        labeled.extend_from_slice(suite);
+        labeled.extend_from_slice(label);
+        labeled.extend_from_slice(info);
+        let mut out = vec![0u8; len];
+        Hkdf::<Sha256>::from_prk(prk)
+            .unwrap()
+            .expand(&labeled, &mut out)
+            .unwrap();
+        out
+    };
+    let mut info = b"vtpmd host keyslot v2".to_vec();
+    info.extend_from_slice(&guest);
+    let mut context = vec![0u8];
+    context.extend_from_slice(&extract(b"", b"psk_id_hash", b""));
+    context.extend_from_slice(&extract(b"", b"info_hash", &info));
+    let mut needles = Needles::default();
+    let mut seen = BTreeSet::new();
+    for header in headers {
+        for slot in header[BOUND_LEN + 1..header.len() - 32].chunks(SLOT_LEN) {
+            if slot[0] != 3 || !seen.insert(slot.to_vec()) {
+                continue;
+            }
+            let enc = <X25519HkdfSha256 as Kem>::EncappedKey::from_bytes(&slot[26..58]).unwrap();
+            let Ok(shared) = X25519HkdfSha256::decap(&sk, None, &enc) else {
+                continue;
+            };
+            let shared = shared.0.to_vec();
+            let secret = extract(&shared, b"secret", b"");
+            let key: [u8; 32] = expand(&secret, b"key", &context, 32).try_into().unwrap();
+            let nonce = expand(&secret, b"base_nonce", &context, 12);
+            // The key schedule is right if it opens the slot (for a slot
+            // of another host, decap gives garbage and the open fails).
+            let mut aad = b"vtpmd keyslot v1".to_vec();
+            aad.extend_from_slice(&guest);
+            aad.extend_from_slice(&slot[..26]);
+            let opens = Aes256Gcm::new_from_slice(&key)
+                .unwrap()
+                .decrypt(
+                    &Nonce::try_from(nonce.as_slice()).unwrap(),
+                    Payload {
+                        msg: &slot[58..106],
+                        aad: &aad,
+                    },
+                )
+                .is_ok();
+            if !opens {
+                continue;
+            }
+            let tag = hex(&slot[26..30]);
+            needles.add(format!("HPKE shared secret (enc {tag}…)"), &shared);
+            needles.add(format!("HPKE key schedule secret (enc {tag}…)"), &secret);
+            add_aes_key(&mut needles, &format!("HPKE AEAD key (enc {tag}…)"), &key);
+            needles.add(
+                format!("HPKE exporter secret (enc {tag}…)"),
+                &expand(&secret, b"exp", &context, 32),
+            );
+        }
+    }
+    assert!(
+        !needles.named.is_empty() || seen.is_empty(),
+        "no host slot of this host opens with the key schedule derived here"
+    );
+    needles
+}
+
+#[test]
+fn no_key_slot_kek_nor_host_private_key_in_readable_memory() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: reading a non-dumpable daemon's memory needs root");
+        return;
+    }
+    use base64ct::{Base64, Encoding};
+    let d = Daemon::start();
+    let headers = Headers::watch(d.sealed_file(GUEST));
+    let key: [u8; 32] = std::array::from_fn(|i| 0xa5 ^ u8::try_from(i * 37 % 251).unwrap());
+    let key_b64 = Base64::encode_string(&key);
+    let mut c = d.client();
+    let me = c.manager("GetHostKey", json!({})).unwrap();
+    let host_key_file = d.state_dir.join("host.key");
+    let mut found: Vec<(&str, BTreeMap<String, usize>)> = Vec::new();
+    let mut look = |after: &'static str, headers: &Headers| {
+        let seen = headers.snapshot(&d.sealed_file(GUEST));
+        let mut needles = derived_keys(&seen, &[PASSPHRASE]);
+        needles.named.extend(key_slot_keys(&seen, &key).named);
+        needles.named.extend(host_key_needles(&host_key_file).named);
+        needles
+            .named
+            .extend(host_slot_keys(&seen, &host_key_file).named);
+        let (regions, unreadable) = readable_memory(d.pid());
+        // The control: the daemon holds its state directory's path.
+        assert!(
+            occurrences(&regions, d.state_dir.to_str().unwrap().as_bytes()) > 0,
+            "the scan finds nothing at all"
+        );
+        let hits = needles.search(&regions);
+        eprintln!(
+            "after {after}: {} byte strings searched ({unreadable} regions unreadable): {} hits {hits:?}",
+            needles.named.len(),
+            hits.values().sum::<usize>()
+        );
+        found.push((after, hits));
+    };
+
+    c.manager(
+        "Create",
+        json!({"guest": GUEST, "version": "2.0", "passphrase": b64(PASSPHRASE),
+               "policy": "deployment", "key": key_b64}),
+    )
+    .unwrap();
+    look("Create (deployment)", &headers);
+    c.manager(
+        "Grant",
+        json!({"guest": GUEST, "key": key_b64, "host_public_key": me["public_key"]}),
+    )
+    .unwrap();
+    look("Grant", &headers);
+    let running = c
+        .manager("Start", json!({"guest": GUEST, "key": key_b64}))
+        .unwrap();
+    assert_eq!(running["guest"]["state"], "running");
+    let ctrl = running["guest"]["ctrl_socket"].as_str().unwrap().to_owned();
+    let vmm = attach_and_write_nv(Path::new(&ctrl), b"a guest's write");
+    look("Start with the key", &headers);
+    c.manager("Stop", json!({"guest": GUEST})).unwrap();
+    drop(vmm);
+    look("Stop", &headers);
+    let running = c.manager("Start", json!({"guest": GUEST})).unwrap();
+    assert_eq!(running["guest"]["state"], "running");
+    look("Start with this host's key", &headers);
+    c.manager("Revoke", json!({"guest": GUEST, "slot": 2}))
+        .unwrap();
+    look("Revoke", &headers);
+    c.manager("Stop", json!({"guest": GUEST})).unwrap();
+    look("Stop again", &headers);
+
+    let total: usize = found.iter().flat_map(|(_, h)| h.values()).sum();
+    assert_eq!(total, 0, "keys in readable memory: {found:?}");
 }
 
 #[test]

@@ -292,6 +292,26 @@ fn sealed_files() -> Seeds {
         &archive(&[("tpm2-00.permall", b"p")]),
         7,
     );
+    {
+        // Format version 2: a passphrase, a key and a host slot.
+        let paths = SealedPaths::new(dir.path().join("key-and-host-slots"));
+        let mut state = SealedState::create(
+            paths.clone(),
+            guest,
+            v2_tis,
+            &passphrase("fuzz"),
+            &policy,
+            &archive(&[("tpm2-00.permall", &perm[..32])]),
+        )
+        .unwrap();
+        state.add_key(&passphrase(&"k".repeat(32))).unwrap();
+        let host = vtpmd::vault::HostKey::generate().unwrap();
+        state.add_host(&host.public()).unwrap();
+        files.push((
+            "key-and-host-slots".to_owned(),
+            fs::read(paths.current()).unwrap(),
+        ));
+    }
     let plain = [
         (
             "plain-body-two-files",
@@ -477,6 +497,27 @@ fn varlink_streams() -> (Seeds, Seeds) {
         (
             "rekey",
             json!({"method": m("Rekey"), "parameters": {"guest": guest, "passphrase": "b2xk", "new_passphrase": "bmV3IQ=="}}),
+        ),
+        ("get-host-key", json!({"method": m("GetHostKey")})),
+        (
+            "start-with-key",
+            json!({"method": m("Start"), "parameters": {"guest": guest, "key": "QkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkI="}}),
+        ),
+        (
+            "start-with-host-key",
+            json!({"method": m("Start"), "parameters": {"guest": guest}}),
+        ),
+        (
+            "create-deployment",
+            json!({"method": m("Create"), "parameters": {"guest": guest, "version": "2.0", "passphrase": "cGFzcw==", "policy": "deployment", "key": "QkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkI="}}),
+        ),
+        (
+            "grant",
+            json!({"method": m("Grant"), "parameters": {"guest": guest, "passphrase": "cGFzcw==", "host_public_key": "YFpyXSpK3+6xop4X7dYhwbdZPujNvESsbEq24vgF0jw="}}),
+        ),
+        (
+            "revoke",
+            json!({"method": m("Revoke"), "parameters": {"guest": guest, "slot": 1, "key": "QkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkI="}}),
         ),
         (
             "create",

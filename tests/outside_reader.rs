@@ -879,3 +879,255 @@ fn the_outside_reader_decodes_what_vtpmd_sealed_and_agrees_with_vtpmctl_on_every
         ok.python["generation"].as_u64().unwrap() + 1
     );
 }
+
+/// Both readers on `bytes` (alone in a fresh directory), the credential
+/// given as `flag FILE` to each (the flags are the same for both).
+fn judge_kind(bench: &mut Bench, bytes: &[u8], guest: &str, flag: &str, secret: &Path) -> Judged {
+    let dir = bench.fresh_dir();
+    let file = dir.join("tpm.sealed");
+    fs::write(&file, bytes).unwrap();
+    let out = Command::new(PYTHON)
+        .arg(READER)
+        .arg("open")
+        .arg(&file)
+        .args(["--guest", guest, flag])
+        .arg(secret)
+        .arg("--allow-weak")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "outside_reader.py: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let python: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_vtpmctl"))
+        .args(["state", "verify"])
+        .arg(&file)
+        .args(["--guest", guest, flag])
+        .arg(secret)
+        .args(["--allow-weak-kdf", "--json"])
+        .output()
+        .unwrap();
+    let vtpmctl: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "vtpmctl printed no JSON ({e}): {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    Judged { python, vtpmctl }
+}
+
+#[test]
+fn the_outside_reader_opens_key_and_host_slots_and_agrees_with_vtpmctl() {
+    use vtpmd::vault::{Credential, HostKey};
+    require_python_modules();
+
+    // The spec's test vectors are what the reader computes from their
+    // inputs (the vault opens them: src/vault/crypto.rs).
+    let out = Command::new(PYTHON)
+        .args([READER, "vectors"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let vectors: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let spec = fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/docs/sealed-format.md"
+    ))
+    .unwrap();
+    let block = spec.split("## Test vectors").nth(1).unwrap();
+    for (name, value) in vectors.as_object().unwrap() {
+        if name == "guest" {
+            assert!(block.contains(value.as_str().unwrap()));
+            continue;
+        }
+        let line = block
+            .lines()
+            .find(|l| l.split('=').next().map(str::trim) == Some(name.as_str()))
+            .unwrap_or_else(|| panic!("no {name} in the spec's test vectors"));
+        assert_eq!(
+            line.split('=').nth(1).unwrap().trim(),
+            value.as_str().unwrap(),
+            "{name}"
+        );
+    }
+
+    // A file with all three kinds: the vault writes it, both readers open
+    // it with each credential.
+    let root = tempfile::tempdir().unwrap();
+    let host_path = root.path().join("host.key");
+    let host = HostKey::load_or_create(&host_path).unwrap();
+    let other_path = root.path().join("other.key");
+    HostKey::load_or_create(&other_path).unwrap();
+    let key_bytes: Vec<u8> = (0..32u8).map(|b| b.wrapping_mul(7)).collect();
+    let key_path = root.path().join("key");
+    fs::write(&key_path, &key_bytes).unwrap();
+    let wrong_key_path = root.path().join("wrong-key");
+    fs::write(&wrong_key_path, [9u8; 32]).unwrap();
+    let short_key_path = root.path().join("short-key");
+    fs::write(&short_key_path, [9u8; 31]).unwrap();
+    let pass_path = root.path().join("pass");
+    fs::write(&pass_path, PASS).unwrap();
+
+    let guest = GuestId::parse(G).unwrap();
+    let spec = vtpmd::protocol::TpmSpec::new(
+        vtpmd::protocol::TpmVersion::V2_0,
+        vtpmd::protocol::TpmModel::Tis,
+    )
+    .unwrap();
+    let archive = StateArchive::from_entries(vec![
+        ("tpm2-00.permall".to_owned(), b"permanent state".to_vec()),
+        ("tpm2-00.volatilestate".to_owned(), vec![7; 300]),
+    ])
+    .unwrap();
+    let paths = SealedPaths::new(root.path().join("made.sealed"));
+    let mut state = SealedState::create(
+        paths.clone(),
+        guest,
+        spec,
+        &secret(PASS.as_bytes()),
+        &weak_policy(),
+        &archive,
+    )
+    .unwrap();
+    assert_eq!(state.add_key(&secret(&key_bytes)).unwrap(), 1);
+    assert_eq!(state.add_host(&host.public()).unwrap(), 2);
+    let file = fs::read(paths.current()).unwrap();
+    assert_eq!(&file[8..10], &[0, 2]);
+    let swtpm_key = hex(&Sha256::digest(secrecy::ExposeSecret::expose_secret(
+        &state.swtpm_state_key().unwrap(),
+    )));
+    let opened_by = |credential| {
+        SealedState::open_with(paths.clone(), guest, credential, &weak_policy())
+            .unwrap()
+            .state
+            .unlocked_slot()
+    };
+    let key_secret = secret(&key_bytes);
+    assert_eq!(opened_by(Credential::Key(&key_secret)), Some(1));
+    assert_eq!(opened_by(Credential::Host(&host)), Some(2));
+
+    let mut bench = Bench::new();
+    for (flag, path, slot) in [
+        ("--passphrase-file", &pass_path, 0),
+        ("--key-file", &key_path, 1),
+        ("--host-key-file", &host_path, 2),
+    ] {
+        let j = judge_kind(&mut bench, &file, G, flag, path);
+        assert_eq!(j.python_verdict(), "ok", "{flag}: {}", j.python);
+        assert_eq!(j.vtpmctl_verdict(), "ok", "{flag}: {}", j.vtpmctl);
+        assert_eq!(j.python["keyslot"], slot, "{flag}");
+        assert_eq!(j.python["swtpm_key_sha256"], swtpm_key.as_str(), "{flag}");
+        assert_eq!(j.python["entries"], entries_of(&archive), "{flag}");
+    }
+
+    // One vector per new rule: (what, bytes, flag, secret, verdict, step).
+    let slot_at = |i: usize| 85 + 106 * i;
+    let only_passphrase = {
+        // Version 2 with passphrase slots only: the key and host slots
+        // dropped, the count and checksum made right.
+        let mut b = file[..85 + 106].to_vec();
+        b[84] = 1;
+        b.extend_from_slice(&[0; 32]);
+        b.extend_from_slice(&file[117 + 3 * 106..]);
+        fix_checksum(&mut b);
+        b
+    };
+    type KindCase<'a> = (&'a str, Vec<u8>, &'a str, &'a Path, &'a str, u64);
+    let cases: Vec<KindCase> = vec![
+        (
+            "step 0: a key of 31 bytes",
+            file.clone(),
+            "--key-file",
+            &short_key_path,
+            "key",
+            0,
+        ),
+        (
+            "step 8: a key slot in a version 1 file",
+            edited(&file, |b| b[9] = 1, true),
+            "--key-file",
+            &key_path,
+            "corrupt",
+            8,
+        ),
+        (
+            "step 8: a key slot's reserved byte",
+            edited(&file, |b| b[slot_at(1) + 5] = 1, true),
+            "--key-file",
+            &key_path,
+            "corrupt",
+            8,
+        ),
+        (
+            "step 8: a host slot's reserved byte",
+            edited(&file, |b| b[slot_at(2) + 9] = 1, true),
+            "--host-key-file",
+            &host_path,
+            "corrupt",
+            8,
+        ),
+        (
+            "step 8: kind 4",
+            edited(&file, |b| b[slot_at(1)] = 4, true),
+            "--key-file",
+            &key_path,
+            "corrupt",
+            8,
+        ),
+        (
+            "step 8: version 2 with passphrase slots only",
+            only_passphrase,
+            "--passphrase-file",
+            &pass_path,
+            "corrupt",
+            8,
+        ),
+        (
+            "step 11: the wrong key",
+            file.clone(),
+            "--key-file",
+            &wrong_key_path,
+            "wrong-key",
+            11,
+        ),
+        (
+            "step 11: another host",
+            file.clone(),
+            "--host-key-file",
+            &other_path,
+            "no-keyslot",
+            11,
+        ),
+        (
+            "step 11: a host slot's ciphertext edited",
+            edited(&file, |b| b[slot_at(2) + 70] ^= 1, true),
+            "--host-key-file",
+            &host_path,
+            "wrong-key",
+            11,
+        ),
+        (
+            "step 11: a key slot's salt edited",
+            edited(&file, |b| b[slot_at(1) + 20] ^= 1, true),
+            "--key-file",
+            &key_path,
+            "wrong-key",
+            11,
+        ),
+    ];
+    let mut checked = 0;
+    for (what, bytes, flag, path, verdict, step) in cases {
+        let j = judge_kind(&mut bench, &bytes, G, flag, path);
+        assert_eq!(j.python_verdict(), verdict, "{what}: {}", j.python);
+        assert_eq!(j.python["step"], step, "{what}: {}", j.python);
+        assert_eq!(j.vtpmctl_verdict(), verdict, "{what}: {}", j.vtpmctl);
+        checked += 1;
+    }
+    eprintln!("{checked} key/host vectors: both readers agree");
+}

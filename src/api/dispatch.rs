@@ -5,13 +5,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::protocol::manager::{
-    CapabilitiesReply, ExportReply, GuestReply, GuestView, HostKeyReply, ListReply, ManagerError,
-    MigrateOutReply, MonitorReply, Passphrase, Request, StartTimingsView,
+    CapabilitiesReply, ExportReply, GuestReply, GuestView, HostKeyReply, KeyslotView, ListReply,
+    ManagerError, MigrateOutReply, MonitorReply, Passphrase, Policy, Request, Secret,
+    StartTimingsView,
 };
 use crate::protocol::varlink::{ServiceError, encode_reply};
 use crate::secret::{SecretBuf, SecretError};
-use crate::supervisor::{Event, EventKind, GuestInfo, Supervisor, SupervisorError};
-use crate::vault::MAX_PASSPHRASE_LEN;
+use crate::supervisor::{
+    CreatePolicy, Event, EventKind, GuestInfo, Supervisor, SupervisorError, Unlock,
+};
+use crate::vault::{HostPublicKey, KEY_LEN, MAX_PASSPHRASE_LEN, SlotSummary};
 use base64ct::{Base64, Encoding};
 
 use super::{Limits, LogGate};
@@ -73,30 +76,79 @@ pub(super) async fn run(
             spec,
             passphrase,
             ek_certificate,
+            policy,
+            key,
         } => {
             let passphrase = match decode(passphrase, "passphrase") {
                 Ok(p) => p,
                 Err(reply) => return reply,
             };
+            let slots = match (policy, key) {
+                (Policy::Deployment, Some(key)) => match decode_key(key) {
+                    Ok(key) => CreatePolicy::Deployment(key),
+                    Err(reply) => return reply,
+                },
+                (Policy::Host, _) => CreatePolicy::Host,
+                // The protocol pairs a key with Deployment and nothing else.
+                (Policy::User | Policy::Deployment, _) => CreatePolicy::User,
+            };
             let sup = Arc::clone(supervisor);
             detached(timeout, async move {
-                sup.create(guest, spec, passphrase, ek_certificate).await
+                sup.create_with_policy(guest, spec, passphrase, slots, ek_certificate)
+                    .await
             })
             .await
             .map_or_else(|reply| reply, guest_reply)
         }
-        Request::Start { guest, passphrase } => {
-            let passphrase = match decode(passphrase, "passphrase") {
-                Ok(p) => p,
+        Request::Start { guest, secret } => {
+            let unlock = match unlock(secret) {
+                Ok(u) => u,
                 Err(reply) => return reply,
             };
             let sup = Arc::clone(supervisor);
             detached(
                 timeout,
-                async move { sup.start_guest(guest, passphrase).await },
+                async move { sup.start_guest_with(guest, unlock).await },
             )
             .await
             .map_or_else(|reply| reply, guest_reply)
+        }
+        Request::Grant {
+            guest,
+            secret,
+            host_public_key,
+        } => {
+            let Ok(host) = HostPublicKey::parse_base64(host_public_key) else {
+                return ServiceError::InvalidParameter {
+                    parameter: "host_public_key".to_owned(),
+                }
+                .encode();
+            };
+            let unlock = match unlock(secret) {
+                Ok(u) => u,
+                Err(reply) => return reply,
+            };
+            let sup = Arc::clone(supervisor);
+            detached(timeout, async move { sup.grant(guest, unlock, host).await })
+                .await
+                .map_or_else(|reply| reply, |result| keyslots_reply(result, log))
+        }
+        Request::Revoke {
+            guest,
+            slot,
+            secret,
+        } => {
+            let unlock = match unlock(secret) {
+                Ok(u) => u,
+                Err(reply) => return reply,
+            };
+            let sup = Arc::clone(supervisor);
+            detached(
+                timeout,
+                async move { sup.revoke(guest, unlock, slot).await },
+            )
+            .await
+            .map_or_else(|reply| reply, |result| keyslots_reply(result, log))
         }
         Request::Stop { guest } => {
             let sup = Arc::clone(supervisor);
@@ -263,6 +315,52 @@ fn decode(passphrase: Passphrase<'_>, parameter: &str) -> Result<SecretBuf, Vec<
         .map_err(|e| decode_error(&e, parameter))
 }
 
+/// A key's base64 (already shaped as 32 bytes' worth) → locked memory.
+fn decode_key(key: Passphrase<'_>) -> Result<SecretBuf, Vec<u8>> {
+    let buf = SecretBuf::from_base64(key.base64(), KEY_LEN).map_err(|e| decode_error(&e, "key"))?;
+    if buf.len() != KEY_LEN {
+        return Err(ServiceError::InvalidParameter {
+            parameter: "key".to_owned(),
+        }
+        .encode());
+    }
+    Ok(buf)
+}
+
+/// The call's secret as the supervisor takes it.
+fn unlock(secret: Secret<'_>) -> Result<Unlock, Vec<u8>> {
+    Ok(match secret {
+        Secret::Passphrase(p) => Unlock::Passphrase(decode(p, "passphrase")?),
+        Secret::Key(k) => Unlock::Key(decode_key(k)?),
+        Secret::None => Unlock::ThisHost,
+    })
+}
+
+/// Grant's and Revoke's reply: the slot concerned and the keyslots now.
+fn keyslots_reply(
+    result: Result<(usize, Vec<SlotSummary>), SupervisorError>,
+    log: LogGate<'_>,
+) -> Vec<u8> {
+    match result {
+        Err(e) => error(&e, log),
+        Ok((slot, keyslots)) => encode_reply(
+            &serde_json::json!({ "slot": slot, "keyslots": keyslot_views(&keyslots) }),
+            false,
+        ),
+    }
+}
+
+fn keyslot_views(keyslots: &[SlotSummary]) -> Vec<KeyslotView> {
+    keyslots
+        .iter()
+        .map(|s| KeyslotView {
+            index: s.index as u64,
+            kind: s.kind.as_str().to_owned(),
+            host_fingerprint: s.host_fingerprint.clone(),
+        })
+        .collect()
+}
+
 /// A bad passphrase is the caller's fault; no locked memory left for it is
 /// the host's (RLIMIT_MEMLOCK too small for the calls and guests at hand),
 /// and the caller must not be told its passphrase was wrong.
@@ -341,6 +439,7 @@ pub fn view(info: &GuestInfo) -> GuestView {
         generation: info.generation,
         failure: info.failure.clone(),
         reason: info.reason.clone(),
+        keyslots: (!info.keyslots.is_empty()).then(|| keyslot_views(&info.keyslots)),
     }
 }
 
@@ -421,6 +520,31 @@ fn wire_error(e: &SupervisorError) -> ManagerError {
         S::Migration { guest, why } => ManagerError::MigrationRefused {
             guest: guest.to_string(),
             reason: why.clone(),
+        },
+        S::WrongKey { guest, kind } => ManagerError::WrongKey {
+            guest: guest.to_string(),
+            kind: kind.as_str().to_owned(),
+        },
+        S::NoKeyslot {
+            guest,
+            kind,
+            for_host,
+        } => ManagerError::NoKeyslot {
+            guest: guest.to_string(),
+            kind: kind.as_str().to_owned(),
+            host_fingerprint: for_host.clone(),
+        },
+        S::LastKeyslot { guest, index } => ManagerError::LastKeyslot {
+            guest: guest.to_string(),
+            slot: *index as u64,
+        },
+        S::NoSuchKeyslot { guest, index } => ManagerError::NoSuchKeyslot {
+            guest: guest.to_string(),
+            slot: *index as u64,
+        },
+        S::KeyslotsFull { guest, max } => ManagerError::KeyslotsFull {
+            guest: guest.to_string(),
+            max: *max as u64,
         },
         S::StateCorrupt { guest, what } => ManagerError::StateCorrupt {
             guest: guest.to_string(),

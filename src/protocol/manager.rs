@@ -37,6 +37,40 @@ impl fmt::Debug for Passphrase<'_> {
     }
 }
 
+/// Base64 text of a `key` slot's key: exactly 32 bytes.
+pub const KEY_BASE64_LEN: usize = 44;
+
+/// What opens a guest's state in a call: a passphrase, a key (both base64
+/// text borrowed from the receive buffer), or nothing (this host's key).
+#[derive(Debug, Clone, Copy)]
+pub enum Secret<'a> {
+    Passphrase(Passphrase<'a>),
+    Key(Passphrase<'a>),
+    None,
+}
+
+impl<'a> Secret<'a> {
+    /// The base64 text, if any, for the fuzzer's checks.
+    pub fn base64(&self) -> Option<Passphrase<'a>> {
+        match self {
+            Self::Passphrase(p) | Self::Key(p) => Some(*p),
+            Self::None => None,
+        }
+    }
+}
+
+/// Which slots Create adds besides the passphrase slot (Nova's vTPM secret
+/// security policies).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Policy {
+    /// The passphrase only: only the owner can start the guest.
+    User,
+    /// Also a host slot for this host: it starts the guest unattended.
+    Host,
+    /// Also a key slot for the caller's key (a deployment's key manager).
+    Deployment,
+}
+
 /// A validated call of `io.vtpmd.Manager`.
 #[derive(Debug)]
 pub enum Request<'a> {
@@ -47,10 +81,25 @@ pub enum Request<'a> {
         spec: TpmSpec,
         passphrase: Passphrase<'a>,
         ek_certificate: bool,
+        policy: Policy,
+        /// With `Policy::Deployment` only.
+        key: Option<Passphrase<'a>>,
     },
     Start {
         guest: GuestId,
-        passphrase: Passphrase<'a>,
+        secret: Secret<'a>,
+    },
+    Grant {
+        guest: GuestId,
+        /// A passphrase or a key; never `Secret::None`.
+        secret: Secret<'a>,
+        /// Standard base64 of 32 bytes, shape checked (decoded later).
+        host_public_key: &'a str,
+    },
+    Revoke {
+        guest: GuestId,
+        slot: usize,
+        secret: Secret<'a>,
     },
     Stop {
         guest: GuestId,
@@ -111,6 +160,8 @@ impl Request<'_> {
             Self::Rekey { .. } => "Rekey",
             Self::Export { .. } => "Export",
             Self::Import { .. } => "Import",
+            Self::Grant { .. } => "Grant",
+            Self::Revoke { .. } => "Revoke",
             Self::Monitor => "Monitor",
             Self::MigrateOut { .. } => "MigrateOut",
             Self::MigrateIn { .. } => "MigrateIn",
@@ -158,8 +209,35 @@ struct GuestParams<'a> {
 struct StartParams<'a> {
     #[serde(borrow)]
     guest: &'a str,
+    #[serde(borrow, default)]
+    passphrase: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    key: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GrantParams<'a> {
     #[serde(borrow)]
-    passphrase: &'a RawValue,
+    guest: &'a str,
+    #[serde(borrow, default)]
+    passphrase: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    key: Option<&'a RawValue>,
+    #[serde(borrow)]
+    host_public_key: &'a str,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RevokeParams<'a> {
+    #[serde(borrow)]
+    guest: &'a str,
+    slot: u64,
+    #[serde(borrow, default)]
+    passphrase: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    key: Option<&'a RawValue>,
 }
 
 #[derive(Deserialize)]
@@ -223,6 +301,10 @@ struct CreateParams<'a> {
     passphrase: &'a RawValue,
     #[serde(default)]
     ek_certificate: Option<bool>,
+    #[serde(default)]
+    policy: Option<&'a str>,
+    #[serde(borrow, default)]
+    key: Option<&'a RawValue>,
 }
 
 /// Decodes and validates the parameters of `member` (the part after
@@ -296,7 +378,50 @@ pub fn parse_request<'a>(member: &str, parameters: &'a str) -> Result<Request<'a
             let p: StartParams<'a> = decode(parameters)?;
             Request::Start {
                 guest: guest_id(p.guest)?,
-                passphrase: passphrase("passphrase", p.passphrase)?,
+                secret: secret(p.passphrase, p.key)?,
+            }
+        }
+        "Grant" => {
+            let p: GrantParams<'a> = decode(parameters)?;
+            let guest = guest_id(p.guest)?;
+            let secret = secret(p.passphrase, p.key)?;
+            if matches!(secret, Secret::None) {
+                // Handing the state to another host takes the owner's
+                // secret (or the deployment's key), not merely this host's.
+                return Err(RequestError::InvalidParameter {
+                    parameter: "passphrase".to_owned(),
+                });
+            }
+            let host_public_key = p.host_public_key;
+            let shaped = host_public_key.len() == KEY_BASE64_LEN
+                && host_public_key.ends_with('=')
+                && host_public_key
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'='));
+            if !shaped {
+                return Err(RequestError::InvalidParameter {
+                    parameter: "host_public_key".to_owned(),
+                });
+            }
+            Request::Grant {
+                guest,
+                secret,
+                host_public_key,
+            }
+        }
+        "Revoke" => {
+            let p: RevokeParams<'a> = decode(parameters)?;
+            let guest = guest_id(p.guest)?;
+            let slot = usize::try_from(p.slot)
+                .ok()
+                .filter(|s| *s < MAX_KEYSLOTS)
+                .ok_or_else(|| RequestError::InvalidParameter {
+                    parameter: "slot".to_owned(),
+                })?;
+            Request::Revoke {
+                guest,
+                slot,
+                secret: secret(p.passphrase, p.key)?,
             }
         }
         "Rekey" => {
@@ -316,11 +441,30 @@ pub fn parse_request<'a>(member: &str, parameters: &'a str) -> Result<Request<'a
                 p.image_properties.as_ref(),
             )
             .map_err(|reason| RequestError::InvalidTpmSpec { reason })?;
+            let policy = match p.policy {
+                None | Some("user") => Policy::User,
+                Some("host") => Policy::Host,
+                Some("deployment") => Policy::Deployment,
+                Some(_) => {
+                    return Err(RequestError::InvalidParameter {
+                        parameter: "policy".to_owned(),
+                    });
+                }
+            };
+            let key = p.key.map(|raw| key("key", raw)).transpose()?;
+            // A key is the deployment policy's, and that policy needs one.
+            if key.is_some() != (policy == Policy::Deployment) {
+                return Err(RequestError::InvalidParameter {
+                    parameter: "key".to_owned(),
+                });
+            }
             Request::Create {
                 guest: guest_id(p.guest)?,
                 spec,
                 passphrase: passphrase("passphrase", p.passphrase)?,
                 ek_certificate: p.ek_certificate.unwrap_or(false),
+                policy,
+                key,
             }
         }
         other => {
@@ -396,6 +540,36 @@ fn passphrase<'a>(name: &str, raw: &'a RawValue) -> Result<Passphrase<'a>, Reque
     Ok(Passphrase(text))
 }
 
+/// The most keyslots a sealed file holds (docs/sealed-format.md).
+const MAX_KEYSLOTS: usize = 8;
+
+/// A key slot's key: base64 text of exactly 32 bytes, checked like a
+/// passphrase (borrowed, never unescaped).
+fn key<'a>(name: &str, raw: &'a RawValue) -> Result<Passphrase<'a>, RequestError> {
+    let text = passphrase(name, raw)?;
+    if text.0.len() != KEY_BASE64_LEN || !text.0.ends_with('=') || text.0.ends_with("==") {
+        return Err(RequestError::InvalidParameter {
+            parameter: name.to_owned(),
+        });
+    }
+    Ok(text)
+}
+
+/// At most one of a passphrase and a key; neither means this host's key.
+fn secret<'a>(
+    passphrase_raw: Option<&'a RawValue>,
+    key_raw: Option<&'a RawValue>,
+) -> Result<Secret<'a>, RequestError> {
+    match (passphrase_raw, key_raw) {
+        (Some(_), Some(_)) => Err(RequestError::InvalidParameter {
+            parameter: "key".to_owned(),
+        }),
+        (Some(raw), None) => Ok(Secret::Passphrase(passphrase("passphrase", raw)?)),
+        (None, Some(raw)) => Ok(Secret::Key(key("key", raw)?)),
+        (None, None) => Ok(Secret::None),
+    }
+}
+
 /// Nova's seed rules: the version and model may come from the call itself,
 /// from flavor extra specs (`hw:tpm_version`, `hw:tpm_model`) and from image
 /// properties (`hw_tpm_version`, `hw_tpm_model`); all that are given must
@@ -469,6 +643,20 @@ pub struct GuestView {
     pub failure: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub reason: Option<String>,
+    /// The sealed file's keyslots (`type Keyslot`).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub keyslots: Option<Vec<KeyslotView>>,
+}
+
+/// One keyslot as it goes on the wire (`type Keyslot`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyslotView {
+    pub index: u64,
+    /// "argon2id-passphrase", "key" or "host".
+    pub kind: String,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub host_fingerprint: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -627,6 +815,28 @@ pub enum ManagerError {
         guest: String,
         reason: String,
     },
+    WrongKey {
+        guest: String,
+        kind: String,
+    },
+    NoKeyslot {
+        guest: String,
+        kind: String,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        host_fingerprint: Option<String>,
+    },
+    LastKeyslot {
+        guest: String,
+        slot: u64,
+    },
+    NoSuchKeyslot {
+        guest: String,
+        slot: u64,
+    },
+    KeyslotsFull {
+        guest: String,
+        max: u64,
+    },
 }
 
 impl ManagerError {
@@ -650,6 +860,11 @@ impl ManagerError {
             Self::TooManyConnections { .. } => "io.vtpmd.Manager.TooManyConnections",
             Self::MigratedOut { .. } => "io.vtpmd.Manager.MigratedOut",
             Self::MigrationRefused { .. } => "io.vtpmd.Manager.MigrationRefused",
+            Self::WrongKey { .. } => "io.vtpmd.Manager.WrongKey",
+            Self::NoKeyslot { .. } => "io.vtpmd.Manager.NoKeyslot",
+            Self::LastKeyslot { .. } => "io.vtpmd.Manager.LastKeyslot",
+            Self::NoSuchKeyslot { .. } => "io.vtpmd.Manager.NoSuchKeyslot",
+            Self::KeyslotsFull { .. } => "io.vtpmd.Manager.KeyslotsFull",
         }
     }
 
@@ -704,9 +919,72 @@ mod tests {
         }
         let start = format!(r#"{{"guest":"{GUEST}","passphrase":"cGFzcw=="}}"#);
         match parse("Start", &start).unwrap() {
-            Request::Start { passphrase, .. } => assert_eq!(passphrase.base64(), b"cGFzcw=="),
+            Request::Start {
+                secret: Secret::Passphrase(passphrase),
+                ..
+            } => assert_eq!(passphrase.base64(), b"cGFzcw=="),
             other => panic!("{other:?}"),
         }
+        let key = "A".repeat(43) + "=";
+        let with_key = format!(r#"{{"guest":"{GUEST}","key":"{key}"}}"#);
+        assert!(matches!(
+            parse("Start", &with_key),
+            Ok(Request::Start {
+                secret: Secret::Key(_),
+                ..
+            })
+        ));
+        assert!(matches!(
+            parse("Start", &g),
+            Ok(Request::Start {
+                secret: Secret::None,
+                ..
+            })
+        ));
+        let both = format!(r#"{{"guest":"{GUEST}","key":"{key}","passphrase":"cGFzcw=="}}"#);
+        assert_eq!(parse("Start", &both).map(|_| ()), invalid("key"));
+        let short = format!(r#"{{"guest":"{GUEST}","key":"cGFzcw=="}}"#);
+        assert_eq!(parse("Start", &short).map(|_| ()), invalid("key"));
+        let grant =
+            format!(r#"{{"guest":"{GUEST}","passphrase":"cGFzcw==","host_public_key":"{key}"}}"#);
+        assert!(matches!(parse("Grant", &grant), Ok(Request::Grant { .. })));
+        let grant_nothing = format!(r#"{{"guest":"{GUEST}","host_public_key":"{key}"}}"#);
+        assert_eq!(
+            parse("Grant", &grant_nothing).map(|_| ()),
+            invalid("passphrase")
+        );
+        let grant_bad =
+            format!(r#"{{"guest":"{GUEST}","passphrase":"cGFzcw==","host_public_key":"abc"}}"#);
+        assert_eq!(
+            parse("Grant", &grant_bad).map(|_| ()),
+            invalid("host_public_key")
+        );
+        let revoke = format!(r#"{{"guest":"{GUEST}","slot":1}}"#);
+        assert!(matches!(
+            parse("Revoke", &revoke),
+            Ok(Request::Revoke { slot: 1, .. })
+        ));
+        let revoke_far = format!(r#"{{"guest":"{GUEST}","slot":8}}"#);
+        assert_eq!(parse("Revoke", &revoke_far).map(|_| ()), invalid("slot"));
+        let deployment = format!(
+            r#"{{"guest":"{GUEST}","version":"2.0","passphrase":"cGFzcw==","policy":"deployment","key":"{key}"}}"#
+        );
+        assert!(matches!(
+            parse("Create", &deployment),
+            Ok(Request::Create {
+                policy: Policy::Deployment,
+                key: Some(_),
+                ..
+            })
+        ));
+        let no_key = format!(
+            r#"{{"guest":"{GUEST}","version":"2.0","passphrase":"cGFzcw==","policy":"deployment"}}"#
+        );
+        assert_eq!(parse("Create", &no_key).map(|_| ()), invalid("key"));
+        let bad_policy = format!(
+            r#"{{"guest":"{GUEST}","version":"2.0","passphrase":"cGFzcw==","policy":"admin"}}"#
+        );
+        assert_eq!(parse("Create", &bad_policy).map(|_| ()), invalid("policy"));
         let rekey =
             format!(r#"{{"guest":"{GUEST}","passphrase":"cGFzcw==","new_passphrase":"bmV3"}}"#);
         assert!(matches!(parse("Rekey", &rekey), Ok(Request::Rekey { .. })));
@@ -775,11 +1053,17 @@ mod tests {
             &format!(r#"{{"guest":"{GUEST}","passphrase":1}}"#),
             "passphrase",
         );
-        check(
-            "Start",
-            &format!(r#"{{"guest":"{GUEST}","passphrase":null}}"#),
-            "passphrase",
-        );
+        // `?string`: null is absent, which now means this host's key.
+        assert!(matches!(
+            parse(
+                "Start",
+                &format!(r#"{{"guest":"{GUEST}","passphrase":null}}"#)
+            ),
+            Ok(Request::Start {
+                secret: Secret::None,
+                ..
+            })
+        ));
         check(
             "Start",
             &format!(r#"{{"guest":"{GUEST}","passphrase":["cGFzcw=="]}}"#),
@@ -839,7 +1123,10 @@ mod tests {
         // Whitespace around the value is JSON's, not the passphrase's.
         let start = format!(r#"{{"guest":"{GUEST}","passphrase" :  "Pz8/cGFzcw=="  }}"#);
         match parse("Start", &start).unwrap() {
-            Request::Start { passphrase, .. } => assert_eq!(passphrase.base64(), b"Pz8/cGFzcw=="),
+            Request::Start {
+                secret: Secret::Passphrase(passphrase),
+                ..
+            } => assert_eq!(passphrase.base64(), b"Pz8/cGFzcw=="),
             other => panic!("{other:?}"),
         }
     }
@@ -938,6 +1225,9 @@ mod tests {
             "Export",
             "Import",
             "Monitor",
+            "GetHostKey",
+            "Grant",
+            "Revoke",
         ] {
             assert!(
                 INTERFACE_DESCRIPTION.contains(&format!("method {name}(")),
@@ -961,6 +1251,11 @@ mod tests {
             "Busy",
             "Internal",
             "TooManyConnections",
+            "WrongKey",
+            "NoKeyslot",
+            "LastKeyslot",
+            "NoSuchKeyslot",
+            "KeyslotsFull",
         ] {
             assert!(
                 INTERFACE_DESCRIPTION.contains(&format!("error {name} (")),

@@ -71,7 +71,9 @@ pub fn fuzz_call(message: &[u8]) -> Vec<manager::Passphrase<'_>> {
         | Request::MigrateOut { guest, .. }
         | Request::MigrateIn { guest, .. }
         | Request::AbortMigration { guest }
-        | Request::Rekey { guest, .. } => Some(*guest),
+        | Request::Rekey { guest, .. }
+        | Request::Grant { guest, .. }
+        | Request::Revoke { guest, .. } => Some(*guest),
         Request::GetCapabilities
         | Request::GetHostKey
         | Request::List
@@ -87,9 +89,12 @@ pub fn fuzz_call(message: &[u8]) -> Vec<manager::Passphrase<'_>> {
         );
     }
     let passphrases = match request {
-        Request::Create { passphrase, .. } | Request::Start { passphrase, .. } => {
-            vec![passphrase]
-        }
+        Request::Create {
+            passphrase, key, ..
+        } => std::iter::once(passphrase).chain(key).collect(),
+        Request::Start { secret, .. }
+        | Request::Grant { secret, .. }
+        | Request::Revoke { secret, .. } => secret.base64().into_iter().collect(),
         Request::Rekey {
             passphrase,
             new_passphrase,

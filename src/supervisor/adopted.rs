@@ -5,7 +5,9 @@
 //! like a child. With its key back from the fd store, the sealed state is
 //! resumed, whatever swtpm wrote while no vtpmd ran is sealed at once, and
 //! resealing goes on; without it the guest is `running` with the reason,
-//! until a Start brings the passphrase (`reattach`). A runtime directory
+//! until a Start brings the passphrase (`reattach`), unless it has a host
+//! slot for this host: then this host's key opens it, as a key come back
+//! would. A runtime directory
 //! whose swtpm ended meanwhile is sealed when its key came back, and kept
 //! for the next Start otherwise.
 
@@ -14,6 +16,7 @@ use std::sync::{Arc, Mutex};
 use tokio::task::JoinSet;
 
 use crate::error_chain::chain;
+use crate::secret::SecretBuf;
 use crate::store;
 use crate::swtpm::spawn::Swtpm;
 use crate::vault::SealedState;
@@ -22,7 +25,7 @@ use super::finish::LEFTOVER_REASON;
 use super::guest::{Guest, Run, Slot};
 use super::recover::Found;
 use super::state::GuestState;
-use super::{EventKind, Shared, blocking, exit, space};
+use super::{EventKind, Shared, Unlock, blocking, exit, space};
 use super::{reseal, resealer};
 
 /// Why an adopted guest runs without resealing.
@@ -81,7 +84,11 @@ async fn adopt_live(shared: &Arc<Shared>, guest: &Arc<Guest>, slot: &mut Slot, s
         socket: socket.clone(),
     };
     let mut generation = None;
-    let (reason, detail) = match shared.handover.take(id) {
+    let key = match shared.handover.take(id) {
+        Some(key) => Some(key),
+        None => own_host_key(shared, guest).await,
+    };
+    let (reason, detail) = match key {
         None => (
             Some(KEY_NEEDED_REASON.to_owned()),
             format!(
@@ -141,6 +148,45 @@ async fn adopt_live(shared: &Arc<Shared>, guest: &Arc<Guest>, slot: &mut Slot, s
     shared.publish(EventKind::Adopted, info, Some(detail));
 }
 
+/// When no key came back: a guest with a host slot for this host needs
+/// none (its `host` policy says this host may open it alone), so its
+/// state is opened with this host's key and handed over as if it had come
+/// back. `None` for every other guest, or if that open fails (logged).
+async fn own_host_key(shared: &Arc<Shared>, guest: &Arc<Guest>) -> Option<SecretBuf> {
+    let id = guest.id;
+    let fingerprint = shared.host_key.public().fingerprint_hex();
+    let has_slot = guest.info().keyslots.iter().any(|s| {
+        s.kind == crate::vault::SlotKind::Host
+            && s.host_fingerprint.as_deref() == Some(fingerprint.as_str())
+    });
+    if !has_slot {
+        return None;
+    }
+    let paths = shared.store.sealed_paths(id);
+    let host_key = Arc::clone(&shared.host_key);
+    let policy = shared.config.kdf;
+    let opened = blocking(id, "open with this host's key", move || {
+        Unlock::ThisHost
+            .open(paths, id, &host_key, &policy)
+            .and_then(|opened| opened.state.handover())
+    })
+    .await;
+    match opened {
+        Ok(Ok(key)) => {
+            tracing::info!(guest = %id, "no key came back; this host's key opened its host slot");
+            Some(key)
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(guest = %id, "no key came back, and this host's key does not open the guest: {}", chain(&e));
+            None
+        }
+        Err(e) => {
+            tracing::warn!(guest = %id, "{}", chain(&e));
+            None
+        }
+    }
+}
+
 /// Resumes the sealed state with the key that came back, seals what
 /// swtpm wrote while no vtpmd ran and starts resealing. Returns the
 /// generation sealed.
@@ -183,7 +229,11 @@ async fn seal_leftover(shared: &Arc<Shared>, guest: &Arc<Guest>, slot: &mut Slot
     let id = guest.id;
     let dir = shared.store.runtime_state_dir(id);
     let socket = shared.store.ctrl_socket(id);
-    let sealed = match shared.handover.take(id) {
+    let key = match shared.handover.take(id) {
+        Some(key) => Some(key),
+        None => own_host_key(shared, guest).await,
+    };
+    let sealed = match key {
         None => Err("no key came back".to_owned()),
         Some(key) => {
             let paths = shared.store.sealed_paths(id);

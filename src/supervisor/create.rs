@@ -23,13 +23,14 @@ use super::guest::Guest;
 use super::registry::Taken;
 use super::reseal::is_state_file;
 use super::state::{Action, GuestState, decide};
-use super::{EventKind, GuestInfo, Shared, SupervisorError, blocking};
+use super::{CreatePolicy, EventKind, GuestInfo, Shared, SupervisorError, blocking};
 
 pub(super) async fn create(
     shared: Arc<Shared>,
     id: GuestId,
     spec: TpmSpec,
     passphrase: SecretBuf,
+    slots: CreatePolicy,
     ek_certificate: bool,
 ) -> Result<GuestInfo, SupervisorError> {
     let _admitted = shared.enter().await?;
@@ -93,10 +94,18 @@ pub(super) async fn create(
 
     let paths = store.sealed_paths(id);
     let policy = shared.config.kdf;
+    let host_key = Arc::clone(&shared.host_key);
     let prepared = shared
         .kdf(id, "derive the key for", move || {
             let prepared = SealedState::prepare(paths, id, spec, &passphrase, &policy);
             drop(passphrase);
+            // The policy's other slots, in memory: the first seal writes
+            // them all at once.
+            let prepared = prepared.and_then(|mut state| {
+                slots.apply(&mut state, &host_key)?;
+                Ok(state)
+            });
+            drop(slots);
             prepared
         })
         .await?
@@ -111,6 +120,7 @@ pub(super) async fn create(
         pcr_banks: shared.config.pcr_banks.clone(),
         ek_certificate,
     };
+    let keyslots = prepared.keyslots();
     let generation = blocking(id, "provision", move || {
         provision_and_seal(&worker, id, prepared, &provision_spec)
     })
@@ -139,9 +149,10 @@ pub(super) async fn create(
         generation,
         failure: None,
         reason: None,
+        keyslots,
     };
     reservation.commit(Guest::new(info.clone()));
-    tracing::info!(guest = %id, %spec, ek_certificate, swtpm_uid = ?uid, "guest created");
+    tracing::info!(guest = %id, %spec, ek_certificate, swtpm_uid = ?uid, keyslots = info.keyslots.len(), "guest created");
     shared.publish(EventKind::Created, info.clone(), None);
     Ok(info)
 }

@@ -27,6 +27,26 @@ pub enum SupervisorError {
     Busy { guest: GuestId },
     #[error("wrong passphrase for guest {guest}")]
     WrongPassphrase { guest: GuestId },
+    /// A key, or this host's key, that opens none of its kind's slots.
+    #[error("the {kind} does not open any {kind} slot of guest {guest}")]
+    WrongKey {
+        guest: GuestId,
+        kind: crate::vault::SlotKind,
+    },
+    /// No slot of the credential's kind: e.g. a Start without a secret on
+    /// a host that holds no host slot of the guest.
+    #[error("guest {guest} has no {kind} slot{}", for_host.as_ref().map(|f| format!(" for this host (fingerprint {f})")).unwrap_or_default())]
+    NoKeyslot {
+        guest: GuestId,
+        kind: crate::vault::SlotKind,
+        for_host: Option<String>,
+    },
+    #[error("keyslot {index} is the last one of guest {guest}; add another before removing it")]
+    LastKeyslot { guest: GuestId, index: usize },
+    #[error("guest {guest} has no keyslot {index}")]
+    NoSuchKeyslot { guest: GuestId, index: usize },
+    #[error("all {max} keyslots of guest {guest} are in use")]
+    KeyslotsFull { guest: GuestId, max: usize },
     #[error("the sealed state of guest {guest} is unusable: {what}")]
     StateCorrupt { guest: GuestId, what: String },
     /// The file at the guest's sealed path names another guest (moved or
@@ -169,6 +189,12 @@ impl SupervisorError {
     pub(crate) fn from_vault(guest: GuestId, op: &'static str, e: VaultError) -> Self {
         match e {
             VaultError::WrongPassphrase { .. } => Self::WrongPassphrase { guest },
+            VaultError::WrongKey { kind, .. } => Self::WrongKey { guest, kind },
+            VaultError::NoKeyslot { kind, for_host, .. } => Self::NoKeyslot {
+                guest,
+                kind,
+                for_host,
+            },
             // The spec's answer: refused, nothing is damaged, and neither
             // "restore from a backup" nor a fallback would be right.
             VaultError::GuestMismatch { found, .. } => Self::GuestMismatch { guest, found },

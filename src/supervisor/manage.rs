@@ -92,11 +92,18 @@ pub(super) async fn rekey(
                     // key in memory is no licence to change it.
                     let opened = SealedState::open(paths, id, &passphrase, &policy);
                     drop(passphrase);
-                    drop(opened.map_err(|e| SupervisorError::from_vault(id, "open", e))?);
+                    let opened = opened.map_err(|e| SupervisorError::from_vault(id, "open", e))?;
+                    // The slot the old passphrase opens, not the one the
+                    // guest was started with (a key or host slot, maybe).
+                    let index = opened
+                        .state
+                        .unlocked_slot()
+                        .ok_or(SupervisorError::WrongPassphrase { guest: id })?;
+                    drop(opened);
                     // Rewrap through the running guest's own state, so its
                     // next reseal writes the new keyslot, not the old one.
                     let mut held = sealer.lock().unwrap_or_else(PoisonError::into_inner);
-                    held.change_passphrase(&new_passphrase, &policy)
+                    held.change_passphrase_of(index, &new_passphrase, &policy)
                         .map_err(|e| SupervisorError::from_vault(id, "rekey", e))
                 })
                 .await??

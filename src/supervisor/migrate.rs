@@ -212,6 +212,7 @@ pub(super) async fn migrate_in(
         generation: opened.generation,
         failure: None,
         reason: None,
+        keyslots: state.keyslots(),
     });
     reservation.commit(Arc::clone(&guest));
     let mut slot = guest.lock(shared.config.lock_wait).await?;

@@ -264,6 +264,7 @@ pub(super) async fn import(
         generation: header.generation,
         failure: None,
         reason: None,
+        keyslots: header.slot_summaries(),
     };
     reservation.commit(Guest::new(info.clone()));
     tracing::info!(guest = %id, %spec, generation = header.generation, swtpm_uid = ?uid, "guest imported");
@@ -292,6 +293,7 @@ async fn import_over(
         return Err(unsealed_leftover(guest));
     }
     let generation = header.generation;
+    let keyslots = header.slot_summaries();
     let paths = shared.store.sealed_paths(id);
     let replaced = blocking(id, "write the imported sealed file", move || {
         let here =
@@ -317,6 +319,7 @@ async fn import_over(
         i.generation = generation;
         i.failure = None;
         i.reason = None;
+        i.keyslots = keyslots;
     });
     drop(slot);
     let detail = match (before, placement) {

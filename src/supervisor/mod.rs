@@ -34,6 +34,7 @@ mod fdwatch;
 mod finish;
 mod guest;
 mod handover;
+mod keys;
 mod lost_write;
 mod manage;
 mod migrate;
@@ -67,6 +68,7 @@ use crate::swtpm::provision::LocalCa;
 pub use config::{DEFAULT_RUNTIME_SPACE_MIB, SupervisorConfig, default_kdf_parallelism};
 pub use error::SupervisorError;
 pub use handover::KeyStore;
+pub use keys::{CreatePolicy, Unlock};
 pub use migrate::{DEFAULT_TICKET_TTL, MigrationOut};
 pub use mobility::Exported;
 pub use state::{Action, Allowed, GuestState, Refused, decide};
@@ -99,6 +101,8 @@ pub struct GuestInfo {
     /// restart without it), a stopped one whose runtime directory holds
     /// writes not sealed yet.
     pub reason: Option<String>,
+    /// The sealed file's keyslots: each one's kind (and host).
+    pub keyslots: Vec<crate::vault::SlotSummary>,
 }
 
 /// What this host can serve.
@@ -521,7 +525,32 @@ impl Supervisor {
     ) -> Result<GuestInfo, SupervisorError> {
         let shared = Arc::clone(&self.shared);
         detached(guest, "create", async move {
-            create::create(shared, guest, spec, passphrase, ek_certificate).await
+            create::create(
+                shared,
+                guest,
+                spec,
+                passphrase,
+                CreatePolicy::User,
+                ek_certificate,
+            )
+            .await
+        })
+        .await
+    }
+
+    /// [`create`](Self::create) with a policy: `Host` adds a host slot
+    /// for this host, `Deployment` a key slot for its key.
+    pub async fn create_with_policy(
+        &self,
+        guest: GuestId,
+        spec: TpmSpec,
+        passphrase: SecretBuf,
+        policy: CreatePolicy,
+        ek_certificate: bool,
+    ) -> Result<GuestInfo, SupervisorError> {
+        let shared = Arc::clone(&self.shared);
+        detached(guest, "create", async move {
+            create::create(shared, guest, spec, passphrase, policy, ek_certificate).await
         })
         .await
     }
@@ -532,9 +561,49 @@ impl Supervisor {
         guest: GuestId,
         passphrase: SecretBuf,
     ) -> Result<GuestInfo, SupervisorError> {
+        self.start_guest_with(guest, Unlock::Passphrase(passphrase))
+            .await
+    }
+
+    /// [`start_guest`](Self::start_guest) with a passphrase, a key, or
+    /// this host's own key (its host slot).
+    pub async fn start_guest_with(
+        &self,
+        guest: GuestId,
+        unlock: Unlock,
+    ) -> Result<GuestInfo, SupervisorError> {
         let shared = Arc::clone(&self.shared);
         detached(guest, "start", async move {
-            start::start_guest(shared, guest, passphrase).await
+            start::start_guest(shared, guest, unlock).await
+        })
+        .await
+    }
+
+    /// Adds a host slot for `host`; `unlock` must open the state. Returns
+    /// the slot's index and the keyslots now.
+    pub async fn grant(
+        &self,
+        guest: GuestId,
+        unlock: Unlock,
+        host: crate::vault::HostPublicKey,
+    ) -> Result<(usize, Vec<crate::vault::SlotSummary>), SupervisorError> {
+        let shared = Arc::clone(&self.shared);
+        detached(guest, "grant", async move {
+            keys::grant(shared, guest, unlock, host).await
+        })
+        .await
+    }
+
+    /// Removes keyslot `index`, never the last one.
+    pub async fn revoke(
+        &self,
+        guest: GuestId,
+        unlock: Unlock,
+        index: usize,
+    ) -> Result<(usize, Vec<crate::vault::SlotSummary>), SupervisorError> {
+        let shared = Arc::clone(&self.shared);
+        detached(guest, "revoke", async move {
+            keys::revoke(shared, guest, unlock, index).await
         })
         .await
     }

@@ -7,31 +7,33 @@
 
 use std::sync::{Arc, Mutex, PoisonError};
 
-use crate::secret::SecretBuf;
-use crate::vault::SealedState;
-
 use super::guest::{Guest, Slot};
 use super::state::GuestState;
-use super::{EventKind, GuestInfo, Shared, SupervisorError, blocking};
+use super::{EventKind, GuestInfo, Shared, SupervisorError, Unlock, blocking};
 use super::{reseal, resealer};
 
 pub(super) async fn reattach(
     shared: &Arc<Shared>,
     guest: &Arc<Guest>,
     slot: &mut Slot,
-    passphrase: SecretBuf,
+    passphrase: Unlock,
 ) -> Result<GuestInfo, SupervisorError> {
     let id = guest.id;
     let paths = shared.store.sealed_paths(id);
     let policy = shared.config.kdf;
-    let opened = shared
-        .kdf(id, "unseal", move || {
-            let opened = SealedState::open(paths, id, &passphrase, &policy);
-            drop(passphrase);
-            opened
-        })
-        .await?
-        .map_err(|e| SupervisorError::from_vault(id, "open", e))?;
+    let host_key = Arc::clone(&shared.host_key);
+    let needs_permit = passphrase.needs_kdf_permit();
+    let unseal = move || {
+        let opened = passphrase.open(paths, id, &host_key, &policy);
+        drop(passphrase);
+        opened
+    };
+    let opened = if needs_permit {
+        shared.kdf(id, "unseal", unseal).await?
+    } else {
+        blocking(id, "unseal", unseal).await?
+    }
+    .map_err(|e| SupervisorError::from_vault(id, "open", e))?;
     let Some(run) = slot.run.as_mut() else {
         return Err(not_running(guest));
     };

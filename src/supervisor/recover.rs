@@ -68,6 +68,10 @@ fn recover_guest(store: &Store, id: GuestId) -> Option<GuestInfo> {
             Err(_) => Err(current),
         },
     };
+    let keyslots = header
+        .as_ref()
+        .map(|h| h.slot_summaries())
+        .unwrap_or_default();
     let stopped = |spec, generation, failure: Option<String>| GuestInfo {
         guest: id,
         spec,
@@ -81,6 +85,7 @@ fn recover_guest(store: &Store, id: GuestId) -> Option<GuestInfo> {
         generation,
         failure,
         reason: None,
+        keyslots: keyslots.clone(),
     };
     match header {
         Ok(h) if h.guest == id => match spec_of(&h) {

@@ -114,6 +114,7 @@ mod tests {
             generation: 1,
             failure: None,
             reason: None,
+            keyslots: Vec::new(),
         })
     }
 

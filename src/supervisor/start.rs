@@ -21,8 +21,8 @@ use crate::vault::{Opened, SealedState, VaultError};
 use super::guest::{Guest, Run, Slot};
 use super::state::{Action, GuestState, permit};
 use super::{
-    EventKind, GuestInfo, Shared, StartTimings, SupervisorError, blocking, exit, lost_write,
-    reattach, reseal, resealer, space,
+    EventKind, GuestInfo, Shared, StartTimings, SupervisorError, Unlock, blocking, exit,
+    lost_write, reattach, reseal, resealer, space,
 };
 
 /// How long swtpm has to answer CMD_GET_CAPABILITY on its control socket.
@@ -31,7 +31,7 @@ const READY_TIMEOUT: Duration = Duration::from_secs(2);
 pub(super) async fn start_guest(
     shared: Arc<Shared>,
     id: GuestId,
-    passphrase: SecretBuf,
+    passphrase: Unlock,
 ) -> Result<GuestInfo, SupervisorError> {
     let called = Instant::now();
     let _admitted = shared.enter().await?;
@@ -125,24 +125,31 @@ async fn launch(
     shared: &Arc<Shared>,
     guest: &Arc<Guest>,
     slot: &mut Slot,
-    passphrase: SecretBuf,
+    passphrase: Unlock,
 ) -> Result<(GuestInfo, Option<String>, StartTimings), SupervisorError> {
     let id = guest.id;
     let store = &shared.store;
 
-    // 1. Unseal. The passphrase is gone once the key is derived.
+    // 1. Unseal. The passphrase (or key) is gone once the key is derived.
+    //    Only a passphrase queues for a KDF permit: a key or host open
+    //    costs microseconds and must not wait behind Argon2.
     let paths = store.sealed_paths(id);
     let policy = shared.config.kdf;
+    let host_key = Arc::clone(&shared.host_key);
     let asked = Instant::now();
-    let (opened, queued, opening) = shared
-        .kdf(id, "unseal", move || {
-            let queued = asked.elapsed();
-            let began = Instant::now();
-            let opened = SealedState::open(paths, id, &passphrase, &policy);
-            drop(passphrase);
-            (opened, queued, began.elapsed())
-        })
-        .await?;
+    let needs_permit = passphrase.needs_kdf_permit();
+    let unseal = move || {
+        let queued = asked.elapsed();
+        let began = Instant::now();
+        let opened = passphrase.open(paths, id, &host_key, &policy);
+        drop(passphrase);
+        (opened, queued, began.elapsed())
+    };
+    let (opened, queued, opening) = if needs_permit {
+        shared.kdf(id, "unseal", unseal).await?
+    } else {
+        blocking(id, "unseal", unseal).await?
+    };
     let Opened {
         mut state,
         mut archive,
@@ -340,6 +347,7 @@ pub(super) async fn run(
 
     // 6. Running: the resealer and the exit watcher take over.
     let generation = state.generation();
+    let keyslots = state.keyslots();
     let sealer = Arc::new(Mutex::new(state));
     let epoch = slot.next_epoch();
     let resealer = resealer::spawn(
@@ -369,6 +377,7 @@ pub(super) async fn run(
         i.generation = generation;
         i.failure = None;
         i.reason = None;
+        i.keyslots = keyslots;
     });
     tracing::debug!(guest = %id, pid, generation, swtpm_uid = ?uid, "swtpm serving");
     Ok((

@@ -105,6 +105,13 @@ pub enum SlotKind {
 }
 
 impl SlotKind {
+    /// The kind [`as_str`](Self::as_str) names.
+    pub fn parse(text: &str) -> Option<Self> {
+        [Self::Passphrase, Self::Key, Self::Host]
+            .into_iter()
+            .find(|k| k.as_str() == text)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Passphrase => "argon2id-passphrase",
@@ -390,7 +397,11 @@ impl Keyslot {
         out
     }
 
-    fn decode(r: &mut Reader<'_>, index: usize, version: u16) -> Result<Self, FormatError> {
+    pub(super) fn decode(
+        r: &mut Reader<'_>,
+        index: usize,
+        version: u16,
+    ) -> Result<Self, FormatError> {
         let bad = |what: String| FormatError::Keyslot { index, what };
         let truncated = || bad("truncated".to_owned());
         let record: [u8; KEYSLOT_LEN] = r.array().ok_or_else(truncated)?;

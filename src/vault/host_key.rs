@@ -163,6 +163,11 @@ impl HostKey {
         })
     }
 
+    #[cfg(test)]
+    pub(crate) fn from_private_for_test(private: SecretBuf) -> Self {
+        Self::from_private(private).expect("a 32-byte private key")
+    }
+
     pub fn public(&self) -> HostPublicKey {
         self.public
     }

@@ -37,6 +37,22 @@ pub struct KeyslotInfo {
     pub host_fingerprint: Option<String>,
 }
 
+impl HeaderInfo {
+    /// Each keyslot's kind and host, as the supervisor reports them.
+    pub fn slot_summaries(&self) -> Vec<super::SlotSummary> {
+        self.keyslots
+            .iter()
+            .filter_map(|slot| {
+                Some(super::SlotSummary {
+                    index: slot.index,
+                    kind: super::SlotKind::parse(slot.kind)?,
+                    host_fingerprint: slot.host_fingerprint.clone(),
+                })
+            })
+            .collect()
+    }
+}
+
 /// Reads and describes a sealed file's header.
 pub fn inspect(path: &Path) -> Result<HeaderInfo, VaultError> {
     let bytes = durable::read(path, MAX_FILE_LEN)?.ok_or_else(|| VaultError::Missing {

@@ -204,6 +204,7 @@ mod tests {
             generation: 3,
             failure: None,
             reason: None,
+            keyslots: None,
         }
     }
 

@@ -9,7 +9,7 @@ use std::time::Duration;
 use clap::Subcommand;
 use serde_json::{Map, Value, json};
 use vtpmd::protocol::GuestId;
-use vtpmd::protocol::manager::{CapabilitiesReply, GuestView, MonitorReply};
+use vtpmd::protocol::manager::{CapabilitiesReply, GuestView, KeyslotView, MonitorReply};
 
 use crate::attach::{self, Vmm};
 use crate::client::{self, Carries, Client, ClientError};
@@ -120,6 +120,15 @@ pub enum Online {
         /// newline is ignored) [default: prompt twice on a terminal].
         #[arg(long, value_name = "FILE")]
         passphrase_file: Option<PathBuf>,
+        /// Who else can open the state: `user` (the passphrase only),
+        /// `host` (also this host, with no secret), `deployment` (also the
+        /// key in --key-file).
+        #[arg(long, value_parser = ["user", "host", "deployment"], default_value = "user")]
+        policy: String,
+        /// With --policy deployment: the key manager's key (32 raw bytes or
+        /// their base64).
+        #[arg(long, value_name = "FILE")]
+        key_file: Option<PathBuf>,
         #[command(flatten)]
         conn: Conn,
     },
@@ -129,8 +138,49 @@ pub enum Online {
         guest: GuestId,
         /// File holding the passphrase (`-`: stdin) [default: prompt on a
         /// terminal].
-        #[arg(long, value_name = "FILE")]
+        #[arg(long, value_name = "FILE", conflicts_with_all = ["key_file", "host_key"])]
         passphrase_file: Option<PathBuf>,
+        /// File holding a key slot's key (32 raw bytes or their base64).
+        #[arg(long, value_name = "FILE", conflicts_with = "host_key")]
+        key_file: Option<PathBuf>,
+        /// No secret: this host's key opens the guest's host slot.
+        #[arg(long)]
+        host_key: bool,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Let another host (its `vtpmctl host-key`) open a guest: adds a host
+    /// slot for it. The passphrase or the key must open the state.
+    Grant {
+        /// The guest's id: a canonical lowercase UUID.
+        guest: GuestId,
+        /// The other host's public key (base64, from its `host-key`).
+        #[arg(long, value_name = "BASE64")]
+        host_public_key: String,
+        /// File holding the passphrase (`-`: stdin) [default: prompt on a
+        /// terminal].
+        #[arg(long, value_name = "FILE", conflicts_with = "key_file")]
+        passphrase_file: Option<PathBuf>,
+        /// File holding a key slot's key (32 raw bytes or their base64).
+        #[arg(long, value_name = "FILE")]
+        key_file: Option<PathBuf>,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Remove one keyslot of a guest (`status` lists them); never the last.
+    Revoke {
+        /// The guest's id: a canonical lowercase UUID.
+        guest: GuestId,
+        /// The keyslot's index.
+        #[arg(value_parser = clap::value_parser!(u64).range(0..8))]
+        slot: u64,
+        /// File holding the passphrase (`-`: stdin).
+        #[arg(long, value_name = "FILE", conflicts_with = "key_file")]
+        passphrase_file: Option<PathBuf>,
+        /// File holding a key slot's key. With neither option, this host's
+        /// key must open the state (its host slot).
+        #[arg(long, value_name = "FILE")]
+        key_file: Option<PathBuf>,
         #[command(flatten)]
         conn: Conn,
     },
@@ -254,6 +304,8 @@ impl Online {
             | Self::HostKey { conn }
             | Self::Create { conn, .. }
             | Self::Start { conn, .. }
+            | Self::Grant { conn, .. }
+            | Self::Revoke { conn, .. }
             | Self::Stop { conn, .. }
             | Self::Status { conn, .. }
             | Self::List { conn }
@@ -304,8 +356,15 @@ pub fn run(command: Online) -> Result<Option<Printed>, ClientError> {
             image_properties,
             ek_certificate,
             passphrase_file,
+            policy,
+            key_file,
             conn,
         } => {
+            if key_file.is_some() != (policy == "deployment") {
+                return Err(ClientError::Usage(
+                    "--key-file goes with --policy deployment, and that policy needs it".to_owned(),
+                ));
+            }
             let flavor: BTreeMap<String, String> = flavor_extra_specs.into_iter().collect();
             let image: BTreeMap<String, String> = image_properties.into_iter().collect();
             let mut params = guest_params(guest);
@@ -326,40 +385,84 @@ pub fn run(command: Online) -> Result<Option<Printed>, ClientError> {
                 params.insert("image_properties".into(), json!(image));
             }
             params.insert("ek_certificate".into(), ek_certificate.into());
+            params.insert("policy".into(), policy.into());
             conn.check_for_secrets()?;
+            let key = key_file.as_deref().map(passphrase::read_key).transpose()?;
             let pass = passphrase::obtain(Want {
                 file: passphrase_file.as_deref(),
                 option: "passphrase-file",
                 prompt: "New passphrase: ",
                 confirm: true,
             })?;
-            let reply = conn.connect_for_secrets()?.call_with_secrets(
-                "Create",
-                &params,
-                &[("passphrase", &pass)],
-            )?;
-            drop(pass);
+            let mut secrets = vec![("passphrase", &pass)];
+            if let Some(key) = &key {
+                secrets.push(("key", key));
+            }
+            let reply = conn
+                .connect_for_secrets()?
+                .call_with_secrets("Create", &params, &secrets)?;
+            drop((pass, key));
             guest_reply(reply)
         }
         Online::Start {
             guest,
             passphrase_file,
+            key_file,
+            host_key,
             conn,
         } => {
-            conn.check_for_secrets()?;
-            let pass = passphrase::obtain(Want {
-                file: passphrase_file.as_deref(),
-                option: "passphrase-file",
-                prompt: "Passphrase: ",
-                confirm: false,
-            })?;
+            if host_key {
+                return guest_reply(conn.connect()?.call("Start", &guest_params(guest))?);
+            }
+            let (name, secret) = secret_of(&conn, passphrase_file, key_file, false)?;
             let reply = conn.connect_for_secrets()?.call_with_secrets(
                 "Start",
                 &guest_params(guest),
-                &[("passphrase", &pass)],
+                &[(name, &secret)],
             )?;
-            drop(pass);
+            drop(secret);
             guest_reply(reply)
+        }
+        Online::Grant {
+            guest,
+            host_public_key,
+            passphrase_file,
+            key_file,
+            conn,
+        } => {
+            let mut params = guest_params(guest);
+            params.insert("host_public_key".into(), host_public_key.into());
+            let (name, secret) = secret_of(&conn, passphrase_file, key_file, false)?;
+            let reply = conn.connect_for_secrets()?.call_with_secrets(
+                "Grant",
+                &params,
+                &[(name, &secret)],
+            )?;
+            drop(secret);
+            keyslots_printed(reply, &format!("granted {guest}"))
+        }
+        Online::Revoke {
+            guest,
+            slot,
+            passphrase_file,
+            key_file,
+            conn,
+        } => {
+            let mut params = guest_params(guest);
+            params.insert("slot".into(), slot.into());
+            let reply = if passphrase_file.is_none() && key_file.is_none() {
+                conn.connect()?.call("Revoke", &params)?
+            } else {
+                let (name, secret) = secret_of(&conn, passphrase_file, key_file, false)?;
+                let reply = conn.connect_for_secrets()?.call_with_secrets(
+                    "Revoke",
+                    &params,
+                    &[(name, &secret)],
+                )?;
+                drop(secret);
+                reply
+            };
+            keyslots_printed(reply, &format!("revoked keyslot {slot} of {guest}"))
         }
         Online::Stop { guest, conn } => {
             guest_reply(conn.connect()?.call("Stop", &guest_params(guest))?)
@@ -516,6 +619,44 @@ fn monitor(conn: &Conn, count: Option<u64>) -> Result<(), ClientError> {
     }
 }
 
+/// The call's secret: the key from `key_file`, else the passphrase (from
+/// its file or a prompt); checked against the socket before it is read.
+fn secret_of(
+    conn: &Conn,
+    passphrase_file: Option<PathBuf>,
+    key_file: Option<PathBuf>,
+    confirm: bool,
+) -> Result<(&'static str, vtpmd::secret::SecretBuf), ClientError> {
+    conn.check_for_secrets()?;
+    if let Some(path) = key_file {
+        return Ok(("key", passphrase::read_key(&path)?));
+    }
+    let pass = passphrase::obtain(Want {
+        file: passphrase_file.as_deref(),
+        option: "passphrase-file",
+        prompt: "Passphrase: ",
+        confirm,
+    })?;
+    Ok(("passphrase", pass))
+}
+
+/// Grant's and Revoke's answer: a line, then the keyslots now.
+fn keyslots_printed(reply: Value, headline: &str) -> Result<Option<Printed>, ClientError> {
+    let slots: Vec<KeyslotView> = reply
+        .get("keyslots")
+        .cloned()
+        .map(serde_json::from_value)
+        .transpose()
+        .map_err(ClientError::UnexpectedReply)?
+        .unwrap_or_default();
+    let slot = reply
+        .get("slot")
+        .and_then(Value::as_u64)
+        .unwrap_or_default();
+    let human = format!("{headline} (slot {slot})\n{}", output::keyslots(&slots));
+    Ok(Some(Printed { human, json: reply }))
+}
+
 fn guest_params(guest: GuestId) -> Map<String, Value> {
     let mut m = Map::new();
     m.insert("guest".into(), guest.to_string().into());
@@ -536,7 +677,7 @@ pub fn guest_reply(reply: Value) -> Result<Option<Printed>, ClientError> {
 /// The fields of `type Guest` this client knows; a newer daemon may add
 /// more (the interface only grows), which are kept in `--json` output and
 /// left out of the human one.
-const GUEST_FIELDS: [&str; 9] = [
+const GUEST_FIELDS: [&str; 10] = [
     "guest",
     "version",
     "model",
@@ -546,6 +687,7 @@ const GUEST_FIELDS: [&str; 9] = [
     "generation",
     "failure",
     "reason",
+    "keyslots",
 ];
 
 pub fn guest_view(value: &Value) -> Result<GuestView, ClientError> {

@@ -1,9 +1,10 @@
 //! vtpmctl, the operator's client for vtpmd.
 //!
-//! One subcommand per method of `io.vtpmd.Manager` (capabilities, create,
-//! start, stop, status, list, drain, delete, rekey, export, import,
-//! monitor), `attach-args` for the VMM side, and the offline
-//! `state inspect|verify`. Passphrases come
+//! One subcommand per method of `io.vtpmd.Manager` (capabilities, host-key,
+//! create, start, stop, status, list, drain, delete, rekey, grant, revoke,
+//! export, import, migrate-out, migrate-in, abort-migration, monitor),
+//! `attach-args` for the VMM side, and the offline `state inspect|verify`.
+//! Passphrases come
 //! from `--passphrase-file FILE` (`-`: stdin) or, on a terminal, from a
 //! prompt with echo off; never from argv or the environment.
 //!
@@ -17,7 +18,8 @@
 //! | 2 | usage error (bad arguments, e.g. a guest id that is not a canonical UUID) |
 //! | 6 | local failure: cannot connect to the socket, permission denied on it, I/O error or timeout, an unreadable, empty, too long or mismatched passphrase, a cancelled prompt, `export --out FILE` finding FILE without `--force` (nothing written), an import file that cannot be read or is larger than a sealed file can be (with `--json`, `{"error": "vtpmctl.Passphrase" or "vtpmctl.LocalFailure", "parameters": {"reason": …}}` on stdout; a usage error found after parsing, `vtpmctl.Usage`) |
 //!
-//! Before a call carrying a passphrase (create, start, rekey) vtpmctl
+//! Before a call carrying a passphrase or a key (create, start, rekey,
+//! grant, revoke) vtpmctl
 //! checks that the socket's directory belongs to root or the caller and
 //! nobody else can write to it, that the socket belongs to root or the
 //! caller, and, once connected and before writing anything, that the

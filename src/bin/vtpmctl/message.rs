@@ -141,7 +141,10 @@ mod tests {
         assert_eq!(interface, INTERFACE);
         assert!(!call.more);
         match parse_request(member, call.parameters_json()).unwrap() {
-            Request::Start { guest, passphrase } => {
+            Request::Start {
+                guest,
+                secret: vtpmd::protocol::manager::Secret::Passphrase(passphrase),
+            } => {
                 assert_eq!(guest.to_string(), GUEST);
                 let decoded = SecretBuf::from_base64(passphrase.base64(), 4096).unwrap();
                 assert!(decoded.ct_eq(&pass));

@@ -4,7 +4,7 @@
 use std::fmt::Write;
 
 use serde_json::Value;
-use vtpmd::protocol::manager::{CapabilitiesReply, GuestView, MonitorReply};
+use vtpmd::protocol::manager::{CapabilitiesReply, GuestView, KeyslotView, MonitorReply};
 
 /// `name: sentence` for an error reply, e.g.
 /// `io.vtpmd.Manager.WrongPassphrase: guest 0f6a…: wrong passphrase`.
@@ -37,6 +37,34 @@ pub fn describe_remote(name: &str, parameters: &Value) -> String {
         (Some("io.vtpmd.Manager."), "WrongPassphrase") => {
             format!("guest {}: wrong passphrase", p("guest"))
         }
+        (Some("io.vtpmd.Manager."), "WrongKey") => {
+            format!(
+                "guest {}: the {} opens none of its {} slots",
+                p("guest"),
+                p("kind"),
+                p("kind")
+            )
+        }
+        (Some("io.vtpmd.Manager."), "NoKeyslot") => match parameters.get("host_fingerprint") {
+            Some(Value::String(f)) => format!(
+                "guest {}: no host slot for this host (fingerprint {f}); Grant this host's key (vtpmctl host-key) on a host that can open the guest, or give the passphrase or key",
+                p("guest")
+            ),
+            _ => format!("guest {}: no {} slot", p("guest"), p("kind")),
+        },
+        (Some("io.vtpmd.Manager."), "LastKeyslot") => format!(
+            "guest {}: keyslot {} is the last one; add another before removing it",
+            p("guest"),
+            p("slot")
+        ),
+        (Some("io.vtpmd.Manager."), "NoSuchKeyslot") => {
+            format!("guest {}: no keyslot {}", p("guest"), p("slot"))
+        }
+        (Some("io.vtpmd.Manager."), "KeyslotsFull") => format!(
+            "guest {}: all {} keyslots are in use; revoke one first",
+            p("guest"),
+            p("max")
+        ),
         (Some("io.vtpmd.Manager."), "StateCorrupt") => format!(
             "guest {}: the sealed state is damaged and no earlier generation opens ({}); restore it from a backup (or import a sound copy)",
             p("guest"),
@@ -151,7 +179,26 @@ pub fn guest(g: &GuestView) -> String {
     if let Some(reason) = &g.reason {
         rows.push(("reason", reason.clone()));
     }
-    key_values(&rows)
+    let mut out = key_values(&rows);
+    if let Some(slots) = &g.keyslots {
+        out.push_str("keyslots:\n");
+        out.push_str(&keyslots(slots));
+    }
+    out
+}
+
+/// One line per keyslot: index, kind, and a host slot's host.
+pub fn keyslots(slots: &[KeyslotView]) -> String {
+    let mut out = String::new();
+    for slot in slots {
+        let host = slot
+            .host_fingerprint
+            .as_ref()
+            .map(|f| format!(" (host {f})"))
+            .unwrap_or_default();
+        let _ = writeln!(out, "  {}: {}{host}", slot.index, slot.kind);
+    }
+    out
 }
 
 /// What this host serves.
@@ -276,6 +323,7 @@ mod tests {
             generation: 7,
             failure: None,
             reason: None,
+            keyslots: None,
         }
     }
 

@@ -41,6 +41,62 @@ pub enum PassphraseError {
     Cancelled,
     #[error("the passphrases do not match")]
     Mismatch,
+    #[error(
+        "{path} holds {len} bytes: a key file holds the 32 raw bytes of the key, or their standard base64 (44 characters, one trailing newline allowed)"
+    )]
+    KeyFormat { path: String, len: usize },
+}
+
+/// A `key` slot's key from `path` (`-`: stdin), straight into locked
+/// memory: either its 32 raw bytes or their standard base64 (44 characters,
+/// as a key manager such as Barbican hands out a payload), one trailing
+/// newline allowed. The lengths never overlap, so no guess is needed.
+pub fn read_key(path: &Path) -> Result<SecretBuf, PassphraseError> {
+    const MAX: usize = 64;
+    let shown = path.display().to_string();
+    let mut raw = if path == Path::new("-") {
+        let fd = std::io::stdin()
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|source| PassphraseError::Open {
+                path: "-".to_owned(),
+                source,
+            })?;
+        SecretBuf::read_from(&mut File::from(fd), MAX)
+    } else {
+        let mut file = File::open(path).map_err(|source| PassphraseError::Open {
+            path: shown.clone(),
+            source,
+        })?;
+        SecretBuf::read_from(&mut file, MAX)
+    }
+    .map_err(|e| match e {
+        SecretError::TooLong { .. } => PassphraseError::KeyFormat {
+            path: shown.clone(),
+            len: MAX + 1,
+        },
+        other => PassphraseError::Read(other),
+    })?;
+    if raw.len() == vtpmd::vault::KEY_LEN {
+        return Ok(raw);
+    }
+    if raw.expose_secret().last() == Some(&b'\n') {
+        raw.truncate(raw.len() - 1);
+    }
+    let len = raw.len();
+    let bad = || PassphraseError::KeyFormat {
+        path: shown.clone(),
+        len,
+    };
+    if len != 44 {
+        return Err(bad());
+    }
+    let key =
+        SecretBuf::from_base64(raw.expose_secret(), vtpmd::vault::KEY_LEN).map_err(|_| bad())?;
+    if key.len() != vtpmd::vault::KEY_LEN {
+        return Err(bad());
+    }
+    Ok(key)
 }
 
 /// Reads the whole file (`-` is stdin) as the passphrase's bytes; one

@@ -7,7 +7,9 @@ use std::process::ExitCode;
 use clap::Subcommand;
 use vtpmd::error_chain::chain;
 use vtpmd::protocol::GuestId;
-use vtpmd::vault::{self, HeaderInfo, KdfPolicy, SealedPaths, SealedState, VaultError};
+use vtpmd::vault::{
+    self, Credential, HeaderInfo, HostKey, KdfPolicy, SealedPaths, SealedState, VaultError,
+};
 
 use crate::passphrase;
 
@@ -19,7 +21,7 @@ enum Outcome {
     Ok = 0,
     /// Only the previous generation opens (the current one is damaged or gone).
     FellBack = 1,
-    /// No keyslot opens with the passphrase.
+    /// No keyslot opens with the passphrase (or key, or host key).
     WrongPassphrase = 3,
     /// No generation is usable: restore from backup.
     Corrupt = 4,
@@ -43,7 +45,9 @@ impl Outcome {
 
     fn of(error: &VaultError) -> Self {
         match error {
-            VaultError::WrongPassphrase { .. } => Self::WrongPassphrase,
+            VaultError::WrongPassphrase { .. }
+            | VaultError::WrongKey { .. }
+            | VaultError::NoKeyslot { .. } => Self::WrongPassphrase,
             VaultError::Corrupt { .. } | VaultError::Missing { .. } => Self::Corrupt,
             VaultError::UnsupportedVersion { .. }
             | VaultError::GuestMismatch { .. }
@@ -67,8 +71,9 @@ pub enum StateCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Open a sealed file with a passphrase and say whether it is usable.
-    /// FILE.prev, if present, stands in for a damaged FILE.
+    /// Open a sealed file with a passphrase, a key or a host key and say
+    /// whether it is usable. FILE.prev, if present, stands in for a damaged
+    /// FILE.
     Verify {
         file: PathBuf,
         /// The guest the file must belong to.
@@ -76,8 +81,15 @@ pub enum StateCommand {
         guest: GuestId,
         /// File holding the passphrase (`-` for stdin); one trailing
         /// newline is ignored.
+        #[arg(long, value_name = "FILE", required_unless_present_any = ["key_file", "host_key_file"], conflicts_with_all = ["key_file", "host_key_file"])]
+        passphrase_file: Option<PathBuf>,
+        /// File holding a `key` slot's key: 32 raw bytes or their base64.
+        #[arg(long, value_name = "FILE", conflicts_with = "host_key_file")]
+        key_file: Option<PathBuf>,
+        /// A vtpmd host key file (`<state_dir>/host.key`): opens the host
+        /// slot of that host.
         #[arg(long, value_name = "FILE")]
-        passphrase_file: PathBuf,
+        host_key_file: Option<PathBuf>,
         /// Accept Argon2id parameters below OWASP's floor.
         #[arg(long)]
         allow_weak_kdf: bool,
@@ -94,9 +106,26 @@ pub fn run(command: StateCommand) -> ExitCode {
             file,
             guest,
             passphrase_file,
+            key_file,
+            host_key_file,
             allow_weak_kdf,
             json,
-        } => verify(file, guest, &passphrase_file, allow_weak_kdf, json),
+        } => {
+            let source = match (passphrase_file, key_file, host_key_file) {
+                (_, Some(k), _) => Source::Key(k),
+                (_, _, Some(h)) => Source::Host(h),
+                (Some(p), _, _) => Source::Passphrase(p),
+                (None, None, None) => {
+                    return report(
+                        Outcome::Failed,
+                        "passphrase",
+                        "give --passphrase-file, --key-file or --host-key-file",
+                        json,
+                    );
+                }
+            };
+            verify(file, guest, &source, allow_weak_kdf, json)
+        }
     }
 }
 
@@ -146,25 +175,53 @@ fn render(file: &std::path::Path, info: &HeaderInfo) -> String {
     out
 }
 
+/// Where `verify`'s credential comes from.
+enum Source {
+    Passphrase(PathBuf),
+    Key(PathBuf),
+    Host(PathBuf),
+}
+
 fn verify(
     file: PathBuf,
     guest: GuestId,
-    passphrase_file: &std::path::Path,
+    source: &Source,
     allow_weak: bool,
     json: bool,
 ) -> ExitCode {
-    let pass = match passphrase::read(passphrase_file) {
-        Ok(pass) => pass,
-        // Like every other failure: a script reading --json must get an
-        // answer, not an empty stdout.
-        Err(e) => return report(Outcome::Failed, "passphrase", &chain(&e), json),
-    };
     let policy = KdfPolicy {
         allow_weak,
         ..KdfPolicy::default()
     };
-    let opened = SealedState::open(SealedPaths::new(&file), guest, &pass, &policy);
-    drop(pass);
+    let paths = SealedPaths::new(&file);
+    // Like every other failure: a script reading --json must get an
+    // answer, not an empty stdout.
+    let opened = match source {
+        Source::Passphrase(path) => match passphrase::read(path) {
+            Ok(pass) => {
+                SealedState::open_with(paths, guest, Credential::Passphrase(&pass), &policy)
+            }
+            Err(e) => return report(Outcome::Failed, "passphrase", &chain(&e), json),
+        },
+        Source::Key(path) => match passphrase::read_key(path) {
+            Ok(key) => SealedState::open_with(paths, guest, Credential::Key(&key), &policy),
+            Err(e) => return report(Outcome::Failed, "key", &chain(&e), json),
+        },
+        Source::Host(path) => match HostKey::load(path) {
+            Ok(Some(host)) => {
+                SealedState::open_with(paths, guest, Credential::Host(&host), &policy)
+            }
+            Ok(None) => {
+                return report(
+                    Outcome::Failed,
+                    "host-key",
+                    &format!("no host key file at {}", path.display()),
+                    json,
+                );
+            }
+            Err(e) => return report(Outcome::Failed, "host-key", &chain(&e), json),
+        },
+    };
     let opened = match opened {
         Ok(opened) => opened,
         Err(e) => return report_error(&e, json),
@@ -223,6 +280,9 @@ fn error_name(error: &VaultError) -> &'static str {
         VaultError::GuestMismatch { .. } => "guest-mismatch",
         VaultError::WeakKdf { .. } => "weak-kdf",
         VaultError::EmptyPassphrase | VaultError::InvalidKdf { .. } => "passphrase",
+        VaultError::WrongKey { .. } => "wrong-key",
+        VaultError::NoKeyslot { .. } => "no-keyslot",
+        VaultError::InvalidKey { .. } => "key",
         VaultError::Io { .. } => "io",
         _ => "other",
     }
