@@ -342,3 +342,36 @@ fn base64ct_encode(bytes: &[u8]) -> String {
     use base64ct::{Base64, Encoding};
     Base64::encode_string(bytes)
 }
+
+/// The same by hand with vtpmctl: `migrate-out --to KEY --out BUNDLE` on
+/// the source (the bundle 0600, its ticket for that host only),
+/// `migrate-in GUEST BUNDLE` on the destination, `abort-migration` on
+/// both, and `host-key` to get the destination's key.
+#[test]
+fn vtpmctl_carries_a_migration_in_a_bundle_and_calls_it_off() {
+    use std::os::unix::fs::PermissionsExt;
+    let a = Daemon::start();
+    let b = Daemon::start();
+    let _vmm = running_guest(&a, G);
+    let key: Value = serde_json::from_str(&b.vtpmctl(&["host-key", "--json"])).unwrap();
+    let key = key["public_key"].as_str().unwrap().to_owned();
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = dir.path().join("bundle.json");
+    let bundle_arg = bundle.to_str().unwrap();
+    a.vtpmctl(&["migrate-out", G, "--to", &key, "--out", bundle_arg]);
+    let mode = std::fs::metadata(&bundle).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let written: Value = serde_json::from_slice(&std::fs::read(&bundle).unwrap()).unwrap();
+    assert_eq!(written["guest"], G);
+
+    let incoming: Value =
+        serde_json::from_str(&b.vtpmctl(&["migrate-in", G, bundle_arg, "--json"])).unwrap();
+    assert_eq!(incoming["guest"]["state"], "running", "{incoming}");
+    b.vtpmctl(&["abort-migration", G]);
+    common::assert_error(
+        b.client().manager("Status", json!({"guest": G})),
+        "NoSuchGuest",
+    );
+    a.vtpmctl(&["abort-migration", G]);
+    assert!(a.guest_status(G)["reason"].is_null());
+}

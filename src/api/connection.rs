@@ -149,10 +149,12 @@ async fn handle(
             Next::Reply(bytes)
         }
     };
-    // Only an Import may use the room an admin's connection has beyond
-    // max_message: any other call that long is refused as it would have
-    // been on arrival.
-    if message.len() >= ctx.limits.max_message && call.method != format!("{INTERFACE}.Import") {
+    // Only the calls that carry a sealed file in (Import, MigrateIn) may use
+    // the room an admin's connection has beyond max_message: any other
+    // call that long is refused as it would have been on arrival.
+    let carries_sealed_file = call.method == format!("{INTERFACE}.Import")
+        || call.method == format!("{INTERFACE}.MigrateIn");
+    if message.len() >= ctx.limits.max_message && !carries_sealed_file {
         if log.allows(tracing::enabled!(tracing::Level::INFO)) {
             tracing::info!(
                 uid = peer.uid.as_raw(),

@@ -97,8 +97,8 @@ pub fn fuzz_messages(bytes: &[u8]) {
 
 impl Limits {
     /// The largest message a connection of `access` may send: only an
-    /// admin may Import, so only an admin's buffer may grow to hold a
-    /// sealed file. Every other call of an admin is still held to
+    /// admin may Import or MigrateIn, so only an admin's buffer may grow to
+    /// hold a sealed file. Every other call of an admin is still held to
     /// `max_message` once it has arrived.
     pub fn receive_limit(&self, access: Access) -> usize {
         match access {

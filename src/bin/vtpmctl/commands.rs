@@ -257,6 +257,45 @@ pub enum Online {
         #[command(flatten)]
         conn: Conn,
     },
+    /// The source of a live migration: seal the running guest and write a
+    /// bundle (ticket + sealed file) for the destination's migrate-in.
+    MigrateOut {
+        /// The guest's id: a canonical lowercase UUID.
+        guest: GuestId,
+        /// The destination's host key (its `vtpmctl host-key`).
+        #[arg(long = "to", value_name = "PUBLIC_KEY")]
+        to: String,
+        /// How long the ticket opens, seconds [default: 300, at most 3600].
+        #[arg(long, value_name = "SECONDS")]
+        ttl: Option<u64>,
+        /// Where to write the bundle (0600, whole or not at all) [default:
+        /// stdout].
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+        /// Replace FILE if it exists.
+        #[arg(long, requires = "out")]
+        force: bool,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// The destination of a live migration: take the guest in from a
+    /// migrate-out bundle; prints its control socket for QEMU -incoming.
+    MigrateIn {
+        /// The guest's id: a canonical lowercase UUID.
+        guest: GuestId,
+        /// The bundle migrate-out wrote (`-`: stdin).
+        bundle: PathBuf,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Call a migration off on this host (source: the guest goes on here;
+    /// destination: the guest taken in is removed).
+    AbortMigration {
+        /// The guest's id: a canonical lowercase UUID.
+        guest: GuestId,
+        #[command(flatten)]
+        conn: Conn,
+    },
     /// Print guest events as they happen (first one "existing" event per
     /// guest), until interrupted or vtpmd ends the stream.
     Monitor {
@@ -314,6 +353,9 @@ impl Online {
             | Self::Rekey { conn, .. }
             | Self::Export { conn, .. }
             | Self::Import { conn, .. }
+            | Self::MigrateOut { conn, .. }
+            | Self::MigrateIn { conn, .. }
+            | Self::AbortMigration { conn, .. }
             | Self::Monitor { conn, .. }
             | Self::AttachArgs { conn, .. } => conn,
         }
@@ -534,6 +576,20 @@ pub fn run(command: Online) -> Result<Option<Printed>, ClientError> {
         Online::Import { guest, file, conn } => {
             crate::transfer::import(conn.connect()?, guest, &file)
         }
+        Online::MigrateOut {
+            guest,
+            to,
+            ttl,
+            out,
+            force,
+            conn,
+        } => crate::migration::migrate_out(conn.connect()?, guest, &to, ttl, out.as_deref(), force),
+        Online::MigrateIn {
+            guest,
+            bundle,
+            conn,
+        } => crate::migration::migrate_in(conn.connect()?, guest, &bundle),
+        Online::AbortMigration { guest, conn } => crate::migration::abort(conn.connect()?, guest),
         Online::Monitor { count, conn } => {
             monitor(&conn, count)?;
             Ok(None)

@@ -41,6 +41,7 @@ mod attach;
 mod client;
 mod commands;
 mod message;
+mod migration;
 mod output;
 mod passphrase;
 mod state;

@@ -155,7 +155,7 @@ pub fn import(client: Client, guest: GuestId, file: &Path) -> Result<Option<Prin
     crate::commands::guest_reply(client.call("Import", &params)?)
 }
 
-fn read_file(path: &Path) -> Result<Vec<u8>, TransferError> {
+pub(crate) fn read_file(path: &Path) -> Result<Vec<u8>, TransferError> {
     let read_err = |source| TransferError::Read {
         path: path.to_owned(),
         source,
@@ -185,7 +185,7 @@ fn read_file(path: &Path) -> Result<Vec<u8>, TransferError> {
 /// temporary file (0600, created new) beside it, fsynced, then linked to
 /// `path` (which fails if `path` exists) or, with `force`, renamed over
 /// it; then the directory is fsynced.
-fn write_file(path: &Path, bytes: &[u8], force: bool) -> Result<(), TransferError> {
+pub(crate) fn write_file(path: &Path, bytes: &[u8], force: bool) -> Result<(), TransferError> {
     let write_err = |path: &Path| {
         let path = path.to_owned();
         move |source| TransferError::Write { path, source }
