@@ -314,6 +314,46 @@ fn evacuation_starts_the_guest_elsewhere_from_the_dead_hosts_file() {
     assert_eq!(nv::read_nv(&ctrl_b, 9), b"evacuated");
 }
 
+/// Evacuation with the `host` policy needs no passphrase: the guest runs on
+/// A from A's host slot (Start with nothing), the standby host B was
+/// granted a slot while A was alive (the one call that takes the owner's
+/// secret, at placement time); A's daemon and swtpm are SIGKILLed; B
+/// imports A's file from shared storage and starts it with nothing.
+#[test]
+fn evacuation_with_a_host_slot_for_the_standby_needs_no_passphrase() {
+    let (mut a, b) = (Daemon::start(), Daemon::start());
+    a.client()
+        .manager(
+            "Create",
+            json!({"guest": G1, "version": "2.0", "passphrase": b64(PASS), "policy": "host"}),
+        )
+        .unwrap();
+    let started = a.client().manager("Start", json!({"guest": G1})).unwrap()["guest"].clone();
+    let b_key = b.client().manager("GetHostKey", json!({})).unwrap()["public_key"].clone();
+    a.client()
+        .manager(
+            "Grant",
+            json!({"guest": G1, "passphrase": b64(PASS), "host_public_key": b_key}),
+        )
+        .unwrap();
+    let ctrl = PathBuf::from(started["ctrl_socket"].as_str().unwrap());
+    let _vmm = nv::attach_and_write_nv(&ctrl, b"evacuated");
+    a.wait_generation_above(G1, started["generation"].as_u64().unwrap(), TIMEOUT);
+    a.kill();
+    common::kill_swtpms_under(&a.runtime_dir);
+    let deadline = Instant::now() + TIMEOUT;
+    while !common::swtpms_under(&a.runtime_dir).is_empty() {
+        assert!(Instant::now() < deadline, "A's swtpm survived SIGKILL");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+
+    let shared = a.sealed_file(G1);
+    b.vtpmctl(&["import", G1, shared.to_str().unwrap()]);
+    let on_b = b.client().manager("Start", json!({"guest": G1})).unwrap()["guest"].clone();
+    let ctrl_b = PathBuf::from(on_b["ctrl_socket"].as_str().unwrap());
+    assert_eq!(nv::read_nv(&ctrl_b, 9), b"evacuated");
+}
+
 #[test]
 fn rescue_and_rebuild_keep_the_guests_own_tpm() {
     let d = Daemon::start();
