@@ -77,17 +77,25 @@ static SLOTS: (Mutex<usize>, Condvar) = (Mutex::new(0), Condvar::new());
 
 impl VmSlot {
     fn take() -> Self {
+        Self::take_many::<1>()[0].take().unwrap()
+    }
+
+    /// `N` slots at once, or none: a test that needs two VMs at the same
+    /// time (a migration) must not hold one while it waits for the other,
+    /// or two such tests (or one beside a test that boots twice) could
+    /// each hold a slot and wait forever.
+    fn take_many<const N: usize>() -> [Option<Self>; N] {
         let (lock, cond) = &SLOTS;
         let mut used = lock
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        while *used >= MAX_VMS {
+        while *used + N > MAX_VMS {
             used = cond
                 .wait(used)
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
         }
-        *used += 1;
-        Self
+        *used += N;
+        [(); N].map(|()| Some(Self))
     }
 }
 
@@ -97,7 +105,7 @@ impl Drop for VmSlot {
         *lock
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner) -= 1;
-        cond.notify_one();
+        cond.notify_all();
     }
 }
 
@@ -184,8 +192,12 @@ fn boot(attach: &[String], step: &str, no_reboot: bool) -> Vm {
 
 /// [`boot`] with more kernel command-line parameters for the init.
 fn boot_with(attach: &[String], step: &str, no_reboot: bool, params: &str) -> Vm {
+    boot_in(VmSlot::take(), attach, step, no_reboot, params)
+}
+
+/// [`boot_with`] in a slot taken already.
+fn boot_in(slot: VmSlot, attach: &[String], step: &str, no_reboot: bool, params: &str) -> Vm {
     let image = image();
-    let slot = VmSlot::take();
     let mut builder = Qemu::builder()
         .memory_mib(256)
         .args(attach.iter().cloned())
@@ -526,14 +538,12 @@ fn tpm2_tis_qemu_killed_leaves_the_guest_stopped_sealed_and_startable() {
 /// (the volatile state moved live) and the NV data; then it reboots there
 /// and reads the NV data again. The source ends `migrated-out`.
 fn live_migration(model: &str) {
-    let _one = MIGRATIONS
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let [src_slot, dst_slot] = VmSlot::take_many::<2>().map(Option::unwrap);
     let a = Daemon::start();
     let b = Daemon::start();
     create(&a, "2.0", model);
     start(&a);
-    let mut src = boot(&attach_args(&a), "migrate", false);
+    let mut src = boot_in(src_slot, &attach_args(&a), "migrate", false, "");
     check_tpm(&mut src, "2.0", model);
     let pcr16 = src.value("pcr16-before");
     assert!(is_hex(&pcr16, 64), "{pcr16}");
@@ -541,7 +551,7 @@ fn live_migration(model: &str) {
     assert_eq!(src.value("nv-written"), NV_DATA);
     src.marker("waiting-for-migration");
 
-    let (mut dst, out) = migrate(&mut src, &a, &b);
+    let (mut dst, out) = migrate(&mut src, &a, &b, dst_slot);
 
     // The guest, now on the destination, goes on where it waited.
     dst.qemu.serial().write(b"go\n").unwrap();
@@ -564,36 +574,30 @@ fn live_migration(model: &str) {
     b.wait_state(G1, "stopped", STATE_TIMEOUT);
 }
 
-/// A migration needs two VMs at once: one at a time, or two of them could
-/// each hold one of the [`MAX_VMS`] slots and wait for the other forever.
-static MIGRATIONS: Mutex<()> = Mutex::new(());
-
 /// [`boot_with`] for a migration's destination: the same machine, waiting
 /// for the source's state on `uri`.
-fn boot_with_incoming(attach: &[String], step: &str, uri: &str) -> Vm {
+fn boot_with_incoming(slot: VmSlot, attach: &[String], step: &str, uri: &str) -> Vm {
     let mut args = attach.to_vec();
     args.push("-incoming".to_owned());
     args.push(uri.to_owned());
-    boot_with(&args, step, false, "")
+    boot_in(slot, &args, step, false, "")
 }
 
 /// TPM 1.2 moves live too: the PCRs SeaBIOS extended and the EK are the
 /// same on the destination (no NV: see the guest's init).
 #[test]
 fn tpm12_tis_live_migration_moves_its_pcrs_and_ek_to_another_host() {
-    let _one = MIGRATIONS
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let [src_slot, dst_slot] = VmSlot::take_many::<2>().map(Option::unwrap);
     let a = Daemon::start();
     let b = Daemon::start();
     create(&a, "1.2", "tpm-tis");
     start(&a);
-    let mut src = boot(&attach_args(&a), "migrate", false);
+    let mut src = boot_in(src_slot, &attach_args(&a), "migrate", false, "");
     check_tpm(&mut src, "1.2", "tpm-tis");
     let pubek = src.value("pubek-sha256");
     let pcrs = src.value("pcrs-before");
     src.marker("waiting-for-migration");
-    let (mut dst, _) = migrate(&mut src, &a, &b);
+    let (mut dst, _) = migrate(&mut src, &a, &b, dst_slot);
     dst.qemu.serial().write(b"go\n").unwrap();
     assert_eq!(dst.value("pcrs-after"), pcrs, "the PCRs did not move");
     assert_eq!(dst.value("pubek-after"), pubek, "another EK");
@@ -606,7 +610,7 @@ fn tpm12_tis_live_migration_moves_its_pcrs_and_ek_to_another_host() {
 /// `-incoming`, QMP `migrate` until completed, the source QEMU quit and
 /// its guest `migrated-out`. Returns the destination VM and MigrateOut's
 /// reply.
-fn migrate(src: &mut Vm, a: &Daemon, b: &Daemon) -> (Vm, Value) {
+fn migrate(src: &mut Vm, a: &Daemon, b: &Daemon, slot: VmSlot) -> (Vm, Value) {
     let destination = b.client().manager("GetHostKey", json!({})).unwrap()["public_key"].clone();
     let out = a
         .client()
@@ -623,7 +627,7 @@ fn migrate(src: &mut Vm, a: &Daemon, b: &Daemon) -> (Vm, Value) {
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let uri = format!("unix:{}", dir.path().join("migration.sock").display());
-    let dst = boot_with_incoming(&attach_args(b), "migrate", &uri);
+    let dst = boot_with_incoming(slot, &attach_args(b), "migrate", &uri);
     let started = Instant::now();
     src.qemu
         .qmp()
