@@ -551,7 +551,7 @@ fn live_migration(model: &str) {
     assert_eq!(src.value("nv-written"), NV_DATA);
     src.marker("waiting-for-migration");
 
-    let (mut dst, out) = migrate(&mut src, &a, &b, dst_slot);
+    let (mut dst, out, _) = migrate(&mut src, &a, &b, dst_slot);
 
     // The guest, now on the destination, goes on where it waited.
     dst.qemu.serial().write(b"go\n").unwrap();
@@ -597,7 +597,7 @@ fn tpm12_tis_live_migration_moves_its_pcrs_and_ek_to_another_host() {
     let pubek = src.value("pubek-sha256");
     let pcrs = src.value("pcrs-before");
     src.marker("waiting-for-migration");
-    let (mut dst, _) = migrate(&mut src, &a, &b, dst_slot);
+    let (mut dst, _, _) = migrate(&mut src, &a, &b, dst_slot);
     dst.qemu.serial().write(b"go\n").unwrap();
     assert_eq!(dst.value("pcrs-after"), pcrs, "the PCRs did not move");
     assert_eq!(dst.value("pubek-after"), pubek, "another EK");
@@ -608,9 +608,9 @@ fn tpm12_tis_live_migration_moves_its_pcrs_and_ek_to_another_host() {
 
 /// MigrateOut on `a`, MigrateIn on `b`, a destination QEMU waiting with
 /// `-incoming`, QMP `migrate` until completed, the source QEMU quit and
-/// its guest `migrated-out`. Returns the destination VM and MigrateOut's
-/// reply.
-fn migrate(src: &mut Vm, a: &Daemon, b: &Daemon, slot: VmSlot) -> (Vm, Value) {
+/// its guest `migrated-out`. Returns the destination VM, MigrateOut's
+/// reply and QEMU's downtime (ms).
+fn migrate(src: &mut Vm, a: &Daemon, b: &Daemon, slot: VmSlot) -> (Vm, Value, u64) {
     let destination = b.client().manager("GetHostKey", json!({})).unwrap()["public_key"].clone();
     let out = a
         .client()
@@ -628,6 +628,16 @@ fn migrate(src: &mut Vm, a: &Daemon, b: &Daemon, slot: VmSlot) -> (Vm, Value) {
     let dir = tempfile::tempdir().unwrap();
     let uri = format!("unix:{}", dir.path().join("migration.sock").display());
     let dst = boot_with_incoming(slot, &attach_args(b), "migrate", &uri);
+    let done = run_migration(src, &uri);
+    src.qemu.quit(Duration::from_secs(10));
+    let moved = a.wait_state(G1, "migrated-out", STATE_TIMEOUT);
+    assert_eq!(moved["state"], "migrated-out");
+    (dst, out, done["downtime"].as_u64().unwrap_or(0))
+}
+
+/// QMP `migrate` to `uri` and `query-migrate` until it completed; its
+/// last answer (`total-time`, `downtime`, in ms).
+fn run_migration(src: &mut Vm, uri: &str) -> Value {
     let started = Instant::now();
     src.qemu
         .qmp()
@@ -647,10 +657,7 @@ fn migrate(src: &mut Vm, a: &Daemon, b: &Daemon, slot: VmSlot) -> (Vm, Value) {
         "migrated in {} ms, downtime {} ms",
         done["total-time"], done["downtime"]
     );
-    src.qemu.quit(Duration::from_secs(10));
-    let moved = a.wait_state(G1, "migrated-out", STATE_TIMEOUT);
-    assert_eq!(moved["state"], "migrated-out");
-    (dst, out)
+    done
 }
 
 #[test]
@@ -661,4 +668,59 @@ fn tpm2_tis_live_migration_moves_pcrs_and_nv_to_another_host() {
 #[test]
 fn tpm2_crb_live_migration_moves_pcrs_and_nv_to_another_host() {
     live_migration("tpm-crb");
+}
+
+/// The benchmark for the downtime a TPM adds to a live migration: the same
+/// guest migrated with a vtpmd TPM (TIS) and without any, interleaved,
+/// `ROUNDS` times each; prints each downtime and the medians' ratio.
+/// Figures only (the machine is shared): run with `--ignored --nocapture`.
+#[test]
+#[ignore = "a benchmark: cargo test --test qemu_linux -- --ignored --nocapture"]
+fn live_migration_downtime_with_and_without_a_tpm() {
+    const ROUNDS: usize = 5;
+    let mut with_tpm = Vec::new();
+    let mut without = Vec::new();
+    for round in 0..ROUNDS {
+        // With a TPM: two hosts, the guest's TPM moving along.
+        let [src_slot, dst_slot] = VmSlot::take_many::<2>().map(Option::unwrap);
+        let a = Daemon::start();
+        let b = Daemon::start();
+        create(&a, "2.0", "tpm-tis");
+        start(&a);
+        let mut src = boot_in(src_slot, &attach_args(&a), "migrate", false, "");
+        src.marker("waiting-for-migration");
+        let (mut dst, _, downtime) = migrate(&mut src, &a, &b, dst_slot);
+        dst.qemu.serial().write(b"go\n").unwrap();
+        dst.marker("waiting-for-reset");
+        // Both VMs (and their slots) go before the next two are taken.
+        drop((src, dst));
+        with_tpm.push(downtime);
+
+        // Without: the same machine and guest, no TPM.
+        let [src_slot, dst_slot] = VmSlot::take_many::<2>().map(Option::unwrap);
+        let mut src = boot_in(src_slot, &[], "notpm", false, "");
+        src.marker("waiting-for-migration");
+        let dir = tempfile::tempdir().unwrap();
+        let uri = format!("unix:{}", dir.path().join("migration.sock").display());
+        let mut dst = boot_with_incoming(dst_slot, &[], "notpm", &uri);
+        let done = run_migration(&mut src, &uri);
+        src.qemu.quit(Duration::from_secs(10));
+        dst.qemu.serial().write(b"go\n").unwrap();
+        dst.value("done moved uptime");
+        without.push(done["downtime"].as_u64().unwrap_or(0));
+        eprintln!(
+            "round {round}: downtime with a TPM {} ms, without {} ms",
+            with_tpm[round], without[round]
+        );
+    }
+    let median = |v: &mut Vec<u64>| {
+        v.sort_unstable();
+        v[v.len() / 2]
+    };
+    let (w, n) = (median(&mut with_tpm), median(&mut without));
+    eprintln!(
+        "live migration downtime, median of {ROUNDS}: with a TPM {w} ms, without {n} ms, ratio {:.2}, added {} ms",
+        w as f64 / n.max(1) as f64,
+        w.saturating_sub(n)
+    );
 }
