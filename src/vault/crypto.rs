@@ -221,16 +221,13 @@ fn host_info(guest: &GuestId) -> Vec<u8> {
     info
 }
 
-/// A `host` slot: the data key sealed to `host` with HPKE base mode
-/// (single shot), info = label || guest, aad = the slot's AAD. The
-/// ephemeral key and every secret of the key schedule live on the
-/// scrubbed stack (hpke and x25519-dalek zeroize them on drop too).
+/// A `host` slot: the data key sealed to `host` ([`seal_key_to_host`]),
+/// info = label || guest, aad = the slot's AAD.
 pub(crate) fn wrap_for_host(
     data_key: &DataKey,
     guest: &GuestId,
     host: &HostPublicKey,
 ) -> Result<Keyslot, VaultError> {
-    use hpke::{Deserializable, Serializable};
     let fingerprint = host.fingerprint();
     // The AAD covers kind, reserved bytes and fingerprint only: known
     // before the seal.
@@ -242,34 +239,7 @@ pub(crate) fn wrap_for_host(
             wrapped_key: [0; WRAPPED_KEY_LEN],
         },
     );
-    let info = host_info(guest);
-    let mut enc = [0u8; X25519_LEN];
-    let mut wrapped_key = [0u8; WRAPPED_KEY_LEN];
-    let (body, tag) = wrapped_key.split_at_mut(DATA_KEY_LEN);
-    let (enc_bytes, tag_bytes) = on_scrubbed_stack(|| {
-        let pk = <HostKem as hpke::Kem>::PublicKey::from_bytes(host.as_bytes()).map_err(|_| {
-            VaultError::Crypto {
-                what: "host public key",
-            }
-        })?;
-        let buffer =
-            InOutBuf::new(data_key.0.expose_secret(), body).map_err(|_| VaultError::Crypto {
-                what: "wrapped key length",
-            })?;
-        let (encapped, tag) = hpke::single_shot_seal_inout_detached::<HostAead, HostKdf, HostKem>(
-            &hpke::OpModeS::Base,
-            &pk,
-            &info,
-            buffer,
-            &aad,
-        )
-        .map_err(|_| VaultError::Crypto {
-            what: "HPKE seal to the host key",
-        })?;
-        Ok::<_, VaultError>((encapped.to_bytes(), tag.to_bytes()))
-    })?;
-    enc.copy_from_slice(&enc_bytes);
-    tag.copy_from_slice(&tag_bytes);
+    let (enc, wrapped_key) = seal_key_to_host(data_key, host, &host_info(guest), &aad)?;
     Ok(Keyslot::Host {
         fingerprint,
         enc,
@@ -285,38 +255,19 @@ pub(crate) fn unwrap_for_host(
     guest: &GuestId,
     slot: &Keyslot,
 ) -> Result<Option<DataKey>, VaultError> {
-    use hpke::Deserializable;
     let Keyslot::Host {
         enc, wrapped_key, ..
     } = slot
     else {
         return Ok(None);
     };
-    let aad = keyslot_aad(guest, slot);
-    let info = host_info(guest);
-    let mut key = SecretBuf::zeroed(DATA_KEY_LEN)?;
-    let (ciphertext, tag) = wrapped_key.split_at(DATA_KEY_LEN);
-    key.expose_secret_mut().copy_from_slice(ciphertext);
-    let ok = on_scrubbed_stack(|| {
-        let (Ok(sk), Ok(encapped), Ok(tag)) = (
-            <HostKem as hpke::Kem>::PrivateKey::from_bytes(host.private().expose_secret()),
-            <HostKem as hpke::Kem>::EncappedKey::from_bytes(enc),
-            hpke::aead::AeadTag::<HostAead>::from_bytes(tag),
-        ) else {
-            return false;
-        };
-        hpke::single_shot_open_inout_detached::<HostAead, HostKdf, HostKem>(
-            &hpke::OpModeR::Base,
-            &sk,
-            &encapped,
-            &info,
-            key.expose_secret_mut().into(),
-            &aad,
-            &tag,
-        )
-        .is_ok()
-    });
-    Ok(ok.then_some(DataKey(key)))
+    open_key_from_host(
+        host,
+        &host_info(guest),
+        &keyslot_aad(guest, slot),
+        enc,
+        wrapped_key,
+    )
 }
 
 /// Encrypts `plaintext` in place and appends the tag.
@@ -405,8 +356,10 @@ const _: () = assert!(WRAPPED_KEY_LEN == DATA_KEY_LEN + TAG_LEN);
 
 /// Seals the data key to `host` with HPKE base mode (single shot, the host
 /// slots' suite) under `info` and `aad`: the encapsulated key and the
-/// wrapped key with its tag. For a migration ticket, whose bytes around the
-/// wrap differ from a slot's.
+/// wrapped key with its tag. A `host` slot and a migration ticket differ
+/// only in their info and AAD. The ephemeral key and every secret of the
+/// key schedule live on the scrubbed stack (hpke and x25519-dalek zeroize
+/// them on drop too).
 pub(crate) fn seal_key_to_host(
     data_key: &DataKey,
     host: &HostPublicKey,
@@ -446,6 +399,7 @@ pub(crate) fn seal_key_to_host(
 
 /// Opens what [`seal_key_to_host`] sealed, with this host's private key;
 /// `None` when it does not open (sealed to another host, or edited).
+/// Decrypted in place in the data key's locked pages.
 pub(crate) fn open_key_from_host(
     host: &HostKey,
     info: &[u8],
