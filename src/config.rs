@@ -19,6 +19,243 @@ pub struct Config {
     pub swtpm: SwtpmSection,
     pub api: ApiSection,
     pub log: LogSection,
+    pub metrics: MetricsSection,
+    pub cluster: ClusterSection,
+}
+
+/// `[cluster]`: cluster mode on etcd (v3 API). Without `endpoints` vtpmd
+/// runs in local mode (the default): its state directory is all it knows.
+/// With them, every durable reseal is also written to etcd, each guest
+/// has one owning host (bound to that host's lease), and a dead host's
+/// guests can be evacuated with their newest state (docs/integration.md,
+/// "Cluster mode").
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterSection {
+    /// etcd's client URLs, e.g. `["https://10.0.0.1:2379", …]`: `http://`
+    /// or `https://`, host and port.
+    pub endpoints: Vec<String>,
+    /// This host's name in the cluster, unique among the vtpmds sharing
+    /// the etcd (default: the machine's hostname).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// Where vtpmd's keys live in etcd (default `/vtpmd`).
+    pub prefix: String,
+    /// Seconds this host's lease lives without a keep-alive (default 10;
+    /// 2 to 300): how long after a host died its guests can be evacuated,
+    /// and how long a host cut off from etcd may go unfenced.
+    pub lease_ttl_s: u64,
+    /// A guest's reseals reach etcd at most once per this many
+    /// milliseconds (default 1000; at most 60000): the newest one in the
+    /// window is written, so a guest writing its TPM in a loop cannot
+    /// flood etcd. A durable reseal is in etcd within about this window.
+    pub replicate_interval_ms: u64,
+    /// How long one etcd call may take, milliseconds (default 3000).
+    pub timeout_ms: u64,
+    /// PEM CA certificate(s) the etcd servers' certificates are checked
+    /// against; needed for `https://` endpoints.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate and key, for etcd's client-certificate
+    /// authentication (`--client-cert-auth`); both or neither.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cert_file: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<PathBuf>,
+}
+
+impl Default for ClusterSection {
+    fn default() -> Self {
+        Self {
+            endpoints: Vec::new(),
+            host: None,
+            prefix: "/vtpmd".to_owned(),
+            lease_ttl_s: 10,
+            replicate_interval_ms: 1000,
+            timeout_ms: 3000,
+            ca_file: None,
+            cert_file: None,
+            key_file: None,
+        }
+    }
+}
+
+impl ClusterSection {
+    /// Whether cluster mode is on.
+    pub fn enabled(&self) -> bool {
+        !self.endpoints.is_empty()
+    }
+
+    fn check(&self) -> Result<(), ConfigError> {
+        let invalid = |key, why: String| ConfigError::Invalid {
+            section: "cluster",
+            key,
+            why,
+        };
+        let mut tls = false;
+        for endpoint in &self.endpoints {
+            let rest = if let Some(rest) = endpoint.strip_prefix("https://") {
+                tls = true;
+                rest
+            } else if let Some(rest) = endpoint.strip_prefix("http://") {
+                rest
+            } else {
+                return Err(invalid(
+                    "endpoints",
+                    format!("{endpoint:?} is not an http:// or https:// URL"),
+                ));
+            };
+            let port = rest
+                .rsplit_once(':')
+                .map(|(host, port)| (host, port.parse::<u16>()));
+            if !matches!(port, Some((host, Ok(p))) if !host.is_empty() && p != 0 && !host.contains('/'))
+            {
+                return Err(invalid(
+                    "endpoints",
+                    format!(
+                        "{endpoint:?} is not a URL with a host and a port, such as https://10.0.0.1:2379"
+                    ),
+                ));
+            }
+        }
+        if tls && self.endpoints.iter().any(|e| e.starts_with("http://")) {
+            return Err(invalid(
+                "endpoints",
+                "mixes http:// and https:// endpoints".to_owned(),
+            ));
+        }
+        if !self.enabled() {
+            return Ok(());
+        }
+        if let Some(host) = &self.host {
+            crate::cluster::check_host_name(host).map_err(|why| invalid("host", why))?;
+        }
+        crate::cluster::check_prefix(&self.prefix).map_err(|why| invalid("prefix", why))?;
+        if !(2..=300).contains(&self.lease_ttl_s) {
+            return Err(invalid(
+                "lease_ttl_s",
+                format!("{} is not between 2 and 300", self.lease_ttl_s),
+            ));
+        }
+        if self.replicate_interval_ms > 60_000 {
+            return Err(invalid(
+                "replicate_interval_ms",
+                format!("{} is above 60000", self.replicate_interval_ms),
+            ));
+        }
+        if self.timeout_ms == 0 || self.timeout_ms > 60_000 {
+            return Err(invalid(
+                "timeout_ms",
+                format!("{} is not between 1 and 60000", self.timeout_ms),
+            ));
+        }
+        for (key, path) in [
+            ("ca_file", &self.ca_file),
+            ("cert_file", &self.cert_file),
+            ("key_file", &self.key_file),
+        ] {
+            if path.as_ref().is_some_and(|p| !p.is_absolute()) {
+                return Err(invalid(key, "must be an absolute path".to_owned()));
+            }
+            if path.is_some() && !tls {
+                return Err(invalid(
+                    key,
+                    "is for https:// endpoints; these are http://".to_owned(),
+                ));
+            }
+        }
+        if tls && self.ca_file.is_none() {
+            return Err(invalid(
+                "ca_file",
+                "https:// endpoints need the CA that signed the etcd servers' certificates"
+                    .to_owned(),
+            ));
+        }
+        if self.cert_file.is_some() != self.key_file.is_some() {
+            return Err(invalid(
+                "cert_file",
+                "cert_file and key_file go together".to_owned(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// `[metrics]`: where else than `GetMetrics` vtpmd's metrics are offered.
+/// Neither is on by default: the API's own call needs no network and no
+/// file outside vtpmd's directories.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsSection {
+    /// An HTTP listener serving `/metrics`, e.g. "127.0.0.1:9464": a
+    /// loopback address only. Under systemd it needs the drop-in
+    /// `vtpmd-metrics-http.conf` (the unit has `PrivateNetwork=yes`).
+    pub listen: Option<String>,
+    /// A node_exporter textfile-collector file (its name ending `.prom`),
+    /// rewritten atomically every `textfile_interval_s`. Under systemd the
+    /// directory must be writable for vtpmd (`ReadWritePaths=` drop-in).
+    pub textfile: Option<PathBuf>,
+    /// Seconds between textfile writes (default 15).
+    pub textfile_interval_s: u64,
+}
+
+impl Default for MetricsSection {
+    fn default() -> Self {
+        Self {
+            listen: None,
+            textfile: None,
+            textfile_interval_s: 15,
+        }
+    }
+}
+
+impl MetricsSection {
+    /// The listen address, checked.
+    pub fn listen_addr(&self) -> Result<Option<std::net::SocketAddr>, ConfigError> {
+        let Some(text) = &self.listen else {
+            return Ok(None);
+        };
+        let addr: std::net::SocketAddr = text.parse().map_err(|_| ConfigError::Invalid {
+            section: "metrics",
+            key: "listen",
+            why: format!("{text:?} is not an address:port such as 127.0.0.1:9464"),
+        })?;
+        if !addr.ip().is_loopback() {
+            return Err(ConfigError::Invalid {
+                section: "metrics",
+                key: "listen",
+                why: format!(
+                    "{addr} is not a loopback address: metrics are served on this host only"
+                ),
+            });
+        }
+        Ok(Some(addr))
+    }
+
+    fn check(&self) -> Result<(), ConfigError> {
+        self.listen_addr()?;
+        if let Some(path) = &self.textfile {
+            let named_prom = path.extension().is_some_and(|e| e == "prom");
+            if !path.is_absolute() || !named_prom {
+                return Err(ConfigError::Invalid {
+                    section: "metrics",
+                    key: "textfile",
+                    why: format!(
+                        "{} must be an absolute path ending in .prom (node_exporter reads only those)",
+                        path.display()
+                    ),
+                });
+            }
+        }
+        if self.textfile_interval_s == 0 {
+            return Err(ConfigError::Invalid {
+                section: "metrics",
+                key: "textfile_interval_s",
+                why: "must be at least 1".to_owned(),
+            });
+        }
+        Ok(())
+    }
 }
 
 /// `[supervisor]`: where guests live and how their swtpm runs.
@@ -295,6 +532,8 @@ impl Config {
         config.kdf_policy()?;
         config.check_supervisor()?;
         config.check_api_and_log()?;
+        config.metrics.check()?;
+        config.cluster.check()?;
         Ok(config)
     }
 
@@ -533,5 +772,57 @@ mod tests {
             parse("[vault]\nargon2_iterations = -1\n"),
             Err(ConfigError::Parse { .. })
         ));
+    }
+
+    #[test]
+    fn cluster_settings_are_checked_before_anything_connects() {
+        assert!(!parse("").unwrap().cluster.enabled());
+        let ok = parse(
+            "[cluster]\nendpoints = [\"https://10.0.0.1:2379\", \"https://etcd-2:2379\"]\nhost = \"compute-7\"\nca_file = \"/etc/vtpmd/etcd-ca.pem\"\ncert_file = \"/etc/vtpmd/c.pem\"\nkey_file = \"/etc/vtpmd/k.pem\"\n",
+        )
+        .unwrap();
+        assert!(ok.cluster.enabled());
+        assert_eq!(parse(&ok.to_toml()).unwrap(), ok);
+        let base = "[cluster]\nendpoints = [\"http://127.0.0.1:2379\"]\n";
+        for (bad, key) in [
+            ("[cluster]\nendpoints = [\"127.0.0.1:2379\"]\n", "endpoints"),
+            (
+                "[cluster]\nendpoints = [\"http://127.0.0.1\"]\n",
+                "endpoints",
+            ),
+            ("[cluster]\nendpoints = [\"http://:2379\"]\n", "endpoints"),
+            (
+                "[cluster]\nendpoints = [\"http://a:1\", \"https://b:2\"]\nca_file = \"/ca\"\n",
+                "endpoints",
+            ),
+            ("[cluster]\nendpoints = [\"https://a:1\"]\n", "ca_file"),
+            (&format!("{base}host = \"a b\"\n"), "host"),
+            (&format!("{base}prefix = \"vtpmd/\"\n"), "prefix"),
+            (&format!("{base}lease_ttl_s = 1\n"), "lease_ttl_s"),
+            (&format!("{base}lease_ttl_s = 301\n"), "lease_ttl_s"),
+            (
+                &format!("{base}replicate_interval_ms = 60001\n"),
+                "replicate_interval_ms",
+            ),
+            (&format!("{base}timeout_ms = 0\n"), "timeout_ms"),
+            (&format!("{base}ca_file = \"/ca\"\n"), "ca_file"),
+            (
+                "[cluster]\nendpoints = [\"https://a:1\"]\nca_file = \"/ca\"\ncert_file = \"/c\"\n",
+                "cert_file",
+            ),
+            (
+                "[cluster]\nendpoints = [\"https://a:1\"]\nca_file = \"ca.pem\"\n",
+                "ca_file",
+            ),
+        ] {
+            match parse(bad) {
+                Err(ConfigError::Invalid {
+                    section: "cluster",
+                    key: k,
+                    ..
+                }) => assert_eq!(k, key, "{bad}"),
+                other => panic!("{bad}: {other:?}"),
+            }
+        }
     }
 }

@@ -3,9 +3,12 @@
 
 pub mod api;
 mod be;
+pub mod cli_docs;
+pub mod cluster;
 pub mod config;
 pub mod error_chain;
 pub mod log_limit;
+pub mod metrics;
 pub mod paths;
 pub mod privileges;
 pub mod protocol;

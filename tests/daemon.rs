@@ -663,3 +663,65 @@ fn sigterm_during_a_burst_of_starts_drops_the_queued_ones_and_exits() {
         assert_eq!(status(&d, g)["state"], expected, "{g}");
     }
 }
+
+/// Create runs swtpm_setup while the passphrase slot's Argon2id runs, not
+/// after it (a Create costs the slower of the two, not their sum):
+/// swtpm_setup, through a wrapper that notes when it began, begins well
+/// within the time an Argon2id of these parameters takes (a Start's, as
+/// Monitor reports it).
+#[test]
+fn create_runs_swtpm_setup_while_the_passphrase_slot_is_derived() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::time::{SystemTime, UNIX_EPOCH};
+
+    let real = std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
+        .map(|dir| dir.join("swtpm_setup"))
+        .find(|p| p.is_file())
+        .expect("swtpm_setup on PATH");
+    let dir = tempfile::tempdir().unwrap();
+    let began = dir.path().join("began");
+    let wrapper = dir.path().join("swtpm_setup");
+    // Only the provisioning run (not vtpmd's --print-capabilities probe).
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\ncase \" $* \" in *' --tpmstate '*) date +%s%N >> '{}' ;; esac\nexec '{}' \"$@\"\n",
+            began.display(),
+            real.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    // A real Argon2id (above the floor: no weak-KDF allowance), long
+    // enough to tell "at once" from "after it".
+    let d = Daemon::start_with_config(&format!(
+        "[vault]\nargon2_memory_kib = 65536\nargon2_iterations = 8\nargon2_lanes = 1\n\n\
+         [swtpm]\nswtpm_setup = \"{}\"\n",
+        wrapper.display()
+    ));
+    let now_ns = || {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    };
+    let called = now_ns();
+    create(&d, G1, "2.0", "tpm-crb");
+    let began: u128 = std::fs::read_to_string(&began)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let setup_after = Duration::from_nanos(u64::try_from(began - called).unwrap());
+
+    // The same Argon2id in a Start; the created state opens and runs.
+    let mut events = d.events();
+    let running = start(&d, G1);
+    assert_eq!(running["state"], "running", "{running}");
+    let (_, event) = events.wait_for(G1, "running", TIMEOUT).unwrap();
+    let kdf = Duration::from_secs_f64(event["start"]["kdf_ms"].as_f64().unwrap() / 1e3);
+    assert!(
+        setup_after < kdf / 2,
+        "swtpm_setup began {setup_after:?} after the Create call; an Argon2id takes {kdf:?}"
+    );
+}

@@ -548,6 +548,24 @@ fn varlink_streams() -> (Seeds, Seeds) {
             "import",
             json!({"method": m("Import"), "parameters": {"guest": guest, "sealed": "VlRQTVNFQUwAAQ=="}}),
         ),
+        // Header shapes the spec allows: null flags, a vendor's extension
+        // and an unknown key (ignored), upgrade (refused), oneway with more.
+        (
+            "null-flags",
+            json!({"method": m("List"), "parameters": null, "oneway": null, "more": null, "upgrade": null}),
+        ),
+        (
+            "unknown-header-keys",
+            json!({"org.example.trace": {"id": "a1", "hops": [1, 2]}, "method": m("Status"), "parameters": {"guest": guest}, "x": true}),
+        ),
+        (
+            "upgrade",
+            json!({"method": m("Delete"), "parameters": {"guest": guest}, "upgrade": true}),
+        ),
+        (
+            "oneway-more",
+            json!({"method": m("Monitor"), "more": true, "oneway": true}),
+        ),
     ];
     let messages = calls
         .iter()

@@ -401,3 +401,38 @@ fn after_a_restart_without_its_key_a_host_policy_guest_goes_on_resealing() {
     fs::write(d.runtime_dir.join(G).join("extra"), b"after the restart").unwrap();
     d.wait_generation_above(G, generation, std::time::Duration::from_secs(20));
 }
+
+#[test]
+fn a_copy_from_before_a_revoke_is_refused_as_a_rollback() {
+    let d = Daemon::start();
+    create(&d, G, json!({}));
+    const LEAKED: &str = "a passphrase that leaked";
+    let added = d
+        .client()
+        .manager(
+            "Rekey",
+            json!({"guest": G, "passphrase": common::b64(PASS), "new_passphrase": common::b64(LEAKED)}),
+        )
+        .unwrap();
+    assert!(added["left_as_is"].is_null(), "{added}");
+    // The copy someone kept while the leaked passphrase opened it.
+    let kept = fs::read(d.sealed_file(G)).unwrap();
+    let kept_at = d.guest_status(G)["generation"].as_u64().unwrap();
+    d.client()
+        .manager(
+            "Rekey",
+            json!({"guest": G, "passphrase": common::b64(LEAKED), "new_passphrase": common::b64(PASS)}),
+        )
+        .unwrap();
+    // A keyslot change is a generation of its own.
+    let now = d.guest_status(G)["generation"].as_u64().unwrap();
+    assert_eq!(now, kept_at + 1);
+    fs::write(d.sealed_file(G), &kept).unwrap();
+    let refused = assert_error(
+        start(&d, G, json!({"passphrase": common::b64(LEAKED)})),
+        "StaleGeneration",
+    );
+    assert_eq!(refused.parameters["generation"], kept_at, "{refused:?}");
+    assert_eq!(refused.parameters["current"], now, "{refused:?}");
+    assert!(common::swtpms_under(&d.runtime_dir).is_empty());
+}

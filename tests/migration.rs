@@ -9,14 +9,14 @@
 
 mod common;
 
-use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use common::live::{read_blobs, set_blobs};
 use common::{Daemon, b64};
 use serde_json::{Value, json};
 use vtpmd::swtpm::ctrl::tpm::{self, nv_attr};
-use vtpmd::swtpm::ctrl::{BlobType, CtrlClient, DataChannel, StateBlob, TpmResponse, Vmm};
+use vtpmd::swtpm::ctrl::{DataChannel, TpmResponse, Vmm};
 
 const G: &str = "7c2d9e4f-3a1b-4c5d-8e6f-0a1b2c3d4e5f";
 const OTHER: &str = "8d3e0f5a-4b2c-4d6e-9f70-1b2c3d4e5f60";
@@ -66,30 +66,6 @@ fn migrate_out(d: &Daemon, guest: &str, destination: &str) -> Value {
             json!({"guest": guest, "destination": destination}),
         )
         .unwrap()
-}
-
-/// QEMU's source side: the blobs it reads from swtpm (decrypted from the
-/// state key, so only the migration key protects them).
-fn read_blobs(vmm: &mut Vmm) -> Vec<(BlobType, StateBlob)> {
-    [BlobType::Permanent, BlobType::Volatile]
-        .into_iter()
-        .map(|blob| (blob, vmm.ctrl().get_state_blob(blob, true).unwrap()))
-        .collect()
-}
-
-/// QEMU's destination side (`-incoming`): the prologue without INIT,
-/// STOP, each blob, INIT. Returns the data channel.
-fn set_blobs(ctrl: &Path, blobs: Vec<(BlobType, StateBlob)>) -> (CtrlClient, DataChannel) {
-    let mut ctrl = CtrlClient::connect(ctrl, TIMEOUT).unwrap();
-    let (data, theirs) = DataChannel::new_pair().unwrap();
-    ctrl.set_data_fd(theirs.as_fd()).unwrap();
-    drop(theirs);
-    ctrl.stop().unwrap();
-    for (blob, got) in blobs {
-        ctrl.set_state_blob(blob, got.encrypted, got.data).unwrap();
-    }
-    ctrl.init(true).unwrap();
-    (ctrl, data)
 }
 
 fn nv_read(data: &mut DataChannel) -> Vec<u8> {
@@ -287,7 +263,7 @@ fn ticket_misuse_is_refused_and_changes_nothing() {
 #[test]
 fn a_migration_called_off_leaves_the_source_running_and_the_destination_empty() {
     let a = Daemon::start();
-    let b = Daemon::start();
+    let mut b = Daemon::start();
     let mut vmm = running_guest(&a, G);
     let out = migrate_out(&a, G, &host_key(&b));
     let incoming = b
@@ -316,6 +292,15 @@ fn a_migration_called_off_leaves_the_source_running_and_the_destination_empty() 
         .filter(|n| n.to_string_lossy().starts_with(G))
         .collect();
     assert!(left.is_empty(), "{left:?}");
+    // The ticket stays used across a restart of the destination: replayed
+    // there within its life, it is refused and nothing is taken in.
+    b.restart();
+    let replay = b.client().manager(
+        "MigrateIn",
+        json!({"guest": G, "ticket": out["ticket"], "sealed": out["sealed"]}),
+    );
+    assert!(refusal(replay).contains("used before"));
+    assert!(!b.sealed_file(G).exists(), "the replay was taken in");
 
     let source = a
         .client()

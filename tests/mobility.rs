@@ -110,13 +110,7 @@ fn start_and_read_nv(d: &Daemon, guest: &str, len: usize) -> String {
 }
 
 fn create(d: &Daemon, guest: &str) -> Value {
-    d.client()
-        .manager(
-            "Create",
-            json!({"guest": guest, "version": "2.0", "passphrase": b64(PASS)}),
-        )
-        .unwrap()["guest"]
-        .clone()
+    d.create_guest(guest, PASS)
 }
 
 /// Export over Varlink: the file and its generation.
@@ -296,7 +290,10 @@ fn evacuation_starts_the_guest_elsewhere_from_the_dead_hosts_file() {
     let ctrl = PathBuf::from(started["ctrl_socket"].as_str().unwrap());
     // The VM is running and has written its TPM when the host dies.
     let _vmm = nv::attach_and_write_nv(&ctrl, b"evacuated");
-    a.wait_generation_above(G1, before, TIMEOUT);
+    // Export reseals what the swtpm wrote: the define and the write may
+    // be two reseals, so the first one above `before` may lack the write.
+    let (_, sealed_at) = export(&a, G1);
+    assert!(sealed_at > before);
     a.kill();
     common::kill_swtpms_under(&a.runtime_dir);
     let deadline = Instant::now() + TIMEOUT;
@@ -338,7 +335,11 @@ fn evacuation_with_a_host_slot_for_the_standby_needs_no_passphrase() {
         .unwrap();
     let ctrl = PathBuf::from(started["ctrl_socket"].as_str().unwrap());
     let _vmm = nv::attach_and_write_nv(&ctrl, b"evacuated");
-    a.wait_generation_above(G1, started["generation"].as_u64().unwrap(), TIMEOUT);
+    // Sealed by now: Export reseals what the swtpm wrote (the Grant's
+    // generation is above the Start's already, so a wait for the first
+    // reseal above it would not say the write is in).
+    let (_, sealed_at) = export(&a, G1);
+    assert!(sealed_at > started["generation"].as_u64().unwrap());
     a.kill();
     common::kill_swtpms_under(&a.runtime_dir);
     let deadline = Instant::now() + TIMEOUT;
@@ -848,4 +849,35 @@ fn an_import_over_a_damaged_current_file_replaces_it_and_keeps_the_sound_previou
     assert_eq!(std::fs::read(&current).unwrap(), newer);
     assert_eq!(std::fs::read(&previous).unwrap(), previous_bytes);
     assert_eq!(start_and_read_nv(&b, G1, 4), "on a");
+}
+
+/// An older copy of a guest's sealed file put in place of the current one
+/// (a restored backup, a stale copy from shared storage) is a rollback of
+/// its TPM: Start refuses it, typed, naming both generations, and changes
+/// nothing; the newer file put back starts as before.
+#[test]
+fn a_start_from_an_older_copy_than_vtpmd_sealed_is_refused_as_a_rollback() {
+    let d = Daemon::start();
+    create(&d, G1);
+    write_nv_and_quit(&d, G1, "first-value-0001");
+    let sealed = d.sealed_file(G1);
+    let older = std::fs::read(&sealed).unwrap();
+    write_nv_and_quit(&d, G1, "later-value-0002");
+    let newer = std::fs::read(&sealed).unwrap();
+    let (older_gen, newer_gen) = (header_generation(&older), header_generation(&newer));
+    assert!(older_gen < newer_gen);
+    std::fs::write(&sealed, &older).unwrap();
+    let before = tree(&d.state_dir);
+    let refused = common::assert_error(
+        d.client()
+            .manager("Start", json!({"guest": G1, "passphrase": b64(PASS)})),
+        "StaleGeneration",
+    );
+    assert_eq!(refused.parameters["generation"], older_gen, "{refused:?}");
+    assert_eq!(refused.parameters["current"], newer_gen, "{refused:?}");
+    assert_eq!(tree(&d.state_dir), before, "the refusal changed the state");
+    assert!(common::swtpms_under(&d.runtime_dir).is_empty());
+    assert_eq!(d.guest_status(G1)["state"], "stopped");
+    std::fs::write(&sealed, &newer).unwrap();
+    assert_eq!(start_and_read_nv(&d, G1, 16), "later-value-0002");
 }

@@ -24,10 +24,22 @@ Needs argon2-cffi (Debian: python3-argon2) and cryptography
         is the raw bytes of A as the archive (valid or not: this is how the
         test makes archives that break the rules), per "Encoding rules".
 
+    outside_reader.py open-ticket TICKET --guest UUID --host-key-file H
+            --sealed FILE [--now UNIX_SECONDS]
+        "Migration tickets": opens TICKET (its raw 154 bytes) as the
+        destination whose host key file is H, refusing in the spec's order,
+        then opens FILE (the sealed file that came with it) with the data
+        key it carries. Prints {"verdict", "step", "why"} and, when "ok",
+        "generation", "expires", "nonce", "archive_sha256",
+        "swtpm_key_sha256". Ticket verdicts: malformed, unsupported-version,
+        other-guest, other-host, expired, does-not-open,
+        generation-mismatch; then the file's own.
+
     outside_reader.py vectors
         Prints the spec's test vectors ("Test vectors") computed from their
-        inputs: a `key` slot and a `host` slot (HPKE sealed here with the
-        given ephemeral key, RFC 9180 base mode), as JSON of hex strings.
+        inputs: a `key` slot, a `host` slot and a migration ticket (HPKE
+        sealed here with the given ephemeral keys, RFC 9180 base mode), as
+        JSON of hex strings.
 
 Verdicts are the spec's outcomes: ok, wrong-passphrase, wrong-key,
 no-keyslot, corrupt, unsupported-version, guest-mismatch, weak-kdf, missing,
@@ -42,6 +54,7 @@ import re
 import stat
 import struct
 import sys
+import time
 
 try:
     from argon2.low_level import Type, hash_secret_raw
@@ -213,6 +226,47 @@ def hpke_seal(pk_r, sk_e, info, aad, pt):
 
 def fingerprint(pk):
     return hashlib.sha256(pk).digest()[:16]
+
+
+# "Migration tickets".
+TICKET_MAGIC = b"VTPMTICK"
+TICKET_LEN = 154
+TICKET_BOUND_LEN = 74
+TICKET_INFO = b"vtpmd migration ticket v1"
+
+
+def open_ticket(t, g, host_sk, now):
+    """The destination's refusals, in the spec's order; the data key and
+    what the ticket says."""
+    if len(t) != TICKET_LEN or t[0:8] != TICKET_MAGIC:
+        raise Outcome("malformed", 1, f"{len(t)} bytes, magic {t[0:8]!r}")
+    if u16(t, 8) != 1:
+        raise Outcome("unsupported-version", 2, f"version {u16(t, 8)}")
+    if t[10:26] != g:
+        raise Outcome("other-guest", 3, f"for guest {t[10:26].hex()}")
+    if t[58:74] != fingerprint(x25519_public(host_sk)):
+        raise Outcome("other-host", 4, f"for host {t[58:74].hex()}")
+    expires = u64(t, 34)
+    if expires <= now:
+        raise Outcome("expired", 5, f"expired at {expires}")
+    try:
+        data_key = hpke_open(
+            host_sk, t[TICKET_BOUND_LEN : TICKET_BOUND_LEN + 32], TICKET_INFO + g,
+            t[0:TICKET_BOUND_LEN], t[TICKET_BOUND_LEN + 32 :]
+        )
+    except (InvalidTag, ValueError):
+        raise Outcome("does-not-open", 6, "HPKE open failed")
+    return data_key, {"generation": u64(t, 26), "expires": expires, "nonce": t[42:58].hex()}
+
+
+def seal_ticket(data_key, g, generation, expires, nonce, pk, sk_e):
+    bound = (
+        TICKET_MAGIC + struct.pack(">H", 1) + g + struct.pack(">QQ", generation, expires)
+        + nonce + fingerprint(pk)
+    )
+    assert len(bound) == TICKET_BOUND_LEN
+    enc, ct = hpke_seal(pk, sk_e, TICKET_INFO + g, bound, data_key)
+    return bound + enc + ct
 
 
 def read_file(path):
@@ -458,6 +512,12 @@ def open_file(path, g, credential, allow_weak):
     if hdr["guest"] != g:
         raise Outcome("guest-mismatch", 10, f"file of guest {hdr['guest'].hex()}")
     data_key, index = unlock(hdr, g, credential, allow_weak)
+    archive, entries = open_body(f, hdr, g, data_key)
+    return f, hdr, data_key, index, archive, entries
+
+
+def open_body(f, hdr, g, data_key):
+    """Steps 12 and 13, with the data key in hand."""
     # 12. Body.
     body_key = hkdf(data_key, hdr["body_salt"], BODY_KEY_INFO)
     try:
@@ -465,8 +525,40 @@ def open_file(path, g, credential, allow_weak):
     except InvalidTag:
         raise corrupt(12, "body tag")
     # 13. Archive.
-    entries = decode_archive(archive)
-    return f, hdr, data_key, index, archive, entries
+    return archive, decode_archive(archive)
+
+
+def cmd_open_ticket(args):
+    g = guest_bytes(args.guest)
+    host_sk = read_host_key(args.host_key_file)
+    with open(args.ticket, "rb") as t:
+        ticket = t.read(TICKET_LEN + 1)
+    now = args.now if args.now is not None else int(time.time())
+    try:
+        data_key, said = open_ticket(ticket, g, host_sk, now)
+        # The sealed file that came with it: steps 1 to 10, the ticket's
+        # generation, then the body with the ticket's key.
+        f = read_file(args.sealed)
+        hdr = decode_header(f)
+        if hdr["guest"] != g:
+            raise Outcome("guest-mismatch", 10, f"file of guest {hdr['guest'].hex()}")
+        if hdr["generation"] != said["generation"]:
+            raise Outcome(
+                "generation-mismatch", 10,
+                f"file generation {hdr['generation']}, ticket {said['generation']}",
+            )
+        archive, _ = open_body(f, hdr, g, data_key)
+    except Outcome as o:
+        return {"verdict": o.verdict, "step": o.step, "why": o.why}
+    swtpm_key = hkdf(data_key, None, SWTPM_KEY_INFO + g)
+    return {
+        "verdict": "ok",
+        "step": 13,
+        "why": "",
+        **said,
+        "archive_sha256": hashlib.sha256(archive).hexdigest(),
+        "swtpm_key_sha256": hashlib.sha256(swtpm_key).hexdigest(),
+    }
 
 
 def read_host_key(path):
@@ -557,6 +649,10 @@ VECTOR_KEY_SALT = seq(0x60, 32)
 VECTOR_KEY_NONCE = seq(0x80, 12)
 VECTOR_HOST_SK = seq(0xA0, 32)
 VECTOR_EPHEMERAL_SK = seq(0xC0, 32)
+VECTOR_TICKET_EPHEMERAL_SK = seq(0x20, 32)
+VECTOR_TICKET_NONCE = seq(0xE0, 16)
+VECTOR_TICKET_GENERATION = 7
+VECTOR_TICKET_EXPIRES = 4102444800  # 2100-01-01T00:00:00Z
 
 
 def cmd_vectors(_args):
@@ -575,6 +671,12 @@ def cmd_vectors(_args):
     host_record = host_bound + enc + ct
     assert len(key_record) == SLOT_LEN and len(host_record) == SLOT_LEN
     assert hpke_open(VECTOR_HOST_SK, enc, HOST_SLOT_INFO + g, SLOT_AAD_LABEL + g + host_bound, ct) == VECTOR_DATA_KEY
+    ticket = seal_ticket(
+        VECTOR_DATA_KEY, g, VECTOR_TICKET_GENERATION, VECTOR_TICKET_EXPIRES,
+        VECTOR_TICKET_NONCE, pk, VECTOR_TICKET_EPHEMERAL_SK,
+    )
+    assert len(ticket) == TICKET_LEN
+    assert open_ticket(ticket, g, VECTOR_HOST_SK, 0)[0] == VECTOR_DATA_KEY
     return {
         "guest": VECTOR_GUEST,
         "data_key": VECTOR_DATA_KEY.hex(),
@@ -586,6 +688,8 @@ def cmd_vectors(_args):
         "host_fingerprint": fingerprint(pk).hex(),
         "ephemeral_private_key": VECTOR_EPHEMERAL_SK.hex(),
         "host_record": host_record.hex(),
+        "ticket_ephemeral_private_key": VECTOR_TICKET_EPHEMERAL_SK.hex(),
+        "ticket": ticket.hex(),
     }
 
 
@@ -604,9 +708,20 @@ def main():
         if name == "seal-archive":
             p.add_argument("--archive", required=True)
             p.add_argument("--out", required=True)
+    t = sub.add_parser("open-ticket")
+    t.add_argument("ticket")
+    t.add_argument("--guest", required=True)
+    t.add_argument("--host-key-file", required=True)
+    t.add_argument("--sealed", required=True)
+    t.add_argument("--now", type=int)
     sub.add_parser("vectors")
     args = parser.parse_args()
-    commands = {"open": cmd_open, "seal-archive": cmd_seal_archive, "vectors": cmd_vectors}
+    commands = {
+        "open": cmd_open,
+        "seal-archive": cmd_seal_archive,
+        "open-ticket": cmd_open_ticket,
+        "vectors": cmd_vectors,
+    }
     print(json.dumps(commands[args.command](args)))
 
 

@@ -1131,3 +1131,261 @@ fn the_outside_reader_opens_key_and_host_slots_and_agrees_with_vtpmctl() {
     }
     eprintln!("{checked} key/host vectors: both readers agree");
 }
+
+/// (case, ticket, guest, daemon asked, its host key file, sealed file,
+/// python's verdict, what the daemon's refusal says)
+type TicketCase<'a> = (
+    &'a str,
+    Vec<u8>,
+    &'a str,
+    &'a Daemon,
+    &'a Path,
+    &'a [u8],
+    &'a str,
+    &'a str,
+);
+
+/// `outside_reader.py open-ticket`: its JSON verdict.
+fn python_ticket(
+    ticket: &[u8],
+    guest: &str,
+    host_key: &Path,
+    sealed: &[u8],
+    now: Option<u64>,
+) -> Value {
+    let dir = tempfile::tempdir().unwrap();
+    let (t, s) = (dir.path().join("ticket"), dir.path().join("sealed"));
+    fs::write(&t, ticket).unwrap();
+    fs::write(&s, sealed).unwrap();
+    let mut cmd = Command::new(PYTHON);
+    cmd.arg(READER)
+        .arg("open-ticket")
+        .arg(&t)
+        .args(["--guest", guest, "--host-key-file"])
+        .arg(host_key)
+        .arg("--sealed")
+        .arg(&s);
+    if let Some(now) = now {
+        cmd.args(["--now", &now.to_string()]);
+    }
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "outside_reader.py open-ticket: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn unbase64(value: &Value) -> Vec<u8> {
+    use base64ct::{Base64, Encoding};
+    Base64::decode_vec(value.as_str().unwrap()).unwrap()
+}
+
+fn base64(bytes: &[u8]) -> String {
+    use base64ct::{Base64, Encoding};
+    Base64::encode_string(bytes)
+}
+
+/// A ticket the real daemon handed out (MigrateOut) opens in the outside
+/// reader, written from the spec's "Migration tickets" alone, with the
+/// destination's host key file: same generation, and its data key opens
+/// the sealed file that came with it to the archive the passphrase opens.
+/// Each misuse gets the verdict the spec orders, and the destination
+/// daemon refuses the same ticket for the same reason.
+#[test]
+fn the_outside_reader_opens_a_ticket_vtpmd_handed_out_and_refuses_what_the_daemon_refuses() {
+    require_python_modules();
+    let a = Daemon::start();
+    let b = Daemon::start();
+    let c = Daemon::start();
+    a.client()
+        .manager(
+            "Create",
+            json!({"guest": G, "version": "2.0", "passphrase": b64(PASS)}),
+        )
+        .unwrap();
+    a.start_guest(G, PASS);
+    let destination = b.client().manager("GetHostKey", json!({})).unwrap()["public_key"].clone();
+    let out = a
+        .client()
+        .manager(
+            "MigrateOut",
+            json!({"guest": G, "destination": destination}),
+        )
+        .unwrap();
+    let (ticket, sealed) = (unbase64(&out["ticket"]), unbase64(&out["sealed"]));
+    let b_key = b.state_dir.join("host.key");
+    let c_key = c.state_dir.join("host.key");
+
+    let opened = python_ticket(&ticket, G, &b_key, &sealed, None);
+    assert_eq!(opened["verdict"], "ok", "{opened}");
+    assert_eq!(opened["generation"], out["generation"], "{opened}");
+    // The passphrase opens the same file to the same archive and key.
+    let dir = tempfile::tempdir().unwrap();
+    let (file, pass) = (dir.path().join("sealed"), dir.path().join("pass"));
+    fs::write(&file, &sealed).unwrap();
+    fs::write(&pass, PASS).unwrap();
+    let by_passphrase = python(&["open"], &file, G, &pass, true, &[]);
+    assert_eq!(by_passphrase["verdict"], "ok", "{by_passphrase}");
+    for field in ["archive_sha256", "swtpm_key_sha256"] {
+        assert_eq!(opened[field], by_passphrase[field], "{field}");
+    }
+    let expires = opened["expires"].as_u64().unwrap();
+    let expired = python_ticket(&ticket, G, &b_key, &sealed, Some(expires));
+    assert_eq!(expired["verdict"], "expired", "{expired}");
+    assert_eq!(
+        python_ticket(&ticket, G, &b_key, &sealed, Some(expires - 1))["verdict"],
+        "ok"
+    );
+
+    // A later file (the guest wrote more) than the ticket's generation.
+    let generation = out["generation"].as_u64().unwrap();
+    fs::write(
+        a.runtime_dir.join(G).join("extra"),
+        b"written after the ticket",
+    )
+    .unwrap();
+    a.wait_generation_above(G, generation, Duration::from_secs(20));
+    let later = a.client().manager("Export", json!({"guest": G})).unwrap();
+    let later = unbase64(&later["sealed"]);
+
+    let edit = |at: usize, value: u8| {
+        let mut t = ticket.clone();
+        t[at] ^= value;
+        t
+    };
+    let mut version_2 = ticket.clone();
+    version_2[9] = 2;
+    let cases: Vec<TicketCase<'_>> = vec![
+        (
+            "cut short",
+            ticket[..153].to_vec(),
+            G,
+            &b,
+            &b_key,
+            &sealed,
+            "malformed",
+            "not a vtpmd migration ticket",
+        ),
+        (
+            "another magic",
+            edit(0, 1),
+            G,
+            &b,
+            &b_key,
+            &sealed,
+            "malformed",
+            "not a vtpmd migration ticket",
+        ),
+        (
+            "version 2",
+            version_2,
+            G,
+            &b,
+            &b_key,
+            &sealed,
+            "unsupported-version",
+            "version 2",
+        ),
+        (
+            "another guest",
+            ticket.clone(),
+            OTHER,
+            &b,
+            &b_key,
+            &sealed,
+            "other-guest",
+            "is for guest",
+        ),
+        (
+            "another host",
+            ticket.clone(),
+            G,
+            &c,
+            &c_key,
+            &sealed,
+            "other-host",
+            "not this one",
+        ),
+        (
+            "generation altered",
+            edit(33, 1),
+            G,
+            &b,
+            &b_key,
+            &sealed,
+            "does-not-open",
+            "does not open",
+        ),
+        (
+            "nonce altered",
+            edit(50, 1),
+            G,
+            &b,
+            &b_key,
+            &sealed,
+            "does-not-open",
+            "does not open",
+        ),
+        (
+            "enc altered",
+            edit(80, 1),
+            G,
+            &b,
+            &b_key,
+            &sealed,
+            "does-not-open",
+            "does not open",
+        ),
+        (
+            "wrapped key altered",
+            edit(140, 1),
+            G,
+            &b,
+            &b_key,
+            &sealed,
+            "does-not-open",
+            "does not open",
+        ),
+        (
+            "a later file",
+            ticket.clone(),
+            G,
+            &b,
+            &b_key,
+            &later,
+            "generation-mismatch",
+            "not the file MigrateOut handed out",
+        ),
+    ];
+    for (case, t, guest, daemon, key, file, verdict, refusal) in cases {
+        let judged = python_ticket(&t, guest, key, file, None);
+        assert_eq!(judged["verdict"], verdict, "{case}: {judged}");
+        let refused = daemon
+            .client()
+            .manager(
+                "MigrateIn",
+                json!({"guest": guest, "ticket": base64(&t), "sealed": base64(file)}),
+            )
+            .unwrap_err();
+        let reason = refused.parameters.to_string();
+        assert!(
+            reason.contains(refusal),
+            "{case}: {} {reason}",
+            refused.name
+        );
+    }
+    // And the ticket as handed out is taken.
+    let taken = b
+        .client()
+        .manager(
+            "MigrateIn",
+            json!({"guest": G, "ticket": out["ticket"], "sealed": out["sealed"]}),
+        )
+        .unwrap();
+    assert_eq!(taken["guest"]["state"], "running", "{taken}");
+    b.client()
+        .manager("AbortMigration", json!({"guest": G}))
+        .unwrap();
+}

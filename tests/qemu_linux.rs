@@ -14,9 +14,10 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::{Condvar, Mutex, OnceLock};
+use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+use common::guest::image;
 use common::qemu::Qemu;
 use common::{Daemon, b64};
 use serde_json::{Value, json};
@@ -31,44 +32,6 @@ const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
 const STATE_TIMEOUT: Duration = Duration::from_secs(20);
 /// QEMUs running at once.
 const MAX_VMS: usize = 2;
-
-struct Image {
-    kernel: PathBuf,
-    initrd: PathBuf,
-}
-
-/// Builds (or finds in the cache) the guest kernel and initramfs, once per
-/// test binary; the script itself locks the cache against other processes.
-fn image() -> &'static Image {
-    static IMAGE: OnceLock<Image> = OnceLock::new();
-    IMAGE.get_or_init(|| {
-        let cache = Path::new(env!("CARGO_TARGET_TMPDIR")).join("guest-cache");
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/guest/build-image");
-        let started = Instant::now();
-        let out = Command::new("bash")
-            .arg(&script)
-            .arg(&cache)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{} failed ({}):\n{}{}",
-            script.display(),
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        eprintln!(
-            "{}({:?})",
-            String::from_utf8_lossy(&out.stdout),
-            started.elapsed()
-        );
-        Image {
-            kernel: cache.join("vmlinuz"),
-            initrd: cache.join("initramfs.cpio.gz"),
-        }
-    })
-}
 
 /// At most [`MAX_VMS`] QEMUs at once, across the test threads.
 struct VmSlot;
@@ -272,6 +235,18 @@ impl Vm {
 
 /// The TPM as every boot must see it: `/dev/tpm0` (and `/dev/tpmrm0` for
 /// 2.0), the version, the driver for the model, and an answer.
+/// One boot of a TPM 2.0 TIS guest on `d`'s running TPM that writes the
+/// NV value and powers off; back once the guest is stopped (sealed).
+fn boot_writing_nv_until_stopped(d: &Daemon) {
+    let mut vm = boot(&attach_args(d), "write", true);
+    check_tpm(&mut vm, "2.0", "tpm-tis");
+    assert_eq!(vm.value("nv-written"), NV_DATA);
+    vm.done();
+    vm.wait_poweroff();
+    drop(vm);
+    wait_state(d, "stopped");
+}
+
 fn check_tpm(vm: &mut Vm, version: &str, model: &str) {
     let major = &version[..1];
     assert_eq!(vm.value("tpm0"), "present");
@@ -606,11 +581,10 @@ fn tpm12_tis_live_migration_moves_its_pcrs_and_ek_to_another_host() {
     b.wait_state(G1, "stopped", STATE_TIMEOUT);
 }
 
-/// MigrateOut on `a`, MigrateIn on `b`, a destination QEMU waiting with
-/// `-incoming`, QMP `migrate` until completed, the source QEMU quit and
-/// its guest `migrated-out`. Returns the destination VM, MigrateOut's
-/// reply and QEMU's downtime (ms).
-fn migrate(src: &mut Vm, a: &Daemon, b: &Daemon, slot: VmSlot) -> (Vm, Value, u64) {
+/// The orchestrator's part before QEMU migrates: `b`'s host key to
+/// MigrateOut on `a`, its ticket and sealed file to MigrateIn on `b`.
+/// Returns both replies.
+fn hand_over(a: &Daemon, b: &Daemon) -> (Value, Value) {
     let destination = b.client().manager("GetHostKey", json!({})).unwrap()["public_key"].clone();
     let out = a
         .client()
@@ -619,12 +593,22 @@ fn migrate(src: &mut Vm, a: &Daemon, b: &Daemon, slot: VmSlot) -> (Vm, Value, u6
             json!({"guest": G1, "destination": destination}),
         )
         .unwrap();
-    b.client()
+    let taken_in = b
+        .client()
         .manager(
             "MigrateIn",
             json!({"guest": G1, "ticket": out["ticket"], "sealed": out["sealed"]}),
         )
         .unwrap();
+    (out, taken_in)
+}
+
+/// MigrateOut on `a`, MigrateIn on `b`, a destination QEMU waiting with
+/// `-incoming`, QMP `migrate` until completed, the source QEMU quit and
+/// its guest `migrated-out`. Returns the destination VM, MigrateOut's
+/// reply and QEMU's downtime (ms).
+fn migrate(src: &mut Vm, a: &Daemon, b: &Daemon, slot: VmSlot) -> (Vm, Value, u64) {
+    let (out, _) = hand_over(a, b);
     let dir = tempfile::tempdir().unwrap();
     let uri = format!("unix:{}", dir.path().join("migration.sock").display());
     let dst = boot_with_incoming(slot, &attach_args(b), "migrate", &uri);
@@ -723,4 +707,378 @@ fn live_migration_downtime_with_and_without_a_tpm() {
         w as f64 / n.max(1) as f64,
         w.saturating_sub(n)
     );
+}
+
+/// A tap between the source QEMU and the destination's `-incoming`
+/// socket: what the source sends is recorded on its way through.
+struct StreamTap {
+    uri: String,
+    copied: std::thread::JoinHandle<Vec<u8>>,
+    _dir: tempfile::TempDir,
+}
+
+impl StreamTap {
+    /// Listens on a socket of its own and, once the source connects,
+    /// forwards to `destination` (a `unix:` URI), recording one way.
+    fn between(destination: &str) -> Self {
+        use std::io::{Read, Write};
+        use std::os::unix::net::{UnixListener, UnixStream};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tap.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let to = PathBuf::from(destination.strip_prefix("unix:").unwrap());
+        let copied = std::thread::spawn(move || {
+            let (mut from_source, _) = listener.accept().unwrap();
+            let deadline = Instant::now() + BOOT_TIMEOUT;
+            let mut to_destination = loop {
+                match UnixStream::connect(&to) {
+                    Ok(s) => break s,
+                    Err(e) => assert!(Instant::now() < deadline, "{}: {e}", to.display()),
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            };
+            // The way back (QEMU's return path, unused without postcopy).
+            let mut back_from = to_destination.try_clone().unwrap();
+            let mut back_to = from_source.try_clone().unwrap();
+            std::thread::spawn(move || std::io::copy(&mut back_from, &mut back_to));
+            let mut recorded = Vec::new();
+            let mut buf = vec![0u8; 1 << 16];
+            loop {
+                match from_source.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        recorded.extend_from_slice(&buf[..n]);
+                        if to_destination.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+            let _ = to_destination.shutdown(std::net::Shutdown::Write);
+            recorded
+        });
+        Self {
+            uri: format!("unix:{}", path.display()),
+            copied,
+            _dir: dir,
+        }
+    }
+
+    fn recorded(self) -> Vec<u8> {
+        self.copied.join().unwrap()
+    }
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// The migration stream QEMU sends carries the TPM's state, and none of
+/// its NV data in plaintext: the NV index is written by the host (as a
+/// VMM, before the guest boots) with a value the guest's RAM never holds
+/// until it reads it on the destination, after the move. The stream is
+/// recorded between the two QEMUs; as a control, it holds the guest's
+/// kernel command line (its RAM) and QEMU's TPM device section.
+#[test]
+fn tpm2_tis_migration_stream_carries_no_nv_data_in_plaintext() {
+    let nv_data = format!("vtpmd-stream-{:016x}", rand_u64());
+    let [src_slot, dst_slot] = VmSlot::take_many::<2>().map(Option::unwrap);
+    let a = Daemon::start();
+    let b = Daemon::start();
+    create(&a, "2.0", "tpm-tis");
+    let first = start(&a);
+    let ctrl = PathBuf::from(first["ctrl_socket"].as_str().unwrap());
+    common::nv::attach_and_write_nv(&ctrl, nv_data.as_bytes())
+        .shutdown()
+        .unwrap();
+    wait_state(&a, "stopped");
+    start(&a);
+
+    let mut src = boot_in(src_slot, &attach_args(&a), "stream", false, "");
+    check_tpm(&mut src, "2.0", "tpm-tis");
+    let pcr16 = src.value("pcr16-before");
+    src.marker("waiting-for-migration");
+
+    hand_over(&a, &b);
+    let dir = tempfile::tempdir().unwrap();
+    let incoming = format!("unix:{}", dir.path().join("migration.sock").display());
+    let mut dst = boot_with_incoming(dst_slot, &attach_args(&b), "stream", &incoming);
+    let tap = StreamTap::between(&incoming);
+    run_migration(&mut src, &tap.uri);
+    src.qemu.quit(Duration::from_secs(10));
+    let stream = tap.recorded();
+    a.wait_state(G1, "migrated-out", STATE_TIMEOUT);
+
+    dst.qemu.serial().write(b"go\n").unwrap();
+    assert_eq!(dst.value("pcr16-after"), pcr16, "PCR 16 did not move");
+    assert_eq!(
+        dst.value("nv-read-after"),
+        nv_data,
+        "the NV data did not move"
+    );
+    dst.done();
+    dst.wait_poweroff();
+    b.wait_state(G1, "stopped", STATE_TIMEOUT);
+
+    eprintln!("migration stream: {} bytes", stream.len());
+    assert!(
+        contains(&stream, b"vtpmd.step=stream"),
+        "the recorded stream does not hold the guest's RAM"
+    );
+    assert!(
+        contains(&stream, b"tpm-emulator"),
+        "the recorded stream has no TPM emulator section"
+    );
+    assert!(
+        !contains(&stream, nv_data.as_bytes()),
+        "the migration stream carries the guest's NV data in plaintext"
+    );
+}
+
+fn rand_u64() -> u64 {
+    let mut bytes = [0u8; 8];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes))
+        .unwrap();
+    u64::from_le_bytes(bytes)
+}
+
+/// A live migration that fails because the destination QEMU is killed
+/// mid-way: the source VM goes on with its TPM (same PCR and NV, and
+/// resealed after a reset); the destination, its swtpm ended with its VMM
+/// before the state arrived, keeps nothing of the guest by itself (no
+/// sealed file, uid, directory or swtpm; a later AbortMigration there
+/// answers NoSuchGuest); the orchestrator calls it off on the source, so
+/// the guest ends `stopped` there, not `migrated-out`, startable again.
+#[test]
+fn tpm2_tis_failed_live_migration_leaves_the_source_running_and_the_destination_empty() {
+    let [src_slot, dst_slot] = VmSlot::take_many::<2>().map(Option::unwrap);
+    let a = Daemon::start();
+    let b = Daemon::start();
+    create(&a, "2.0", "tpm-tis");
+    let running = start(&a);
+    let mut src = boot_in(src_slot, &attach_args(&a), "migrate", false, "");
+    check_tpm(&mut src, "2.0", "tpm-tis");
+    let pcr16 = src.value("pcr16-before");
+    assert_eq!(src.value("nv-written"), NV_DATA);
+    src.marker("waiting-for-migration");
+
+    let (_, taken_in) = hand_over(&a, &b);
+    let dst_swtpm = taken_in["guest"]["pid"].as_i64().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let uri = format!("unix:{}", dir.path().join("migration.sock").display());
+    let mut dst = boot_with_incoming(dst_slot, &attach_args(&b), "migrate", &uri);
+    // Slow enough to be killed mid-way: 4 MB/s.
+    src.qemu
+        .qmp()
+        .execute_value(
+            "migrate-set-parameters",
+            Some(json!({"max-bandwidth": 4_000_000})),
+        )
+        .unwrap();
+    src.qemu
+        .qmp()
+        .execute_value("migrate", Some(json!({ "uri": uri })))
+        .unwrap();
+    let deadline = Instant::now() + BOOT_TIMEOUT;
+    loop {
+        let state = src.qemu.qmp().execute_value("query-migrate", None).unwrap();
+        let status = state["status"].as_str().unwrap_or_default();
+        assert!(matches!(status, "setup" | "active"), "{state}");
+        if state["ram"]["transferred"].as_u64().unwrap_or(0) > 2_000_000 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{state}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    dst.qemu.kill();
+    let failed = loop {
+        let state = src.qemu.qmp().execute_value("query-migrate", None).unwrap();
+        if !matches!(state["status"].as_str(), Some("setup" | "active")) {
+            break state;
+        }
+        assert!(Instant::now() < deadline, "{state}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(failed["status"], "failed", "{failed}");
+
+    // The destination's swtpm ended with its VMM before any state came:
+    // the destination dropped the guest by itself, so the orchestrator's
+    // call-off there finds nothing; on the source it keeps the guest here.
+    b.wait_gone(G1, STATE_TIMEOUT);
+    common::assert_error(
+        b.client().manager("AbortMigration", json!({"guest": G1})),
+        "NoSuchGuest",
+    );
+    a.client()
+        .manager("AbortMigration", json!({"guest": G1}))
+        .unwrap();
+    assert!(!common::is_alive(i32::try_from(dst_swtpm).unwrap()));
+    assert!(common::swtpms_under(&b.runtime_dir).is_empty());
+    let left: Vec<_> = std::fs::read_dir(&b.runtime_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .filter(|n| n.to_string_lossy().contains(G1))
+        .collect();
+    assert!(left.is_empty(), "left on the destination: {left:?}");
+    assert!(
+        !b.sealed_file(G1).exists(),
+        "sealed file left on the destination"
+    );
+
+    // The source VM goes on with the same TPM, resealed here.
+    let here = status(&a);
+    assert_eq!(here["state"], "running", "{here}");
+    assert_eq!(here["pid"], running["pid"], "{here}");
+    src.qemu.serial().write(b"go\n").unwrap();
+    assert_eq!(src.value("pcr16-after"), pcr16);
+    assert_eq!(src.value("nv-read-after"), NV_DATA);
+    src.marker("waiting-for-reset");
+    let before = generation(&status(&a));
+    src.qemu.qmp().system_reset().unwrap();
+    assert_eq!(src.value("migrate-step"), "read");
+    assert_eq!(src.value("nv-read"), NV_DATA);
+    wait_generation_above(&a, before);
+    src.done();
+    src.wait_poweroff();
+    let stopped = wait_state(&a, "stopped");
+    assert!(stopped["reason"].is_null(), "{stopped}");
+    start(&a);
+}
+
+/// Start with no secret: this host's own host slot opens the state.
+fn start_by_host_slot(d: &Daemon) -> Value {
+    let running = d.client().manager("Start", json!({"guest": G1})).unwrap()["guest"].clone();
+    assert_eq!(running["state"], "running", "{running}");
+    running
+}
+
+/// Cold migration, then evacuation, of a Linux guest's TPM under the
+/// `host` policy, with no passphrase on either move's destination: host A
+/// creates the guest (its own host slot) and the guest writes NV there;
+/// the owner grants host B a slot; A's sealed file is exported and
+/// imported on B, where the guest boots and reads the NV data. Then B
+/// dies under the running guest (its vtpmd and swtpm SIGKILLed, QEMU
+/// killed): B's sealed file, as shared storage would hold it, is imported
+/// back on A, which starts it with its own host slot, and the guest reads
+/// the NV data again.
+#[test]
+fn tpm2_tis_cold_migration_and_evacuation_under_the_host_policy_keep_nv() {
+    let a = Daemon::start();
+    let mut b = Daemon::start();
+    a.client()
+        .manager(
+            "Create",
+            json!({"guest": G1, "version": "2.0", "model": "tpm-tis", "passphrase": b64(PASS), "policy": "host"}),
+        )
+        .unwrap();
+    start_by_host_slot(&a);
+    boot_writing_nv_until_stopped(&a);
+
+    // Cold migration to B: the owner grants B while present; the move
+    // itself needs no secret.
+    let b_key = b.client().manager("GetHostKey", json!({})).unwrap()["public_key"].clone();
+    a.client()
+        .manager(
+            "Grant",
+            json!({"guest": G1, "passphrase": b64(PASS), "host_public_key": b_key}),
+        )
+        .unwrap();
+    let exported = a.client().manager("Export", json!({"guest": G1})).unwrap();
+    b.client()
+        .manager("Import", json!({"guest": G1, "sealed": exported["sealed"]}))
+        .unwrap();
+    start_by_host_slot(&b);
+    let mut vm = boot(&attach_args(&b), "stream", false);
+    check_tpm(&mut vm, "2.0", "tpm-tis");
+    vm.marker("waiting-for-migration");
+    vm.qemu.serial().write(b"go\n").unwrap();
+    assert_eq!(
+        vm.value("nv-read-after"),
+        NV_DATA,
+        "NV after the cold migration"
+    );
+    // B dies under the running guest: after the last write it acknowledged
+    // was sealed, its vtpmd, its swtpm and the VM go at once.
+    let on_b = b.wait_generation_above(G1, generation(&exported), STATE_TIMEOUT);
+    b.kill();
+    common::kill_swtpms_under(&b.runtime_dir);
+    vm.qemu.kill();
+    drop(vm);
+
+    // Evacuation back to A from B's sealed file; A's own slot opens it.
+    let sealed = std::fs::read(b.sealed_file(G1)).unwrap();
+    let imported = a
+        .client()
+        .manager("Import", json!({"guest": G1, "sealed": b64_bytes(&sealed)}))
+        .unwrap();
+    assert_eq!(generation(&imported["guest"]), on_b, "{imported}");
+    start_by_host_slot(&a);
+    let mut vm = boot(&attach_args(&a), "read", true);
+    check_tpm(&mut vm, "2.0", "tpm-tis");
+    assert_eq!(vm.value("nv-read"), NV_DATA, "NV after the evacuation");
+    vm.done();
+    vm.wait_poweroff();
+    wait_state(&a, "stopped");
+}
+
+fn b64_bytes(bytes: &[u8]) -> String {
+    use base64ct::{Base64, Encoding};
+    Base64::encode_string(bytes)
+}
+
+/// Cluster mode with a real guest: host A (a vtpmd on a three-member
+/// etcd) runs the guest, which writes its NV; A's vtpmd, swtpm and QEMU
+/// die at once under the running VM; once A's lease expired, host B
+/// evacuates the guest with etcd's newest state and the guest booted there
+/// reads the NV value it wrote on A.
+#[test]
+fn tpm2_tis_a_dead_hosts_guest_is_evacuated_through_etcd_and_reads_its_nv() {
+    let Some(etcd) = common::etcd::Etcd::start() else {
+        return;
+    };
+    let host = |name: &str| {
+        Daemon::start_with_config(&format!("{}{}", common::TEST_CONFIG, etcd.config(name, 3)))
+    };
+    let mut a = host("host-a");
+    let b = host("host-b");
+    create(&a, "2.0", "tpm-tis");
+    start(&a);
+    boot_writing_nv_until_stopped(&a);
+
+    // Running again on A when A dies, its newest reseal in etcd.
+    start(&a);
+    let mut vm = boot(&attach_args(&a), "stream", false);
+    check_tpm(&mut vm, "2.0", "tpm-tis");
+    vm.marker("waiting-for-migration");
+    etcd.wait_generation_at_least(G1, generation(&status(&a)), STATE_TIMEOUT);
+    a.kill();
+    common::kill_swtpms_under(&a.runtime_dir);
+    vm.qemu.kill();
+    drop(vm);
+
+    let died = Instant::now();
+    loop {
+        match b
+            .client()
+            .manager("Evacuate", json!({"guest": G1, "passphrase": b64(PASS)}))
+        {
+            Ok(_) => break,
+            Err(e) => {
+                assert!(e.name.ends_with("OwnedElsewhere"), "{e:?}");
+                assert!(died.elapsed() < STATE_TIMEOUT, "A's lease never expired");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+    eprintln!(
+        "evacuated {:?} after host A died (lease TTL 3 s)",
+        died.elapsed()
+    );
+    let mut vm = boot(&attach_args(&b), "read", true);
+    check_tpm(&mut vm, "2.0", "tpm-tis");
+    assert_eq!(vm.value("nv-read"), NV_DATA, "NV after the evacuation");
+    vm.done();
+    vm.wait_poweroff();
+    wait_state(&b, "stopped");
 }

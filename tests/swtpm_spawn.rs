@@ -4,10 +4,13 @@
 
 #![allow(clippy::unwrap_used)] // a test that cannot set up should fail loudly
 
+#[path = "common/live.rs"]
+#[allow(dead_code)]
+mod live;
+
 use std::collections::BTreeSet;
 use std::fs;
 use std::io::{Read, Write};
-use std::os::fd::AsFd;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -740,7 +743,7 @@ fn assert_send(swtpm: Swtpm) -> impl Send {
 #[test]
 fn a_migration_key_encrypts_the_blobs_and_the_same_keys_take_them_in() {
     use vtpmd::swtpm::ctrl::tpm::{self, nv_attr};
-    use vtpmd::swtpm::ctrl::{BlobType, CtrlClient, DataChannel, Vmm};
+    use vtpmd::swtpm::ctrl::{BlobType, Vmm};
     let _serial = serial();
     const INDEX: u32 = 0x0150_0021;
     let marker = b"plaintext-marker-that-must-not-travel-0042";
@@ -795,15 +798,7 @@ fn a_migration_key_encrypts_the_blobs_and_the_same_keys_take_them_in() {
         let mut spec = dst.spec(&state_key);
         spec.migration_key = Some(&migration_key);
         let destination = spawn(&spec).unwrap();
-        let mut ctrl = CtrlClient::connect(&dst.sock(), Duration::from_secs(5)).unwrap();
-        let (mut data, theirs) = DataChannel::new_pair().unwrap();
-        ctrl.set_data_fd(theirs.as_fd()).unwrap();
-        drop(theirs);
-        ctrl.stop().unwrap();
-        for (blob, got) in blobs {
-            ctrl.set_state_blob(blob, got.encrypted, got.data).unwrap();
-        }
-        ctrl.init(true).unwrap();
+        let (ctrl, mut data) = live::set_blobs(&dst.sock(), blobs);
         let read = data
             .transact(&tpm::tpm2_nv_read(INDEX, len, 0), Duration::from_secs(5))
             .unwrap();

@@ -497,7 +497,20 @@ fn socket_activation_serves_the_passed_socket_and_leaves_it_in_place() {
     let inode = std::fs::metadata(&socket).unwrap();
     assert!(inode.file_type().is_socket());
     // The first connection waits in the backlog until vtpmd accepts it.
-    let mut client = Client::try_connect(&socket).unwrap();
+    // The path exists from bind(); until listen() a connect is refused.
+    let mut client = loop {
+        match Client::try_connect(&socket) {
+            Ok(client) => break client,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                assert!(
+                    Instant::now() < deadline,
+                    "systemd-socket-activate never listened"
+                );
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => panic!("connect: {e}"),
+        }
+    };
     assert!(
         client
             .call("org.varlink.service.GetInfo", json!({}))
@@ -591,6 +604,7 @@ systemctl stop vtpmd.service
 echo "service_result=$(systemctl show -p Result --value vtpmd.service)" >>$out
 [ -S /run/vtpmd/vtpmd.sock ] && echo "socket_kept=yes" >>$out
 journalctl -u vtpmd.service --no-pager >&2
+journalctl -u vtpmd.service -o json --no-pager >/out/journal.json
 echo "done=1" >>$out
 systemctl poweroff
 "#;
@@ -606,6 +620,8 @@ systemctl poweroff
 /// What a boot of the probe wrote: `key=value` lines of /out/result.
 struct Booted {
     result: String,
+    /// `journalctl -u vtpmd.service -o json`, when the probe wrote it.
+    journal: String,
 }
 
 impl Booted {
@@ -688,7 +704,8 @@ fn boot_with_probe(probe: &str) -> Option<Booted> {
     )
     .unwrap();
     let bind = |src: PathBuf, dst: &str| format!("--bind-ro={}:{dst}", src.display());
-    let mut cmd = Command::new("timeout");
+    let cgroup = common::cgroup::OwnCgroup::new("vtpmd-boot");
+    let mut cmd = cgroup.command("timeout");
     cmd.arg("240")
         .arg(nspawn)
         .args(["--register=no", "--keep-unit", "--quiet", "-D"])
@@ -731,7 +748,8 @@ fn boot_with_probe(probe: &str) -> Option<Booted> {
     let log = std::fs::read_to_string(w("out/probe.log")).unwrap_or_default();
     let result = std::fs::read_to_string(w("out/result")).unwrap_or_default();
     eprintln!("--- probe.log\n{log}\n--- result\n{result}");
-    Some(Booted { result })
+    let journal = std::fs::read_to_string(w("out/journal.json")).unwrap_or_default();
+    Some(Booted { result, journal })
 }
 
 #[test]
@@ -753,7 +771,50 @@ fn the_shipped_unit_runs_guests_under_a_booted_systemd() {
     assert_eq!(b.get("stop"), "0");
     assert_eq!(b.get("service_result"), "success");
     assert_eq!(b.get("socket_kept"), "yes");
+
+    // The journal has vtpmd's lines natively, with fields to filter on.
+    let records: Vec<serde_json::Value> = b
+        .journal
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let field = |r: &serde_json::Value, name: &str| r[name].as_str().unwrap_or("").to_owned();
+    let event = |kind: &str| {
+        records
+            .iter()
+            .find(|r| field(r, "OPERATION") == kind && field(r, "GUEST") == BOOT_GUEST)
+            .unwrap_or_else(|| {
+                panic!(
+                    "no {kind} event of {BOOT_GUEST} in the journal:\n{}",
+                    b.journal
+                )
+            })
+    };
+    for (kind, id) in [
+        ("created", "69332dcb0edf4de6b45a92a2b0e75d15"),
+        ("running", "a0e55e4c445d49079043d9ac368e6861"),
+        ("stopped", "a01348523b7a4c0ebcec544b8b0b360f"),
+    ] {
+        let r = event(kind);
+        assert_eq!(field(r, "MESSAGE_ID"), id, "{r}");
+        assert_eq!(field(r, "SYSLOG_IDENTIFIER"), "vtpmd", "{r}");
+        assert!(
+            field(r, "MESSAGE").starts_with(&format!("guest {kind}")),
+            "{r}"
+        );
+        assert!(!field(r, "GENERATION").is_empty(), "{r}");
+        assert_eq!(field(r, "PRIORITY"), "5", "info is notice: {r}");
+    }
+    // An API call, with its caller.
+    let call = records
+        .iter()
+        .find(|r| field(r, "OPERATION") == "Create" && field(r, "MESSAGE") == "call")
+        .unwrap_or_else(|| panic!("no Create call in the journal:\n{}", b.journal));
+    assert_eq!(field(call, "UID"), "0", "{call}");
 }
+
+/// The guest BOOT_PROBE drives.
+const BOOT_GUEST: &str = "5d0c3f9e-1b2a-4c6d-8e7f-9a0b1c2d3e4f";
 
 /// The guest side of the continuity boot test: a guest's VMM writes its
 /// TPM in a loop while the service is restarted, its main process
@@ -970,9 +1031,14 @@ say b_state "$(field $B state)"
 for _ in $(seq 50); do [ -z "$(findmnt -rn -o TARGET | grep '^/run/vtpmd/')" ] && break; sleep 0.1; done
 say mounts_left "$(findmnt -rn -o TARGET | grep -c '^/run/vtpmd/')"
 say mounts "$(findmnt -rn -o TARGET | grep '^/run/vtpmd/' | tr '\n' ' ')"
-say units_left "$(systemctl list-units --all --plain --no-legend 'run-vtpmd-*.mount' | wc -l)"
+# A stopped unit is collected a moment after its mount is gone.
+units() { systemctl list-units --all --plain --no-legend 'run-vtpmd-*.mount'; }
+for _ in $(seq 50); do [ -z "$(units)" ] && break; sleep 0.1; done
+say units_left "$(units | wc -l)"
+say units "$(units | tr '\n' ' ')"
 say dirs_left "$(find /run/vtpmd -mindepth 1 -maxdepth 1 -type d | wc -l)"
 journalctl -u vtpmd.service --no-pager >&2
+journalctl -u "$(systemd-escape --path --suffix=mount /run/vtpmd/$B)" -o verbose --no-pager >&2
 echo "done=1" >>$out
 systemctl poweroff
 "#;
@@ -1020,6 +1086,6 @@ fn under_systemd_a_guest_that_fills_its_runtime_directory_hurts_only_itself() {
     assert_eq!(b.get("b_state"), "stopped");
     assert_eq!(b.get("a_state"), "failed", "a lost write ended as a stop");
     assert_eq!(b.get("mounts_left"), "0");
-    assert_eq!(b.get("units_left"), "0");
+    assert_eq!(b.get("units_left"), "0", "units left: {}", b.get("units"));
     assert_eq!(b.get("dirs_left"), "0");
 }

@@ -10,7 +10,9 @@ use std::process::Command;
 use sha2::{Digest, Sha256};
 use vtpmd::protocol::{GuestId, TpmModel, TpmSpec, TpmVersion};
 use vtpmd::secret::SecretBuf;
-use vtpmd::vault::{KdfParams, KdfPolicy, SealedPaths, SealedState, StateArchive, VaultError};
+use vtpmd::vault::{
+    FreshKey, KdfParams, KdfPolicy, SealedPaths, SealedState, StateArchive, VaultError,
+};
 
 const GUEST: &str = "0f6a2d1e-8c4b-4e2a-9d3f-5b7c1a2e3f40";
 const OTHER_GUEST: &str = "7d0a9d43-41d4-4c3e-8a5e-2f61b3c0d7aa";
@@ -153,7 +155,7 @@ fn a_wrong_passphrase_is_told_apart_and_leaves_the_file_untouched() {
 }
 
 #[test]
-fn rekey_retires_the_old_passphrase_and_keeps_the_body_bytes() {
+fn rekey_retires_the_old_passphrase_in_both_files_and_seals_the_next_generation() {
     let dir = tempfile::tempdir().unwrap();
     let paths = create_small(dir.path());
     let mut state = open_state(&paths);
@@ -190,10 +192,11 @@ fn rekey_retires_the_old_passphrase_and_keeps_the_body_bytes() {
     )
     .unwrap();
     assert_eq!(opened.archive, small_archive(2));
-    assert_eq!(
-        (body_of(paths.current()), body_of(paths.previous())),
-        bodies
-    );
+    // The file the change rewrote (its body verbatim) is now the previous
+    // generation; the current one is the same state sealed once more.
+    assert_eq!(opened.state.generation(), 3);
+    assert_eq!(body_of(paths.previous()), bodies.0);
+    assert_ne!(body_of(paths.current()), bodies.0);
 }
 
 /// The spec: a keyslot change rewrites each file "that exists and decodes
@@ -463,6 +466,32 @@ fn the_swtpm_state_key_is_the_same_on_every_open() {
     assert_ne!(key_a.expose_secret(), &[0u8; 32]);
 }
 
+/// Create provisions under a fresh data key's swtpm state key before the
+/// passphrase slot exists (FreshKey): the key swtpm encrypted the state with
+/// must be the one every open of the sealed file derives.
+#[test]
+fn a_fresh_keys_swtpm_state_key_is_the_sealed_states() {
+    let dir = tempfile::tempdir().unwrap();
+    let paths = SealedPaths::new(dir.path().join("tpm.sealed"));
+    let fresh = FreshKey::generate(paths.clone(), guest(), spec()).unwrap();
+    let early = fresh.swtpm_state_key().unwrap();
+    // Nothing is written before the first seal.
+    assert!(!paths.current().exists());
+    let mut state = fresh
+        .with_passphrase(&passphrase("correct horse"), &weak_policy())
+        .unwrap();
+    assert!(early.ct_eq(&state.swtpm_state_key().unwrap()));
+    state.seal(&small_archive(1)).unwrap();
+
+    let opened = open_state(&paths);
+    assert!(early.ct_eq(&opened.swtpm_state_key().unwrap()));
+    // A state already there is refused before any key is made.
+    assert!(matches!(
+        FreshKey::generate(paths, guest(), spec()),
+        Err(VaultError::AlreadyExists { .. })
+    ));
+}
+
 #[test]
 fn a_damaged_current_file_is_reported_as_damage_even_with_a_wrong_passphrase() {
     let dir = tempfile::tempdir().unwrap();
@@ -639,8 +668,11 @@ mod kinds {
         assert_eq!(state.add_key(&key(7)).unwrap(), 1);
         assert_eq!(version_of(paths.current()), 2);
         assert_eq!(version_of(paths.previous()), 2);
-        let file = fs::read(paths.current()).unwrap();
+        // The rewritten file, body verbatim, became the previous
+        // generation when the change sealed the next one.
+        let file = fs::read(paths.previous()).unwrap();
         assert_eq!(file[329..], body_before[..], "the body is copied verbatim");
+        assert_eq!(state.generation(), 3);
 
         let opened = SealedState::open_with(
             paths.clone(),
@@ -676,10 +708,18 @@ mod kinds {
         );
 
         // Removing the key slot brings the file back to version 1, still
-        // with the same body.
+        // with the same state, one generation further.
         state.remove_keyslot(1).unwrap();
         assert_eq!(version_of(paths.current()), 1);
-        assert_eq!(fs::read(paths.current()).unwrap()[223..], body_before[..]);
+        assert_eq!(state.generation(), 4);
+        let reopened = SealedState::open_with(
+            paths.clone(),
+            guest(),
+            Credential::Passphrase(&passphrase("correct horse")),
+            &weak_policy(),
+        )
+        .unwrap();
+        assert_eq!(reopened.archive, small_archive(2));
         assert!(matches!(
             open(&paths, Credential::Key(&key(7))),
             Err(VaultError::NoKeyslot {

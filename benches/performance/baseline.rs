@@ -77,6 +77,115 @@ impl BareSwtpm {
         }
     }
 
+    /// Another bare swtpm in `dir`, on a copy of this one's state and key
+    /// (cheaper than another swtpm_setup; each copy starts as this one).
+    #[allow(dead_code)] // host_reboot and start_keys use it, not this bench
+    pub fn copy_to(&self, dir: &Path) -> Self {
+        let state = dir.join("bare-state");
+        fs::create_dir_all(&state).unwrap();
+        for entry in fs::read_dir(&self.state).unwrap() {
+            let entry = entry.unwrap();
+            if entry.file_type().unwrap().is_file() && entry.file_name() != ".lock" {
+                fs::copy(entry.path(), state.join(entry.file_name())).unwrap();
+            }
+        }
+        let key_file = dir.join("bare.key");
+        fs::copy(&self.key_file, &key_file).unwrap();
+        Self {
+            bins: self.bins.clone(),
+            state,
+            key_file,
+            ctrl: dir.join("bare.sock"),
+        }
+    }
+
+    /// Like [`start`](Self::start), but the launcher binds the control
+    /// socket itself and hands swtpm the listening fd (as vtpmd does; the
+    /// process started by `posix_spawn`), then
+    /// attaches at once: the connection waits in the backlog until swtpm
+    /// accepts. Nothing is polled, so many launchers can start their swtpm
+    /// at the same instant without competing with them for the CPU.
+    #[allow(dead_code)] // host_reboot and start_keys use it, not this bench
+    pub fn start_prebound(&self) -> (Duration, Running) {
+        let (elapsed, _, running) = self.start_handed_over(false);
+        (elapsed, running)
+    }
+
+    /// [`start_prebound`](Self::start_prebound), with `probe` as vtpmd
+    /// does it: a control connection made before the spawn, asked
+    /// CMD_GET_CAPABILITY once swtpm runs and closed, and only then the
+    /// VMM's attach. Also returns the time until the probe answered.
+    #[allow(dead_code)] // host_reboot and start_keys use it, not this bench
+    pub fn start_handed_over(&self, probe: bool) -> (Duration, Duration, Running) {
+        let _ = fs::remove_file(&self.ctrl);
+        let began = Instant::now();
+        let listener = std::os::unix::net::UnixListener::bind(&self.ctrl).unwrap();
+        let early = probe.then(|| UnixStream::connect(&self.ctrl).unwrap());
+        let mut cmd = Command::new(&self.bins.swtpm);
+        cmd.arg("socket")
+            .arg("--tpm2")
+            .arg("--tpmstate")
+            .arg(format!("dir={},mode=0600", self.state.display()))
+            .arg("--key")
+            .arg(format!(
+                "file={},format=hex,mode=aes-256-cbc",
+                self.key_file.display()
+            ))
+            .args([
+                "--log",
+                "level=1",
+                "--seccomp",
+                "action=kill",
+                "--terminate",
+            ])
+            .env_clear()
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        // The listener's own number, inherited (CLOEXEC cleared on a copy):
+        // with no pre_exec hook std starts swtpm by posix_spawn, which does
+        // not copy this process's address space (a fork of a process with
+        // hundreds of launcher threads would be the baseline's own cost).
+        // A launcher spawning at the same instant may inherit the copy too;
+        // that swtpm never accepts on it, and it ends with it.
+        // SAFETY: F_DUPFD_CLOEXEC on an fd we own returns a new fd or -1.
+        let high = unsafe {
+            libc::fcntl(
+                std::os::fd::AsRawFd::as_raw_fd(&listener),
+                libc::F_DUPFD_CLOEXEC,
+                10,
+            )
+        };
+        assert!(high >= 10, "dup of the control socket");
+        // SAFETY: F_SETFD on the fd made above.
+        assert_eq!(unsafe { libc::fcntl(high, libc::F_SETFD, 0) }, 0);
+        cmd.arg("--ctrl").arg(format!("type=unixio,fd={high}"));
+        let child = cmd.spawn().unwrap();
+        drop(cmd);
+        // SAFETY: `high` is ours (made above) and closed once.
+        unsafe { libc::close(high) };
+        drop(listener);
+        if let Some(stream) = early {
+            vtpmd::swtpm::ctrl::CtrlClient::from_stream(stream, TIMEOUT)
+                .unwrap()
+                .get_capability()
+                .unwrap();
+        }
+        let probed = began.elapsed();
+        let mut vmm = Vmm::attach(&self.ctrl, TIMEOUT * 3).unwrap();
+        let rsp = vmm.transact(&tpm::tpm2_startup_clear()).unwrap();
+        let elapsed = began.elapsed();
+        assert_eq!(rsp.rc, 0, "TPM2_Startup on the bare swtpm");
+        (
+            elapsed,
+            probed,
+            Running {
+                vmm,
+                process: Process::Child(child),
+            },
+        )
+    }
+
     /// Starts swtpm, waits for its socket as `wait` says, attaches as QEMU
     /// does and sends TPM2_Startup: returns the time to that first answer
     /// and the attached VMM (whose shutdown ends swtpm: `--terminate`).

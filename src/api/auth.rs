@@ -10,7 +10,7 @@ use nix::unistd::{Gid, Uid};
 pub enum Access {
     /// Every method: root, or a member of the admin group.
     Admin,
-    /// GetCapabilities, GetHostKey, Status, List, Monitor: a member of the read-only group.
+    /// GetCapabilities, GetHostKey, GetMetrics, Status, List, Monitor: a member of the read-only group.
     ReadOnly,
     /// Nothing but the introspection of `org.varlink.service`.
     Denied,

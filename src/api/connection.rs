@@ -40,6 +40,7 @@ pub(super) async fn serve(stream: UnixStream, peer: Peer, access: Access, ctx: A
             .await
             .is_err()
         {
+            ctx.supervisor.metrics().connection_idle_closed();
             tracing::debug!(
                 uid = peer.uid.as_raw(),
                 "a stranger's connection reached its lifetime; closing"
@@ -66,6 +67,7 @@ async fn converse(mut stream: UnixStream, peer: Peer, access: Access, ctx: &Arc<
     loop {
         let (call, next) = match timeout(ctx.limits.idle, rx.next(&mut stream)).await {
             Err(_) => {
+                ctx.supervisor.metrics().connection_idle_closed();
                 tracing::debug!(uid = peer.uid.as_raw(), "client idle too long; closing");
                 return;
             }
@@ -142,6 +144,9 @@ async fn handle(
             return Next::Close(invalid("message"));
         }
     };
+    // "oneway instructs the server to suppress its reply. The server must
+    // adhere to the instruction": with `more` too, and for Monitor (whose
+    // every reply would be one), nothing is sent.
     let reply = |bytes| {
         if call.oneway {
             Next::Silent
@@ -164,6 +169,12 @@ async fn handle(
             );
         }
         return Next::Close(invalid("message"));
+    }
+    // No method of vtpmd hands its connection over to another protocol.
+    // Refused, not run, with the error every Varlink client knows, naming
+    // the header; the connection stays in Varlink.
+    if call.upgrade {
+        return reply(invalid("upgrade"));
     }
     let Some((interface, member)) = call.split_method() else {
         return reply(invalid("method"));
@@ -199,12 +210,14 @@ async fn handle(
     // often as they like.
     if request.is_read_only() {
         if log.allows(tracing::enabled!(tracing::Level::DEBUG)) {
-            tracing::debug!(method = request.method(), uid = peer.uid.as_raw(), pid = ?peer.pid, allowed, "call");
+            tracing::debug!(operation = request.method(), uid = peer.uid.as_raw(), pid = ?peer.pid, allowed, "call");
         }
     } else if log.allows(tracing::enabled!(tracing::Level::INFO)) {
-        tracing::info!(method = request.method(), uid = peer.uid.as_raw(), pid = ?peer.pid, allowed, "call");
+        tracing::info!(operation = request.method(), uid = peer.uid.as_raw(), pid = ?peer.pid, allowed, "call");
     }
+    let metrics = ctx.supervisor.metrics();
     if !allowed {
+        metrics.api_call(request.method(), "io.vtpmd.Manager.PermissionDenied");
         return reply(
             ManagerError::PermissionDenied {
                 method: format!("{INTERFACE}.{}", request.method()),
@@ -213,13 +226,32 @@ async fn handle(
         );
     }
     if matches!(request, manager::Request::Monitor) {
-        return if call.more {
+        return if call.oneway {
+            // Accepted, and nothing to send.
+            metrics.api_call("Monitor", "ok");
+            Next::Silent
+        } else if call.more {
+            metrics.api_call("Monitor", "ok");
             Next::Monitor
         } else {
+            metrics.api_call("Monitor", "org.varlink.service.ExpectedMore");
             reply(ServiceError::ExpectedMore.encode())
         };
     }
-    reply(dispatch::run(&ctx.supervisor, request, &ctx.limits, log).await)
+    let method = request.method();
+    let answer = dispatch::run(&ctx.supervisor, request, &ctx.limits, log).await;
+    metrics.api_call(method, error_name(&answer).unwrap_or("ok"));
+    reply(answer)
+}
+
+/// The error a reply this module encoded carries, if it is one. A string
+/// value's quotes are escaped in JSON, so `"error":"` appears only as the
+/// reply's own key (no parameters of this interface have a key `error`).
+fn error_name(reply: &[u8]) -> Option<&str> {
+    const KEY: &[u8] = br#""error":""#;
+    let at = reply.windows(KEY.len()).rposition(|w| w == KEY)? + KEY.len();
+    let len = reply[at..].iter().position(|b| *b == b'"')?;
+    std::str::from_utf8(&reply[at..at + len]).ok()
 }
 
 /// `org.varlink.service`: introspection, open to every peer.
@@ -235,7 +267,7 @@ fn service(member: &str, parameters: &str) -> Vec<u8> {
                 vendor: "vtpmd".to_owned(),
                 product: "vtpmd".to_owned(),
                 version: env!("CARGO_PKG_VERSION").to_owned(),
-                url: "https://varlink.org".to_owned(),
+                url: PRODUCT_URL.to_owned(),
                 interfaces: vec![SERVICE_INTERFACE.to_owned(), INTERFACE.to_owned()],
             },
             false,
@@ -261,6 +293,12 @@ fn service(member: &str, parameters: &str) -> Vec<u8> {
         .encode(),
     }
 }
+
+/// GetInfo's `url`: the product's (the spec's example has
+/// `https://fidget.example.com` for its Fidget Service), from Cargo.toml's
+/// `repository`.
+const PRODUCT_URL: &str = env!("CARGO_PKG_REPOSITORY");
+const _: () = assert!(!PRODUCT_URL.is_empty(), "Cargo.toml needs `repository`");
 
 /// The standard description of `org.varlink.service` (varlink.org).
 const SERVICE_DESCRIPTION: &str = "# The Varlink Service Interface is provided by every varlink service.

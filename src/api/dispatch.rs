@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use crate::protocol::manager::{
     CapabilitiesReply, ExportReply, GuestReply, GuestView, HostKeyReply, KeyslotView, ListReply,
-    ManagerError, MigrateOutReply, MonitorReply, Passphrase, Policy, Request, Secret,
+    ManagerError, MetricsReply, MigrateOutReply, MonitorReply, Passphrase, Policy, Request, Secret,
     StartTimingsView,
 };
 use crate::protocol::varlink::{ServiceError, encode_reply};
@@ -64,6 +64,20 @@ pub(super) async fn run(
                 false,
             )
         }
+        Request::GetMetrics { openmetrics } => {
+            let format = if openmetrics {
+                crate::metrics::Format::OpenMetrics
+            } else {
+                crate::metrics::Format::Prometheus
+            };
+            encode_reply(
+                &MetricsReply {
+                    text: supervisor.render_metrics(format),
+                    content_type: format.content_type().to_owned(),
+                },
+                false,
+            )
+        }
         Request::Status { guest } => guest_reply(supervisor.status(guest)),
         Request::List => encode_reply(
             &ListReply {
@@ -112,6 +126,16 @@ pub(super) async fn run(
             )
             .await
             .map_or_else(|reply| reply, guest_reply)
+        }
+        Request::Evacuate { guest, secret } => {
+            let unlock = match unlock(secret) {
+                Ok(u) => u,
+                Err(reply) => return reply,
+            };
+            let sup = Arc::clone(supervisor);
+            detached(timeout, async move { sup.evacuate(guest, unlock).await })
+                .await
+                .map_or_else(|reply| reply, guest_reply)
         }
         Request::Grant {
             guest,
@@ -440,6 +464,14 @@ pub fn view(info: &GuestInfo) -> GuestView {
         failure: info.failure.clone(),
         reason: info.reason.clone(),
         keyslots: (!info.keyslots.is_empty()).then(|| keyslot_views(&info.keyslots)),
+        replication: info
+            .replication
+            .as_ref()
+            .map(|r| crate::protocol::manager::ReplicationView {
+                generation: r.generation,
+                pending: r.pending,
+                error: r.error.clone(),
+            }),
     }
 }
 
@@ -567,10 +599,26 @@ fn wire_error(e: &SupervisorError) -> ManagerError {
             guest,
             generation,
             current,
+        }
+        | S::RolledBack {
+            guest,
+            generation,
+            current,
         } => ManagerError::StaleGeneration {
             guest: guest.to_string(),
             generation: *generation,
             current: *current,
+        },
+        S::OwnedElsewhere { guest, owner } => ManagerError::OwnedElsewhere {
+            guest: guest.to_string(),
+            owner: owner.clone(),
+        },
+        S::ClusterUnavailable { guest, source } => ManagerError::ClusterUnavailable {
+            guest: guest.to_string(),
+            reason: crate::error_chain::chain(&**source),
+        },
+        S::NotInClusterMode { .. } => ManagerError::NotInClusterMode {
+            reason: e.to_string(),
         },
         S::UnsealedWrites { guest, reason } => ManagerError::UnsealedWrites {
             guest: guest.to_string(),

@@ -265,11 +265,16 @@ fn admit(stream: UnixStream, groups: &Groups, quotas: &Arc<quota::Quotas>, ctx: 
         Ok(admitted) => {
             let ctx = Arc::clone(ctx);
             tokio::spawn(async move {
+                let open = ctx.supervisor.metrics().connection_open();
                 connection::serve(stream, peer, access, ctx).await;
+                drop(open);
                 drop(admitted);
             });
         }
         Err(refusal) => {
+            ctx.supervisor
+                .metrics()
+                .connection_refused(refusal.scope(access));
             let source = PeerSource(peer.uid.as_raw());
             if ctx.log_limit.allow(&source) {
                 tracing::warn!(

@@ -32,6 +32,17 @@ pub(super) enum Refusal {
 }
 
 impl Refusal {
+    /// The limit it met, for the metrics: an admin's `All` is the whole
+    /// of `max_connections`, anyone else's the share outside the reserve.
+    pub(super) fn scope(self, access: super::auth::Access) -> crate::metrics::RefusedScope {
+        use crate::metrics::RefusedScope;
+        match (self, access) {
+            (Self::Uid { .. }, _) => RefusedScope::PerUid,
+            (Self::All { .. }, super::auth::Access::Admin) => RefusedScope::Total,
+            (Self::All { .. }, _) => RefusedScope::Shared,
+        }
+    }
+
     pub(super) fn to_wire(self) -> ManagerError {
         let (scope, limit) = match self {
             Self::Uid { limit } => ("uid", limit),

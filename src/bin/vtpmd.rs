@@ -16,14 +16,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 use nix::unistd::{Gid, Group};
 use tokio::net::UnixListener;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::broadcast::error::RecvError;
 use tokio::time::MissedTickBehavior;
 use vtpmd::api::{self, Groups, Limits};
-use vtpmd::config::Config;
+use vtpmd::config::{Config, MetricsSection};
 use vtpmd::error_chain::chain;
 use vtpmd::log_limit::Rate;
 use vtpmd::supervisor::{GuestState, KeyStore, Supervisor, SupervisorConfig};
@@ -31,6 +31,7 @@ use vtpmd::systemd::{self, Activated, Notifier};
 
 #[derive(Debug, Parser)]
 #[command(
+    name = "vtpmd",
     version,
     about = "Gives every VM its own swtpm, with TPM state encrypted at rest"
 )]
@@ -78,9 +79,14 @@ enum MainError {
     Signal(&'static str, #[source] std::io::Error),
     #[error("systemd service protocol")]
     Systemd(#[source] std::io::Error),
+    #[error(transparent)]
+    MetricsHttp(#[from] vtpmd::metrics::http::HttpError),
 }
 
 fn main() -> ExitCode {
+    if let Some(code) = vtpmd::cli_docs::generate_if_asked(Args::command, "8") {
+        return code;
+    }
     let args = Args::parse();
     init_logging();
     match run(args) {
@@ -93,15 +99,56 @@ fn main() -> ExitCode {
     }
 }
 
+/// Under systemd (stderr is the journal's stream) every line goes to the
+/// journal natively, its fields as journal fields (`GUEST=`,
+/// `OPERATION=`, `MESSAGE_ID=`, `GENERATION=` …); elsewhere plain text on
+/// stderr. `RUST_LOG` filters both.
 fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     use std::io::IsTerminal;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let filter = || {
+        tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
+    };
+    if stderr_is_the_journal() {
+        match tracing_journald::layer() {
+            Ok(journal) => {
+                let journal = journal
+                    .with_field_prefix(None)
+                    .with_syslog_identifier("vtpmd".to_owned());
+                tracing_subscriber::registry()
+                    .with(filter())
+                    .with(journal)
+                    .init();
+                return;
+            }
+            Err(e) => eprintln!("vtpmd: cannot reach the journal ({e}); logging to stderr"),
+        }
+    }
     tracing_subscriber::fmt()
-        .with_env_filter(filter)
+        .with_env_filter(filter())
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .init();
+}
+
+/// `$JOURNAL_STREAM` names the device and inode of the stream systemd
+/// connected to stdout/stderr; it is the journal only if stderr is still
+/// that stream (a child of a service with its stderr redirected is not).
+fn stderr_is_the_journal() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let Some(stream) = std::env::var_os("JOURNAL_STREAM") else {
+        return false;
+    };
+    let Some((dev, ino)) = stream.to_str().and_then(|s| s.split_once(':')) else {
+        return false;
+    };
+    let stderr = std::fs::metadata("/proc/self/fd/2");
+    matches!(
+        (dev.parse::<u64>(), ino.parse::<u64>(), stderr),
+        (Ok(dev), Ok(ino), Ok(m)) if m.dev() == dev && m.ino() == ino
+    )
 }
 
 fn run(args: Args) -> Result<(), MainError> {
@@ -140,6 +187,10 @@ fn run(args: Args) -> Result<(), MainError> {
     let supervisor_config = SupervisorConfig::from_config(&config)?;
     if args.check_config {
         config.api.socket = Some(socket);
+        // The host name in effect (the hostname when none is set).
+        if let Some(cluster) = &supervisor_config.cluster {
+            config.cluster.host = Some(cluster.host.clone());
+        }
         print!("{}", config.to_toml());
         return Ok(());
     }
@@ -157,7 +208,15 @@ fn run(args: Args) -> Result<(), MainError> {
         .build()
         .map_err(MainError::Runtime)?;
     let log_rate = config.log.rate();
-    runtime.block_on(serve(supervisor_config, socket, groups, limits, log_rate))
+    let metrics = config.metrics.clone();
+    runtime.block_on(serve(
+        supervisor_config,
+        socket,
+        groups,
+        limits,
+        log_rate,
+        metrics,
+    ))
 }
 
 /// Each running guest holds four fds and each connection one, so the usual
@@ -195,6 +254,7 @@ async fn serve(
     groups: Groups,
     limits: Limits,
     log_rate: Rate,
+    metrics: MetricsSection,
 ) -> Result<(), MainError> {
     let mut sigterm =
         signal(SignalKind::terminate()).map_err(|e| MainError::Signal("SIGTERM", e))?;
@@ -214,6 +274,13 @@ async fn serve(
     let supervisor: Arc<Supervisor> = Supervisor::start_with(config, keys).await?;
     let (listener, owned_socket) = match listener(activated, &socket) {
         Ok(listener) => listener,
+        Err(e) => {
+            supervisor.shutdown().await;
+            return Err(e);
+        }
+    };
+    let exporters = match exporters(&metrics, &supervisor).await {
+        Ok(tasks) => tasks,
         Err(e) => {
             supervisor.shutdown().await;
             return Err(e);
@@ -263,6 +330,9 @@ async fn serve(
     if let Some(task) = notify_task {
         task.abort();
     }
+    for task in exporters {
+        task.abort();
+    }
     // An activated socket belongs to vtpmd.socket, which keeps listening
     // (and restarts vtpmd on the next connection): leave it in place. A
     // socket bound here is removed only if it is still the one bound: a
@@ -272,6 +342,31 @@ async fn serve(
     }
     tracing::info!("vtpmd stopped");
     Ok(())
+}
+
+/// The `[metrics]` listener and textfile writer, when configured.
+async fn exporters(
+    config: &MetricsSection,
+    supervisor: &Arc<Supervisor>,
+) -> Result<Vec<tokio::task::JoinHandle<()>>, MainError> {
+    let sup = Arc::clone(supervisor);
+    let render: vtpmd::metrics::http::Render = Arc::new(move |format| sup.render_metrics(format));
+    let mut tasks = Vec::new();
+    if let Some(addr) = config.listen_addr()? {
+        let (bound, task) = vtpmd::metrics::http::serve(addr, Arc::clone(&render)).await?;
+        tracing::info!(%bound, "metrics served over HTTP at /metrics");
+        tasks.push(task);
+    }
+    if let Some(path) = &config.textfile {
+        let interval = Duration::from_secs(config.textfile_interval_s);
+        tasks.push(vtpmd::metrics::textfile::spawn(
+            path.clone(),
+            interval,
+            render,
+        ));
+        tracing::info!(path = %path.display(), every_s = config.textfile_interval_s, "metrics written for node_exporter's textfile collector");
+    }
+    Ok(tasks)
 }
 
 // systemd (src/systemd.rs): socket activation, notifications, watchdog.

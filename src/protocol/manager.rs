@@ -76,6 +76,10 @@ pub enum Policy {
 pub enum Request<'a> {
     GetCapabilities,
     GetHostKey,
+    /// `openmetrics`: OpenMetrics 1.0 text; otherwise Prometheus text 0.0.4.
+    GetMetrics {
+        openmetrics: bool,
+    },
     Create {
         guest: GuestId,
         spec: TpmSpec,
@@ -86,6 +90,11 @@ pub enum Request<'a> {
         key: Option<Passphrase<'a>>,
     },
     Start {
+        guest: GuestId,
+        secret: Secret<'a>,
+    },
+    /// Start's parameters; cluster mode only.
+    Evacuate {
         guest: GuestId,
         secret: Secret<'a>,
     },
@@ -150,8 +159,10 @@ impl Request<'_> {
         match self {
             Self::GetCapabilities => "GetCapabilities",
             Self::GetHostKey => "GetHostKey",
+            Self::GetMetrics { .. } => "GetMetrics",
             Self::Create { .. } => "Create",
             Self::Start { .. } => "Start",
+            Self::Evacuate { .. } => "Evacuate",
             Self::Stop { .. } => "Stop",
             Self::Status { .. } => "Status",
             Self::List => "List",
@@ -175,6 +186,7 @@ impl Request<'_> {
             self,
             Self::GetCapabilities
                 | Self::GetHostKey
+                | Self::GetMetrics { .. }
                 | Self::Status { .. }
                 | Self::List
                 | Self::Monitor
@@ -319,6 +331,25 @@ pub fn parse_request<'a>(member: &str, parameters: &'a str) -> Result<Request<'a
             decode::<NoParams>(parameters)?;
             Request::GetHostKey
         }
+        "GetMetrics" => {
+            #[derive(Deserialize)]
+            #[serde(deny_unknown_fields)]
+            struct P<'a> {
+                #[serde(default, borrow)]
+                format: Option<&'a str>,
+            }
+            let p = decode::<P<'_>>(parameters)?;
+            let openmetrics = match p.format {
+                None | Some("prometheus") => false,
+                Some("openmetrics") => true,
+                Some(_) => {
+                    return Err(RequestError::InvalidParameter {
+                        parameter: "format".to_owned(),
+                    });
+                }
+            };
+            Request::GetMetrics { openmetrics }
+        }
         "List" => {
             decode::<NoParams>(parameters)?;
             Request::List
@@ -377,6 +408,13 @@ pub fn parse_request<'a>(member: &str, parameters: &'a str) -> Result<Request<'a
         "Start" => {
             let p: StartParams<'a> = decode(parameters)?;
             Request::Start {
+                guest: guest_id(p.guest)?,
+                secret: secret(p.passphrase, p.key)?,
+            }
+        }
+        "Evacuate" => {
+            let p: StartParams<'a> = decode(parameters)?;
+            Request::Evacuate {
                 guest: guest_id(p.guest)?,
                 secret: secret(p.passphrase, p.key)?,
             }
@@ -646,6 +684,19 @@ pub struct GuestView {
     /// The sealed file's keyslots (`type Keyslot`).
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub keyslots: Option<Vec<KeyslotView>>,
+    /// Cluster mode (`type Replication`).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub replication: Option<ReplicationView>,
+}
+
+/// What etcd has of a guest from this host (`type Replication`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplicationView {
+    pub generation: u64,
+    pub pending: bool,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub error: Option<String>,
 }
 
 /// One keyslot as it goes on the wire (`type Keyslot`).
@@ -699,6 +750,15 @@ pub struct MigrateOutReply {
     pub generation: u64,
     /// When the ticket stops opening, Unix seconds.
     pub expires: u64,
+}
+
+/// `GetMetrics`' reply.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MetricsReply {
+    /// The exposition text.
+    pub text: String,
+    /// Its HTTP content type (what a scraper would be told).
+    pub content_type: String,
 }
 
 /// `GetHostKey`'s reply.
@@ -786,6 +846,17 @@ pub enum ManagerError {
         generation: u64,
         current: u64,
     },
+    OwnedElsewhere {
+        guest: String,
+        owner: String,
+    },
+    ClusterUnavailable {
+        guest: String,
+        reason: String,
+    },
+    NotInClusterMode {
+        reason: String,
+    },
     UnsealedWrites {
         guest: String,
         reason: String,
@@ -852,6 +923,9 @@ impl ManagerError {
             Self::GuestMismatch { .. } => "io.vtpmd.Manager.GuestMismatch",
             Self::SwtpmFailed { .. } => "io.vtpmd.Manager.SwtpmFailed",
             Self::StaleGeneration { .. } => "io.vtpmd.Manager.StaleGeneration",
+            Self::OwnedElsewhere { .. } => "io.vtpmd.Manager.OwnedElsewhere",
+            Self::ClusterUnavailable { .. } => "io.vtpmd.Manager.ClusterUnavailable",
+            Self::NotInClusterMode { .. } => "io.vtpmd.Manager.NotInClusterMode",
             Self::UnsealedWrites { .. } => "io.vtpmd.Manager.UnsealedWrites",
             Self::SealedTooLarge { .. } => "io.vtpmd.Manager.SealedTooLarge",
             Self::PermissionDenied { .. } => "io.vtpmd.Manager.PermissionDenied",
@@ -900,6 +974,15 @@ mod tests {
         ));
         assert!(matches!(parse("List", "{}"), Ok(Request::List)));
         assert!(matches!(parse("GetHostKey", "{}"), Ok(Request::GetHostKey)));
+        assert!(matches!(
+            parse("GetMetrics", "{}"),
+            Ok(Request::GetMetrics { openmetrics: false })
+        ));
+        assert!(matches!(
+            parse("GetMetrics", r#"{"format": "openmetrics"}"#),
+            Ok(Request::GetMetrics { openmetrics: true })
+        ));
+        assert!(parse("GetMetrics", r#"{"format": "json"}"#).is_err());
         assert!(matches!(parse("Drain", "{}"), Ok(Request::Drain)));
         assert!(matches!(parse("Monitor", "{}"), Ok(Request::Monitor)));
         assert!(matches!(parse("Status", &g), Ok(Request::Status { .. })));
@@ -1226,6 +1309,7 @@ mod tests {
             "Import",
             "Monitor",
             "GetHostKey",
+            "GetMetrics",
             "Grant",
             "Revoke",
         ] {

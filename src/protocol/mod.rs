@@ -63,6 +63,7 @@ pub fn fuzz_call(message: &[u8]) -> Vec<manager::Passphrase<'_>> {
     let guest = match &request {
         Request::Create { guest, .. }
         | Request::Start { guest, .. }
+        | Request::Evacuate { guest, .. }
         | Request::Stop { guest }
         | Request::Status { guest }
         | Request::Delete { guest }
@@ -76,6 +77,7 @@ pub fn fuzz_call(message: &[u8]) -> Vec<manager::Passphrase<'_>> {
         | Request::Revoke { guest, .. } => Some(*guest),
         Request::GetCapabilities
         | Request::GetHostKey
+        | Request::GetMetrics { .. }
         | Request::List
         | Request::Drain
         | Request::Monitor => None,

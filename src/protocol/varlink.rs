@@ -16,19 +16,31 @@ use serde_json::value::RawValue;
 pub const SERVICE_INTERFACE: &str = "org.varlink.service";
 
 /// A call as received: `{"method": …, "parameters": {…}, "more": …}`.
+///
+/// The spec's call is `(method: string, parameters: ?object, oneway: ?bool,
+/// more: ?bool, upgrade: ?bool)`: each but `method` may be absent or
+/// `null`, both meaning "not set". Call headers are "conceptually similar
+/// to HTTP headers" and vendor extensions travel as keys of their own, so
+/// keys not named here are skipped (serde_json skips their values without
+/// unescaping or copying anything). The keys named here keep their types:
+/// `"more": "yes"` is not a call.
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Call<'a> {
     #[serde(borrow)]
     pub method: &'a str,
     #[serde(borrow, default)]
     pub parameters: Option<&'a RawValue>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "flag")]
     pub oneway: bool,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "flag")]
     pub more: bool,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "flag")]
     pub upgrade: bool,
+}
+
+/// A `?bool` header flag: `null` is `false`, as absent is.
+fn flag<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<bool, D::Error> {
+    Ok(Option::<bool>::deserialize(deserializer)?.unwrap_or(false))
 }
 
 /// Why a message is not a call at all.
@@ -66,6 +78,12 @@ impl<'a> Call<'a> {
 }
 
 /// A reply: parameters, or an error name with its parameters.
+///
+/// The spec's reply is `(parameters: ?object, continues: ?bool, error:
+/// ?string)`. vtpmd leaves `parameters` out when it would be `{}` (a method
+/// without output, an error without fields), as sd-varlink does: clients
+/// that map such a reply to a unit value (zlink) refuse `{}`, and every
+/// client reads an absent `parameters` as empty.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Reply<P> {
     #[serde(skip_serializing_if = "Option::is_none", default)]
@@ -78,26 +96,24 @@ pub struct Reply<P> {
 
 /// Encodes a successful reply, NUL-terminated.
 pub fn encode_reply(parameters: &impl Serialize, continues: bool) -> Vec<u8> {
-    encode(&Reply {
-        parameters: Some(parameters),
-        error: None,
-        continues,
-    })
+    encode(parameters, None, continues)
 }
 
 /// Encodes an error reply, NUL-terminated.
 pub fn encode_error(name: &str, parameters: &impl Serialize) -> Vec<u8> {
-    encode(&Reply {
-        parameters: Some(parameters),
-        error: Some(name.to_owned()),
-        continues: false,
-    })
+    encode(parameters, Some(name), false)
 }
 
-fn encode<P: Serialize>(reply: &Reply<P>) -> Vec<u8> {
+fn encode(parameters: &impl Serialize, error: Option<&str>, continues: bool) -> Vec<u8> {
     // Serializing plain data structures cannot fail; an empty object keeps
     // the stream in step if it ever did.
-    let mut out = serde_json::to_vec(reply).unwrap_or_else(|_| b"{}".to_vec());
+    let parameters = serde_json::value::to_raw_value(parameters).ok();
+    let reply = Reply {
+        parameters: parameters.as_deref().filter(|p| p.get() != "{}"),
+        error: error.map(str::to_owned),
+        continues,
+    };
+    let mut out = serde_json::to_vec(&reply).unwrap_or_else(|_| b"{}".to_vec());
     out.push(0);
     out
 }
@@ -160,11 +176,36 @@ mod tests {
     }
 
     #[test]
-    fn unknown_envelope_fields_and_garbage_are_refused() {
-        assert!(matches!(
-            Call::parse(br#"{"method":"a.B","bogus":1}"#),
-            Err(FramingError::NotACall(_))
-        ));
+    fn null_flags_are_unset_and_unknown_keys_are_skipped() {
+        let call = Call::parse(
+            br#"{"org.example.trace":{"id":[1,"\u0041"]},"method":"a.B","parameters":null,"oneway":null,"more":null,"upgrade":null,"x":1}"#,
+        )
+        .unwrap();
+        assert_eq!(call.method, "a.B");
+        assert_eq!(call.parameters_json(), "{}");
+        assert!(!call.oneway && !call.more && !call.upgrade);
+        let call =
+            Call::parse(br#"{"method":"a.B","oneway":true,"more":true,"upgrade":true}"#).unwrap();
+        assert!(call.oneway && call.more && call.upgrade);
+    }
+
+    #[test]
+    fn mistyped_headers_and_garbage_are_refused() {
+        for bad in [
+            &br#"{"method":"a.B","more":"yes"}"#[..],
+            br#"{"method":"a.B","oneway":0}"#,
+            br#"{"method":"a.B","upgrade":[]}"#,
+            br#"{"method":null}"#,
+            br#"{"parameters":{}}"#,
+            br#"{"method":"a.B","method":"a.C"}"#,
+            b"[1,2]",
+        ] {
+            assert!(
+                matches!(Call::parse(bad), Err(FramingError::NotACall(_))),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
         assert!(matches!(
             Call::parse(b"{\"method\":"),
             Err(FramingError::NotJson(_))
@@ -172,10 +213,6 @@ mod tests {
         assert!(matches!(
             Call::parse(b"\xff\xfe"),
             Err(FramingError::NotJson(_))
-        ));
-        assert!(matches!(
-            Call::parse(b"[1,2]"),
-            Err(FramingError::NotACall(_))
         ));
     }
 
@@ -201,6 +238,36 @@ mod tests {
         assert_eq!(
             &err[..err.len() - 1],
             br#"{"parameters":{"parameter":"guest"},"error":"org.varlink.service.InvalidParameter"}"#
+        );
+    }
+
+    #[test]
+    fn empty_parameters_are_left_out() {
+        let done = encode_reply(&serde_json::json!({}), false);
+        assert_eq!(&done[..done.len() - 1], b"{}");
+        let more = encode_reply(&serde_json::json!({}), true);
+        assert_eq!(&more[..more.len() - 1], br#"{"continues":true}"#);
+        let err = ServiceError::ExpectedMore.encode();
+        assert_eq!(
+            &err[..err.len() - 1],
+            br#"{"error":"org.varlink.service.ExpectedMore"}"#
+        );
+        #[derive(Serialize)]
+        struct Optional {
+            #[serde(skip_serializing_if = "Option::is_none")]
+            left_as_is: Option<Vec<String>>,
+        }
+        let none = encode_reply(&Optional { left_as_is: None }, false);
+        assert_eq!(&none[..none.len() - 1], b"{}");
+        let some = encode_reply(
+            &Optional {
+                left_as_is: Some(vec![]),
+            },
+            false,
+        );
+        assert_eq!(
+            &some[..some.len() - 1],
+            br#"{"parameters":{"left_as_is":[]}}"#
         );
     }
 }

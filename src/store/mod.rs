@@ -10,6 +10,7 @@
 //! <state_dir>/guests/<uuid>/owner            0600  `uid=N`: the guest's swtpm uid (gid = uid)
 //! <state_dir>/ca/                   0700  vtpmd           local CA (swtpm::provision::LocalCa)
 //! <state_dir>/host.key               0600  vtpmd           this host's X25519 key (vault::HostKey)
+//! <state_dir>/tickets.used          0600  vtpmd           nonces of the migration tickets taken, until they expire
 //! <runtime_dir>/                    0711  vtpmd           RAM (/run/vtpmd): search only
 //! <runtime_dir>/<uuid>/             0770  vtpmd:guest gid       swtpm's state dir while running
 //! <runtime_dir>/<uuid>/<file>       0644  guest uid:guest gid   swtpm's (encrypted) state files
@@ -294,6 +295,11 @@ impl Store {
     /// replaced.
     pub fn host_key_path(&self) -> PathBuf {
         self.state_dir.join("host.key")
+    }
+
+    /// The nonces of the migration tickets taken (`vault::UsedTickets`).
+    pub fn used_tickets_path(&self) -> PathBuf {
+        self.state_dir.join("tickets.used")
     }
 
     pub fn ca_dir(&self) -> PathBuf {

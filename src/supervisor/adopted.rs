@@ -133,6 +133,7 @@ async fn adopt_live(shared: &Arc<Shared>, guest: &Arc<Guest>, slot: &mut Slot, s
         (Some(line), Some(also)) => Some(format!("{}; {also}", super::lost_write::describe(&line))),
         (None, reason) => reason,
     };
+    shared.metrics.adopted(run.sealer.is_some());
     slot.run = Some(run);
     let info = guest.update(|i| {
         i.state = GuestState::Running;
@@ -144,7 +145,7 @@ async fn adopt_live(shared: &Arc<Shared>, guest: &Arc<Guest>, slot: &mut Slot, s
             i.generation = i.generation.max(g);
         }
     });
-    tracing::info!(guest = %id, pid, "{detail}");
+    tracing::debug!(guest = %id, pid, "{detail}");
     shared.publish(EventKind::Adopted, info, Some(detail));
 }
 
@@ -266,7 +267,7 @@ async fn seal_leftover(shared: &Arc<Shared>, guest: &Arc<Guest>, slot: &mut Slot
                 "its swtpm ended while vtpmd was down; what it wrote is recovered: {}",
                 caught_up.describe()
             );
-            tracing::info!(guest = %id, generation, "{detail}");
+            tracing::debug!(guest = %id, generation, "{detail}");
             shared.publish(EventKind::Stopped, info, Some(detail));
         }
         Err(why) => {

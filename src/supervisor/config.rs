@@ -53,6 +53,16 @@ pub struct SupervisorConfig {
     /// How many of each swtpm's output lines go to the log (all are kept
     /// in its tail); default 20 at once, 60 a minute.
     pub log_rate: crate::log_limit::Rate,
+    /// Cluster mode: etcd and this host's name in it; `None` (the
+    /// default) is local mode.
+    pub cluster: Option<ClusterSetup>,
+}
+
+/// `[cluster]` with the host name settled.
+#[derive(Debug, Clone)]
+pub struct ClusterSetup {
+    pub section: crate::config::ClusterSection,
+    pub host: String,
 }
 
 impl SupervisorConfig {
@@ -76,6 +86,7 @@ impl SupervisorConfig {
             lock_wait: Duration::from_secs(30),
             runtime_space: Some(DEFAULT_RUNTIME_SPACE_MIB << 20),
             log_rate: crate::log_limit::Rate::default(),
+            cluster: None,
         }
     }
 
@@ -134,6 +145,29 @@ impl SupervisorConfig {
             mib => Some(mib << 20),
         };
         out.log_rate = config.log.rate();
+        if config.cluster.enabled() {
+            let host = match &config.cluster.host {
+                Some(host) => host.clone(),
+                None => {
+                    let name = nix::unistd::gethostname().map_err(|e| {
+                        bad(format!(
+                            "cannot read this machine's hostname for [cluster] host: {e}"
+                        ))
+                    })?;
+                    let name = name.to_string_lossy().into_owned();
+                    crate::cluster::check_host_name(&name).map_err(|why| {
+                        bad(format!(
+                            "[cluster] host: this machine's hostname: {why}; set host"
+                        ))
+                    })?;
+                    name
+                }
+            };
+            out.cluster = Some(ClusterSetup {
+                section: config.cluster.clone(),
+                host,
+            });
+        }
         Ok(out)
     }
 }

@@ -63,6 +63,17 @@ pub enum SupervisorError {
         generation: u64,
         current: u64,
     },
+    /// The sealed file a Start found is older than a generation this vtpmd
+    /// sealed or took in: an older copy was put in its place. Starting it
+    /// would roll the TPM back (its NV indices, counters, lockout state).
+    #[error(
+        "the sealed file of guest {guest} is generation {generation}, older than generation {current} that this vtpmd sealed: an older copy was put in its place; starting it would roll the TPM back (put the newest copy back, or Import it)"
+    )]
+    RolledBack {
+        guest: GuestId,
+        generation: u64,
+        current: u64,
+    },
     /// The guest's runtime directory holds writes the sealed file lacks:
     /// exporting or replacing that file would lose them.
     #[error("guest {guest} has writes that are not sealed yet: {reason}")]
@@ -106,6 +117,24 @@ pub enum SupervisorError {
     },
     #[error("vtpmd is shutting down")]
     ShuttingDown,
+    /// Cluster mode: another host's live lease holds the guest.
+    #[error(
+        "guest {guest} is owned by host {owner:?} in the cluster, whose lease is alive: stop it there first, or evacuate it once that host is gone"
+    )]
+    OwnedElsewhere { guest: GuestId, owner: String },
+    /// Cluster mode: etcd did not answer; running guests go on, but no
+    /// guest's ownership can be taken or given up.
+    #[error("guest {guest}: the cluster's etcd cannot be used now")]
+    ClusterUnavailable {
+        guest: GuestId,
+        #[source]
+        source: Box<crate::cluster::ClusterError>,
+    },
+    /// Cluster mode is off: Evacuate needs it.
+    #[error("guest {guest}: {what} needs cluster mode ([cluster] endpoints)")]
+    NotInClusterMode { guest: GuestId, what: &'static str },
+    #[error("cannot join the cluster")]
+    JoinCluster(#[source] crate::cluster::ClusterError),
 
     #[error("this host's key cannot be used; vtpmd does not start without it")]
     HostKey(#[source] crate::vault::HostKeyError),

@@ -17,6 +17,7 @@ use super::guest::{Guest, Run, Sealer, Slot};
 use super::reseal::reseal_now;
 use super::state::GuestState;
 use super::{EventKind, GuestInfo, Shared, space};
+use crate::metrics::ExitCause;
 
 /// How long to wait for a swtpm whose pidfd said it exited to be reaped.
 const REAP_WAIT: Duration = Duration::from_secs(1);
@@ -29,6 +30,12 @@ pub(super) enum Ending {
     Exited,
     /// Stop or daemon shutdown: SIGTERM, grace, SIGKILL.
     Stop,
+    /// Cluster mode: the guest is not this host's any more (its lease
+    /// expired, or etcd names another owner). swtpm is killed at once and
+    /// nothing is resealed: what this host wrote since its last
+    /// replicated reseal is not the guest's history any more. The
+    /// plaintext goes.
+    Fenced,
 }
 
 /// What winding down found.
@@ -63,7 +70,7 @@ pub(super) async fn finish(
         resealer.abort();
         let _ = resealer.await;
     }
-    if ending == Ending::Stop {
+    if matches!(ending, Ending::Stop | Ending::Fenced) {
         if let Some(watcher) = run.watcher.take() {
             watcher.abort();
             let _ = watcher.await;
@@ -95,17 +102,32 @@ pub(super) async fn finish(
     if let Err(e) = shared.store.remove_run_record(id) {
         tracing::warn!(guest = %id, "{}", chain(&e));
     }
-    slot.unsealed_leftover = outcome.resealed.is_err();
+    slot.unsealed_leftover =
+        outcome.resealed.is_err() && !matches!(outcome.resealed, Err(Unsealed::Fenced));
+    // Cluster mode: the last reseal goes to etcd, and then the guest is
+    // let go (another host may start it). A run whose state could not be
+    // sealed keeps its claim: its writes are only here.
+    if outcome.resealed.is_ok() {
+        super::cluster::run_ended(shared, id);
+    }
     if !slot.unsealed_leftover {
         shared.handover.remove(id);
     }
 
+    shared.metrics.swtpm_exit(exit_cause(ending, &outcome.exit));
     let (mut state, failure) = settle(ending, &outcome);
     let mut reason = match &outcome.resealed {
         Err(Unsealed::NoKey) => Some(LEFTOVER_REASON.to_owned()),
         _ => None,
     };
-    slot.incoming = false;
+    // A migration's destination whose VMM left before the source's state
+    // arrived (the destination QEMU died mid-way): nothing of the guest
+    // is this host's, so nothing of it stays.
+    if let Some(from) = slot.incoming.take() {
+        if outcome.resealed.as_ref().is_ok_and(|g| *g <= from) && outcome.wiped.is_ok() {
+            return super::migrate::forget_unarrived(shared, guest, slot).await;
+        }
+    }
     // A run handed out with MigrateOut that ended cleanly: its VMM moved.
     if let (Some(out), GuestState::Stopped) = (slot.outgoing.take(), state) {
         state = GuestState::MigratedOut;
@@ -124,17 +146,13 @@ pub(super) async fn finish(
         i.failure.clone_from(&failure);
         i.reason.clone_from(&reason);
     });
-    match state {
-        GuestState::Failed => {
-            tracing::warn!(guest = %guest.id, reason = failure.as_deref().unwrap_or(""), "guest failed")
-        }
-        _ => {
-            tracing::info!(guest = %guest.id, generation = info.generation, reason = reason.as_deref().unwrap_or(""), "guest stopped")
-        }
-    }
+    // The event's own line (publish) says it to the journal.
     shared.publish(EventKind::settled(state), info.clone(), failure.or(reason));
     info
 }
+
+/// What a fenced guest says.
+pub(super) const FENCED_REASON: &str = "fenced: this host does not own the guest in the cluster any more (its etcd lease expired, or another host took the guest over); its swtpm was killed and nothing it wrote since the last reseal in etcd was sealed";
 
 /// What a stopped guest whose runtime directory was kept unsealed says.
 pub(super) const LEFTOVER_REASON: &str = "its runtime directory holds writes that are not sealed yet (no key was at hand when its swtpm ended): the next Start seals them first";
@@ -144,6 +162,8 @@ pub(super) const LEFTOVER_REASON: &str = "its runtime directory holds writes tha
 enum Unsealed {
     /// The run had no key (adopted after a restart without one).
     NoKey,
+    /// Not this host's to seal (fenced).
+    Fenced,
     Failed(String),
 }
 
@@ -160,6 +180,7 @@ fn wind_down(
     let exit = match ending {
         Ending::Exited => swtpm.wait_exit(REAP_WAIT),
         Ending::Stop => swtpm.stop(grace).map(Some),
+        Ending::Fenced => swtpm.stop(Duration::ZERO).map(Some),
     }
     .map_err(|e| chain(&e));
     let log_tail = swtpm.log_tail();
@@ -168,6 +189,7 @@ fn wind_down(
     // and `.lock`.
     drop(swtpm);
     let resealed = match &sealer {
+        _ if ending == Ending::Fenced => Err(Unsealed::Fenced),
         Some(sealer) => reseal_now(sealer, dir)
             .map(|(generation, _)| generation)
             .map_err(|e| Unsealed::Failed(chain(&e))),
@@ -177,7 +199,7 @@ fn wind_down(
     // Unsealed writes are sacred: a directory whose state did not make it
     // into the sealed file stays for the next Start.
     let wiped = match resealed {
-        Ok(_) => store::wipe_dir(dir),
+        Ok(_) | Err(Unsealed::Fenced) => store::wipe_dir(dir),
         Err(_) => Ok(()),
     }
     .and_then(|()| store::remove_socket(socket))
@@ -191,11 +213,27 @@ fn wind_down(
     }
 }
 
+/// What ended a run, for the metrics.
+fn exit_cause(ending: Ending, exit: &Result<Option<ExitReason>, String>) -> ExitCause {
+    use nix::sys::signal::Signal;
+    match (ending, exit) {
+        (Ending::Stop | Ending::Fenced, _) => ExitCause::Stopped,
+        (Ending::Exited, Ok(Some(ExitReason::Exited(0) | ExitReason::Unknown))) => {
+            ExitCause::VmmQuit
+        }
+        (Ending::Exited, Ok(Some(ExitReason::Signaled(Signal::SIGKILL | Signal::SIGTERM)))) => {
+            ExitCause::Killed
+        }
+        (Ending::Exited, _) => ExitCause::Crashed,
+    }
+}
+
 /// The state a run ends in, and the reason when that is `failed`.
 fn settle(ending: Ending, outcome: &Outcome) -> (GuestState, Option<String>) {
     let mut reasons = Vec::new();
     match (&outcome.exit, ending) {
         (Err(e), _) => reasons.push(format!("swtpm could not be reaped: {e}")),
+        (Ok(_), Ending::Fenced) => reasons.push(FENCED_REASON.to_owned()),
         (Ok(Some(ExitReason::Exited(0) | ExitReason::Unknown)), _) | (Ok(_), Ending::Stop) => {}
         (Ok(Some(reason)), Ending::Exited) => {
             let last = outcome

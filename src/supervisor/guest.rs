@@ -48,8 +48,14 @@ pub(super) struct Slot {
     /// guest is `migrated-out`.
     pub(super) outgoing: Option<super::migrate::Outgoing>,
     /// This run is a migration's destination (MigrateIn), which Abort may
-    /// still call off.
-    pub(super) incoming: bool,
+    /// still call off: the generation its state stands at until the first
+    /// seal here (the ticket's plus the leap). A run that ends still at
+    /// it never got the VMM's state.
+    pub(super) incoming: Option<u64>,
+    /// Evacuate: the next Start's first seal goes above this (etcd's
+    /// generation plus the leap), above anything the dead host may have
+    /// sealed locally and never replicated.
+    pub(super) generation_floor: Option<u64>,
     next_epoch: u64,
 }
 

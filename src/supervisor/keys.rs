@@ -15,7 +15,7 @@ use crate::vault::{
     VaultError,
 };
 
-use super::state::{Action, Allowed, permit};
+use super::state::Allowed;
 use super::{Shared, SupervisorError, blocking};
 
 /// What a caller opens a guest's state with.
@@ -139,13 +139,7 @@ async fn change(
     let guest = shared.guest(id)?;
     let slot = guest.lock(shared.config.lock_wait).await?;
     let state = guest.state();
-    // Keyslot changes are allowed where Rekey is.
-    let allowed = match permit(id, state, Action::Rekey)? {
-        Allowed::RekeyRunning if slot.run.as_ref().is_some_and(|r| r.sealer.is_none()) => {
-            Allowed::RekeyAtRest
-        }
-        allowed => allowed,
-    };
+    let allowed = super::manage::permit_keyslot_change(id, state, &slot)?;
     let paths = shared.store.sealed_paths(id);
     let policy = shared.config.kdf;
     let host_key = Arc::clone(&shared.host_key);
@@ -153,6 +147,8 @@ async fn change(
         Allowed::RekeyRunning => slot.run.as_ref().and_then(|r| r.sealer.clone()),
         _ => None,
     };
+    let running = slot.run.is_some();
+    let _claim = super::cluster::claim_for_keyslot_change(&shared, id, running).await?;
     let needs_permit = unlock.needs_kdf_permit();
     let work = move || {
         // The credential must open the file, running or not.
@@ -171,21 +167,24 @@ async fn change(
             Some(sealer) => {
                 let mut held = sealer.lock().unwrap_or_else(PoisonError::into_inner);
                 let index = apply(&mut held).map_err(|e| keyslot_error(id, e))?;
-                Ok((index, held.keyslots()))
+                Ok((index, held.keyslots(), held.generation()))
             }
             None => {
                 let mut state = opened.state;
                 let index = apply(&mut state).map_err(|e| keyslot_error(id, e))?;
-                Ok::<_, SupervisorError>((index, state.keyslots()))
+                Ok::<_, SupervisorError>((index, state.keyslots(), state.generation()))
             }
         }
     };
-    let (index, keyslots) = if needs_permit {
+    let (index, keyslots, generation) = if needs_permit {
         shared.kdf(id, "change the keyslots of", work).await??
     } else {
         blocking(id, "change the keyslots of", work).await??
     };
-    guest.update(|i| i.keyslots = keyslots.clone());
+    guest.update(|i| {
+        i.keyslots = keyslots.clone();
+        i.generation = i.generation.max(generation);
+    });
     drop(slot);
     tracing::info!(guest = %id, index, keyslots = keyslots.len(), "keyslots changed");
     Ok((index, keyslots))

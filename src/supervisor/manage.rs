@@ -8,7 +8,8 @@ use crate::secret::SecretBuf;
 use crate::store::{self, InUse};
 use crate::vault::SealedState;
 
-use super::state::{Action, Allowed, permit};
+use super::guest::Slot;
+use super::state::{Action, Allowed, GuestState, permit};
 use super::{EventKind, Shared, SupervisorError, blocking, space};
 
 /// Removes both generations and the guest's directory (its uid record
@@ -18,6 +19,25 @@ pub(super) async fn delete(shared: Arc<Shared>, id: GuestId) -> Result<(), Super
     let guest = shared.guest(id)?;
     let mut slot = guest.lock(shared.config.lock_wait).await?;
     permit(id, guest.state(), Action::Delete)?;
+    super::cluster::forget(&shared, id).await?;
+    forget(&shared, id, &mut slot).await?;
+    let info = guest.info();
+    drop(slot);
+    tracing::debug!(guest = %id, "guest deleted");
+    shared.publish(EventKind::Deleted, info, None);
+    Ok(())
+}
+
+/// Removes everything of a guest that does not run (its run, if it had
+/// one, has ended): its sealed files and directory, a runtime directory
+/// no live swtpm uses, its tmpfs, its key, uid and registry entry. Call
+/// with the guest's operation lock held (`slot`): whoever takes it next
+/// finds no guest. Delete, and a migration's destination letting go.
+pub(super) async fn forget(
+    shared: &Shared,
+    id: GuestId,
+    slot: &mut Slot,
+) -> Result<(), SupervisorError> {
     let store = shared.store.clone();
     blocking(id, "delete", move || {
         SealedState::delete(&store.sealed_paths(id))
@@ -43,7 +63,8 @@ pub(super) async fn delete(shared: Arc<Shared>, id: GuestId) -> Result<(), Super
         Ok::<_, SupervisorError>(())
     })
     .await??;
-    space::release(&shared, id).await;
+    space::release(shared, id).await;
+    super::cluster::dropped(shared, id);
     slot.deleted = true;
     slot.unsealed_leftover = false;
     shared.handover.remove(id);
@@ -51,11 +72,24 @@ pub(super) async fn delete(shared: Arc<Shared>, id: GuestId) -> Result<(), Super
     if let Some(pool) = &shared.uids {
         pool.release(id);
     }
-    let info = guest.info();
-    drop(slot);
-    tracing::info!(guest = %id, "guest deleted");
-    shared.publish(EventKind::Deleted, info, None);
     Ok(())
+}
+
+/// Whether the keyslots may change now (Rekey, Grant, Revoke), and how:
+/// as Rekey's state table says, except that a guest running without its
+/// key (adopted) has nothing in memory to keep in step, so its files are
+/// rewritten as at rest.
+pub(super) fn permit_keyslot_change(
+    id: GuestId,
+    state: GuestState,
+    slot: &Slot,
+) -> Result<Allowed, SupervisorError> {
+    Ok(match permit(id, state, Action::Rekey)? {
+        Allowed::RekeyRunning if slot.run.as_ref().is_some_and(|r| r.sealer.is_none()) => {
+            Allowed::RekeyAtRest
+        }
+        allowed => allowed,
+    })
 }
 
 /// Rewraps the keyslot `passphrase` opens under `new_passphrase`. Returns
@@ -71,17 +105,16 @@ pub(super) async fn rekey(
     let guest = shared.guest(id)?;
     let slot = guest.lock(shared.config.lock_wait).await?;
     let state = guest.state();
-    let allowed = match permit(id, state, Action::Rekey)? {
-        // Running without its key (adopted): nothing in memory to keep in
-        // step, so the files are rewrapped as at rest.
-        Allowed::RekeyRunning if slot.run.as_ref().is_some_and(|r| r.sealer.is_none()) => {
-            Allowed::RekeyAtRest
-        }
-        allowed => allowed,
-    };
+    let allowed = permit_keyslot_change(id, state, &slot)?;
     let paths = shared.store.sealed_paths(id);
     let policy = shared.config.kdf;
-    let left_as_is = match allowed {
+    let running = slot.run.is_some();
+    let _claim = if matches!(allowed, Allowed::RekeyRunning | Allowed::RekeyAtRest) {
+        Some(super::cluster::claim_for_keyslot_change(&shared, id, running).await?)
+    } else {
+        None
+    };
+    let (left_as_is, generation) = match allowed {
         Allowed::RekeyRunning => {
             let Some(sealer) = slot.run.as_ref().and_then(|r| r.sealer.clone()) else {
                 return Err(SupervisorError::GuestNotRunning { guest: id, state });
@@ -103,8 +136,10 @@ pub(super) async fn rekey(
                     // Rewrap through the running guest's own state, so its
                     // next reseal writes the new keyslot, not the old one.
                     let mut held = sealer.lock().unwrap_or_else(PoisonError::into_inner);
-                    held.change_passphrase_of(index, &new_passphrase, &policy)
-                        .map_err(|e| SupervisorError::from_vault(id, "rekey", e))
+                    let left = held
+                        .change_passphrase_of(index, &new_passphrase, &policy)
+                        .map_err(|e| SupervisorError::from_vault(id, "rekey", e))?;
+                    Ok::<_, SupervisorError>((left, held.generation()))
                 })
                 .await??
         }
@@ -116,9 +151,10 @@ pub(super) async fn rekey(
                     let mut state = opened
                         .map_err(|e| SupervisorError::from_vault(id, "open", e))?
                         .state;
-                    state
+                    let left = state
                         .change_passphrase(&new_passphrase, &policy)
-                        .map_err(|e| SupervisorError::from_vault(id, "rekey", e))
+                        .map_err(|e| SupervisorError::from_vault(id, "rekey", e))?;
+                    Ok::<_, SupervisorError>((left, state.generation()))
                 })
                 .await??
         }
@@ -135,7 +171,8 @@ pub(super) async fn rekey(
             });
         }
     };
+    guest.update(|i| i.generation = i.generation.max(generation));
     drop(slot);
-    tracing::info!(guest = %id, left_as_is = left_as_is.len(), "passphrase changed");
+    tracing::info!(guest = %id, left_as_is = left_as_is.len(), generation, "passphrase changed");
     Ok(left_as_is.iter().map(ToString::to_string).collect())
 }

@@ -19,8 +19,7 @@
 //! generations above the source's (`GENERATION_LEAP`). `Abort` removes
 //! it again, leaving nothing behind.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use crate::error_chain::chain;
@@ -57,19 +56,6 @@ pub(super) struct Outgoing {
     /// The destination's fingerprint (hex).
     pub(super) to: String,
     pub(super) generation: u64,
-}
-
-/// Nonces of the tickets this host has taken, until they expire.
-#[derive(Debug, Default)]
-pub(super) struct UsedTickets(Mutex<HashMap<[u8; 16], SystemTime>>);
-
-impl UsedTickets {
-    /// Records `nonce`; false when it was taken before.
-    fn take(&self, nonce: [u8; 16], expires: SystemTime, now: SystemTime) -> bool {
-        let mut used = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        used.retain(|_, until| *until > now);
-        used.insert(nonce, expires).is_none()
-    }
 }
 
 pub(super) async fn migrate_out(
@@ -129,7 +115,7 @@ pub(super) async fn migrate_out(
             "migrating out to host {to}: it goes on here until its VMM has moved"
         ));
     });
-    tracing::info!(guest = %id, to, generation = out.generation, "migration ticket handed out");
+    tracing::debug!(guest = %id, to, generation = out.generation, "migration ticket handed out");
     shared.publish(
         EventKind::MigratingOut,
         info,
@@ -152,18 +138,23 @@ pub(super) async fn migrate_in(
     let opened = crate::vault::open_ticket(&ticket, id, &shared.host_key, now)
         .map_err(|source| SupervisorError::Ticket { guest: id, source })?;
     let given = std::path::Path::new("(the sealed file MigrateIn was given)");
-    let header = crate::vault::inspect_bytes(given, &sealed)
-        .map_err(|e| SupervisorError::from_vault(id, "read the migrated sealed file of", e))?;
-    if header.guest != id {
-        return Err(SupervisorError::from_vault(
-            id,
-            "take in",
-            VaultError::GuestMismatch {
-                path: given.to_owned(),
-                expected: id,
-                found: header.guest,
-            },
-        ));
+    // The checks Import makes (structure, checksum, whose it is), then
+    // the ticket's generation: nothing is written until all passed.
+    let header = crate::vault::check_sealed(given, &sealed, id)
+        .map_err(|e| SupervisorError::from_vault(id, "check the migrated sealed file of", e))?;
+    let Some(spec) = super::recover::spec_of(&header) else {
+        return Err(SupervisorError::StateCorrupt {
+            guest: id,
+            what: format!(
+                "the migrated sealed file names TPM {} with {}, which vtpmd does not know",
+                header.tpm_version, header.tpm_model
+            ),
+        });
+    };
+    if !shared.host.supports(spec.version()) {
+        return Err(SupervisorError::UnsupportedTpm {
+            version: spec.version(),
+        });
     }
     if header.generation != opened.generation {
         return Err(SupervisorError::Migration {
@@ -174,7 +165,14 @@ pub(super) async fn migrate_in(
             ),
         });
     }
-    if !shared.used_tickets.take(opened.nonce, opened.expires, now) {
+    let used = Arc::clone(&shared.used_tickets);
+    let (nonce, expires) = (opened.nonce, opened.expires);
+    let fresh = blocking(id, "record the ticket as used", move || {
+        used.take(nonce, expires, now)
+    })
+    .await?
+    .map_err(|e| SupervisorError::from_vault(id, "record the ticket as used", e))?;
+    if !fresh {
         return Err(SupervisorError::Ticket {
             guest: id,
             source: crate::vault::TicketError::Used,
@@ -184,55 +182,61 @@ pub(super) async fn migrate_in(
         Taken::Exists(_) => SupervisorError::GuestExists { guest: id },
         Taken::BeingCreated => SupervisorError::Busy { guest: id },
     })?;
-    let store = shared.store.clone();
-    let handover = opened.handover;
-    let taken = blocking(id, "take in the migrated state", move || {
-        store
-            .create_guest_dir(id)
-            .map_err(|source| SupervisorError::Store {
-                guest: id,
-                op: "create the guest directory",
-                source,
-            })?;
-        let paths = store.sealed_paths(id);
-        SealedState::take_in(paths, id, &sealed, &handover).map_err(|e| {
-            let _ = store.remove_guest_dir(id);
-            SupervisorError::from_vault(id, "take in", e)
-        })
-    })
-    .await??;
-    let mut state = taken.state;
-    state.raise_generation_above(opened.generation + GENERATION_LEAP);
-    let guest = Guest::new(GuestInfo {
-        guest: id,
-        spec: state.spec(),
-        state: GuestState::Stopped,
-        pid: None,
-        ctrl_socket: None,
-        generation: opened.generation,
-        failure: None,
-        reason: None,
-        keyslots: state.keyslots(),
-    });
-    reservation.commit(Arc::clone(&guest));
+    // Taken in as Import takes a new guest (uid, directory, file), then
+    // opened with the ticket's key: the file must open with it as it is.
+    let (_, _) = super::mobility::register_new(
+        &shared,
+        reservation,
+        sealed,
+        &header,
+        spec,
+        GuestState::Starting,
+    )
+    .await?;
+    let guest = shared.guest(id)?;
     let mut slot = guest.lock(shared.config.lock_wait).await?;
+    let paths = shared.store.sealed_paths(id);
+    let handover = opened.handover;
+    let resumed = blocking(
+        id,
+        "open the migrated state",
+        move || match SealedState::resume(paths.clone(), id, &handover) {
+            Ok(opened) if opened.fell_back.is_none() => Ok(opened.state),
+            Ok(_) => Err(VaultError::WrongHandover {
+                path: paths.current().to_owned(),
+            }),
+            Err(e) => Err(e),
+        },
+    )
+    .await
+    .and_then(|r| r.map_err(|e| SupervisorError::from_vault(id, "open the migrated state of", e)));
+    let mut state = match resumed {
+        Ok(state) => state,
+        Err(e) => {
+            let_go(&shared, id, &mut slot).await;
+            return Err(e);
+        }
+    };
+    state.raise_generation_above(opened.generation + GENERATION_LEAP);
+    if let Err(e) = super::cluster::expect_handoff(&shared, id).await {
+        let_go(&shared, id, &mut slot).await;
+        return Err(e);
+    }
     let ran = start::run(&shared, &guest, &mut slot, state, None).await;
     match ran {
         Ok((_, _)) => {
-            slot.incoming = true;
+            slot.incoming = Some(opened.generation + GENERATION_LEAP);
             let info = guest.update(|i| {
                 i.reason = Some(
                     "migrating in: its swtpm waits for the VMM's state (QEMU -incoming)".to_owned(),
                 )
             });
-            tracing::info!(guest = %id, generation = opened.generation, "migration taken in");
+            tracing::debug!(guest = %id, generation = opened.generation, "migration taken in");
             shared.publish(EventKind::MigratingIn, info.clone(), None);
             Ok(info)
         }
         Err(e) => {
-            slot.deleted = true;
-            drop(slot);
-            remove_guest(&shared, id).await;
+            let_go(&shared, id, &mut slot).await;
             Err(e)
         }
     }
@@ -247,11 +251,12 @@ pub(super) async fn abort(shared: Arc<Shared>, id: GuestId) -> Result<GuestInfo,
     let mut slot = guest.lock(shared.config.lock_wait).await?;
     if slot.outgoing.take().is_some() {
         let info = guest.update(|i| i.reason = None);
-        tracing::info!(guest = %id, "outgoing migration called off; the guest goes on here");
+        tracing::debug!(guest = %id, "outgoing migration called off; the guest goes on here");
         shared.publish(EventKind::MigrationAborted, info.clone(), None);
         return Ok(info);
     }
-    if !slot.incoming {
+    // Taken first: the run ends as called off, not as a VMM that left.
+    if slot.incoming.take().is_none() {
         return Err(SupervisorError::Migration {
             guest: id,
             why: "no migration of it is under way on this host".to_owned(),
@@ -262,31 +267,44 @@ pub(super) async fn abort(shared: Arc<Shared>, id: GuestId) -> Result<GuestInfo,
     } else {
         guest.info()
     };
-    slot.deleted = true;
+    super::manage::forget(&shared, id, &mut slot).await?;
     drop(slot);
-    remove_guest(&shared, id).await;
-    tracing::info!(guest = %id, "incoming migration called off; nothing of it is left");
+    tracing::debug!(guest = %id, "incoming migration called off; nothing of it is left");
     shared.publish(EventKind::MigrationAborted, ended.clone(), None);
     Ok(ended)
 }
 
-/// Removes a guest that was only taken in: its sealed files, its uid, its
-/// registry entry.
-async fn remove_guest(shared: &Arc<Shared>, id: GuestId) {
-    let store = shared.store.clone();
-    let removed = blocking(id, "remove the incoming guest", move || {
-        SealedState::delete(&store.sealed_paths(id)).map_err(|e| chain(&e))?;
-        store.remove_guest_dir(id).map_err(|e| chain(&e))
-    })
-    .await;
-    match removed {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => tracing::error!(guest = %id, "removing the incoming guest: {e}"),
-        Err(e) => tracing::error!(guest = %id, "removing the incoming guest: {}", chain(&e)),
-    }
-    shared.handover.remove(id);
-    shared.registry.remove(id);
-    if let Some(pool) = &shared.uids {
-        pool.release(id);
+/// Ends an incoming guest whose VMM left before the source's state
+/// arrived (its run has ended, its directory is wiped): removed as Abort
+/// would, so a later Abort finds nothing (`GuestNotFound`).
+pub(super) async fn forget_unarrived(
+    shared: &Shared,
+    guest: &Arc<Guest>,
+    slot: &mut super::guest::Slot,
+) -> GuestInfo {
+    let id = guest.id;
+    let_go(shared, id, slot).await;
+    let info = guest.update(|i| {
+        i.state = GuestState::Stopped;
+        i.pid = None;
+        i.ctrl_socket = None;
+        i.reason = Some(UNARRIVED.to_owned());
+    });
+    tracing::debug!(guest = %id, "{UNARRIVED}");
+    shared.publish(
+        EventKind::MigrationAborted,
+        info.clone(),
+        Some(UNARRIVED.to_owned()),
+    );
+    info
+}
+
+const UNARRIVED: &str = "incoming migration ended before the source's state arrived (its VMM left): nothing of it is kept on this host";
+
+/// Removes a guest that was only taken in, with everything it had here;
+/// a failure is logged (the caller is failing already).
+async fn let_go(shared: &Shared, id: GuestId, slot: &mut super::guest::Slot) {
+    if let Err(e) = super::manage::forget(shared, id, slot).await {
+        tracing::error!(guest = %id, "removing the incoming guest: {}", chain(&e));
     }
 }

@@ -14,15 +14,14 @@ use std::path::Path;
 use std::sync::Arc;
 
 use crate::error_chain::chain;
-use crate::protocol::GuestId;
-use crate::store::StoreError;
+use crate::protocol::{GuestId, TpmSpec};
 use crate::vault::{self, HeaderInfo, Placement, SealedFile, VaultError};
 
-use super::create::{UidGuard, Undo};
+use super::create::NewGuest;
 use super::finish::LEFTOVER_REASON;
 use super::guest::{Guest, Slot};
 use super::recover::spec_of;
-use super::registry::Taken;
+use super::registry::{Reservation, Taken};
 use super::state::{Action, Allowed, GuestState, permit};
 use super::{EventKind, GuestInfo, Shared, SupervisorError, blocking, reseal};
 
@@ -99,6 +98,10 @@ async fn export_running(
     .await?
     .map_err(|e| SupervisorError::from_vault(id, "reseal for the export", e))?;
     let generation = file.header.generation;
+    if written {
+        // A reseal like any other: in cluster mode etcd must hold it too.
+        super::cluster::resealed(shared, id);
+    }
     let info = guest.update(|i| i.generation = i.generation.max(generation));
     let detail = if written {
         format!("generation {generation}, resealed for the export")
@@ -154,8 +157,70 @@ fn unsealed_leftover(guest: &Guest) -> SupervisorError {
 /// Registers `sealed` as guest `id` on this host, `stopped`: a guest this
 /// host does not know gets a directory and a swtpm uid as Create gives
 /// them; a known one that is not running gets the file as its next
-/// generation, if it is newer than every sound generation here.
+/// generation, if it is newer than every sound generation here. In
+/// cluster mode the guest must be nobody's (or this host's) and the file
+/// no older than etcd's newest; it goes to etcd, and the guest is let go.
 pub(super) async fn import(
+    shared: Arc<Shared>,
+    id: GuestId,
+    sealed: Vec<u8>,
+) -> Result<GuestInfo, SupervisorError> {
+    let header = vault::check_sealed(Path::new(IMPORTED), &sealed, id)
+        .map_err(|e| SupervisorError::from_vault(id, "check", e))?;
+    super::cluster::claim_for_import(&shared, id, header.generation).await?;
+    let taken = take_in(Arc::clone(&shared), id, sealed).await;
+    if taken.is_ok() {
+        super::cluster::resealed(&shared, id);
+    }
+    super::cluster::release(&shared, id);
+    taken
+}
+
+/// Evacuate (cluster mode): the guest of a host whose lease expired,
+/// taken over with the newest state etcd holds and started here, its
+/// generations from now on above anything that host may have sealed and
+/// never replicated.
+pub(super) async fn evacuate(
+    shared: Arc<Shared>,
+    id: GuestId,
+    unlock: super::Unlock,
+) -> Result<GuestInfo, SupervisorError> {
+    let Some(cluster) = shared.cluster.clone() else {
+        return Err(SupervisorError::NotInClusterMode {
+            guest: id,
+            what: "Evacuate",
+        });
+    };
+    if let Some(guest) = shared.registry.get(id) {
+        let state = guest.state();
+        if state != GuestState::Stopped && state != GuestState::Failed {
+            return Err(SupervisorError::GuestRunning { guest: id, state });
+        }
+    }
+    let (generation, sealed) = cluster
+        .evacuate(id)
+        .await
+        .map_err(|e| super::cluster::refused(id, e))?;
+    let evacuated = async {
+        let here = shared.registry.get(id).map(|g| g.info().generation);
+        if here != Some(generation) {
+            take_in(Arc::clone(&shared), id, sealed).await?;
+        }
+        let guest = shared.guest(id)?;
+        guest.lock(shared.config.lock_wait).await?.generation_floor =
+            Some(generation + super::migrate::GENERATION_LEAP);
+        super::start::start_guest(Arc::clone(&shared), id, unlock).await
+    }
+    .await;
+    if evacuated.is_err() {
+        super::cluster::release(&shared, id);
+    }
+    evacuated
+}
+
+/// Import's local part: the checks against what this host holds, and
+/// the write.
+async fn take_in(
     shared: Arc<Shared>,
     id: GuestId,
     sealed: Vec<u8>,
@@ -197,43 +262,45 @@ pub(super) async fn import(
         }
     };
 
-    let uid = match &shared.uids {
-        Some(pool) => Some(pool.allocate(id).ok_or(SupervisorError::NoFreeUid {
-            guest: id,
-            range: pool.range(),
-        })?),
-        None => None,
-    };
-    let mut uid_guard = UidGuard {
-        shared: &shared,
-        id,
-        armed: true,
-    };
-    let store = shared.store.clone();
-    let made = blocking(id, "create the guest directory", {
-        let store = store.clone();
-        move || store.create_guest_dir(id)
-    })
+    let (info, uid) = register_new(
+        &shared,
+        reservation,
+        sealed,
+        &header,
+        spec,
+        GuestState::Stopped,
+    )
     .await?;
-    match made {
-        Ok(_) => {}
-        // Foreign files in a directory no guest of this host owns.
-        Err(StoreError::Unexpected { .. }) => {
-            return Err(SupervisorError::GuestExists { guest: id });
-        }
-        Err(source) => {
-            return Err(SupervisorError::Store {
-                guest: id,
-                op: "create the guest directory",
-                source,
-            });
-        }
-    }
-    let mut undo = Undo {
-        store: store.clone(),
-        id,
-        armed: true,
-    };
+    tracing::debug!(guest = %id, %spec, generation = header.generation, swtpm_uid = ?uid, "guest imported");
+    shared.publish(
+        EventKind::Imported,
+        info.clone(),
+        Some(format!(
+            "generation {}, a guest new to this host",
+            header.generation
+        )),
+    );
+    Ok(info)
+}
+
+/// Registers `sealed` (checked already: `header` is its) as a guest new
+/// to this host, `stopped`, as Create would: a swtpm uid recorded beside
+/// it, its directory and file written durably. Nothing is left on
+/// failure. Import and MigrateIn both take a guest in this way, in
+/// `state` (MigrateIn: `starting`, so no Start comes between it and the
+/// swtpm it runs). Returns the guest's snapshot and its swtpm uid.
+pub(super) async fn register_new(
+    shared: &Arc<Shared>,
+    reservation: Reservation<'_>,
+    sealed: Vec<u8>,
+    header: &HeaderInfo,
+    spec: TpmSpec,
+    state: GuestState,
+) -> Result<(GuestInfo, Option<u32>), SupervisorError> {
+    let id = header.guest;
+    let placed = NewGuest::place(shared, id).await?;
+    let uid = placed.uid;
+    let store = shared.store.clone();
     let paths = store.sealed_paths(id);
     blocking(id, "write the imported sealed file", {
         let store = store.clone();
@@ -253,30 +320,21 @@ pub(super) async fn import(
         }
     })
     .await??;
-    undo.armed = false;
-    uid_guard.armed = false;
+    placed.keep();
     let info = GuestInfo {
         guest: id,
         spec,
-        state: GuestState::Stopped,
+        state,
         pid: None,
         ctrl_socket: None,
         generation: header.generation,
         failure: None,
         reason: None,
         keyslots: header.slot_summaries(),
+        replication: None,
     };
     reservation.commit(Guest::new(info.clone()));
-    tracing::info!(guest = %id, %spec, generation = header.generation, swtpm_uid = ?uid, "guest imported");
-    shared.publish(
-        EventKind::Imported,
-        info.clone(),
-        Some(format!(
-            "generation {}, a guest new to this host",
-            header.generation
-        )),
-    );
-    Ok(info)
+    Ok((info, uid))
 }
 
 /// The import over a guest this host knows.
@@ -331,7 +389,7 @@ async fn import_over(
         ),
         _ => format!("generation {generation}"),
     };
-    tracing::info!(guest = %id, generation, "{detail}");
+    tracing::debug!(guest = %id, generation, "{detail}");
     shared.publish(EventKind::Imported, info.clone(), Some(detail));
     Ok(info)
 }

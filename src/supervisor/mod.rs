@@ -26,6 +26,7 @@
 #![forbid(unsafe_code)]
 
 mod adopted;
+mod cluster;
 mod config;
 mod create;
 mod error;
@@ -65,7 +66,9 @@ use crate::store::{DaemonLock, Store};
 use crate::swtpm::probe::HostSupport;
 use crate::swtpm::provision::LocalCa;
 
-pub use config::{DEFAULT_RUNTIME_SPACE_MIB, SupervisorConfig, default_kdf_parallelism};
+pub use config::{
+    ClusterSetup, DEFAULT_RUNTIME_SPACE_MIB, SupervisorConfig, default_kdf_parallelism,
+};
 pub use error::SupervisorError;
 pub use handover::KeyStore;
 pub use keys::{CreatePolicy, Unlock};
@@ -103,6 +106,9 @@ pub struct GuestInfo {
     pub reason: Option<String>,
     /// The sealed file's keyslots: each one's kind (and host).
     pub keyslots: Vec<crate::vault::SlotSummary>,
+    /// Cluster mode: what etcd has of the guest from this host (while this
+    /// host owns it); `None` otherwise.
+    pub replication: Option<crate::cluster::Replica>,
 }
 
 /// What this host can serve.
@@ -160,6 +166,15 @@ pub enum EventKind {
     MigratingIn,
     /// Abort: a migration was called off on this host.
     MigrationAborted,
+    /// Cluster mode: the guest is not this host's any more (its lease
+    /// expired, or another host took it over); its swtpm was killed and
+    /// nothing was resealed (the detail says why).
+    Fenced,
+    /// Cluster mode: the guest's reseals cannot be written to etcd now
+    /// (the detail says why); they are retried, the guest runs on.
+    ReplicationBehind,
+    /// Cluster mode: etcd has the guest's newest reseal again.
+    ReplicationCaughtUp,
 }
 
 impl EventKind {
@@ -182,6 +197,37 @@ impl EventKind {
             EventKind::MigratedOut => "migrated-out",
             EventKind::MigratingIn => "migrating-in",
             EventKind::MigrationAborted => "migration-aborted",
+            EventKind::Fenced => "fenced",
+            EventKind::ReplicationBehind => "replication-behind",
+            EventKind::ReplicationCaughtUp => "replication-caught-up",
+        }
+    }
+
+    /// The journal's `MESSAGE_ID` of this kind's log line: stable across
+    /// releases (as systemd's own daemons do), so an operator can filter on
+    /// it (`journalctl MESSAGE_ID=…`); docs/integration.md lists them.
+    pub fn message_id(self) -> &'static str {
+        match self {
+            EventKind::Created => "69332dcb0edf4de6b45a92a2b0e75d15",
+            EventKind::Starting => "14d64565a5f04261ac18579cba2f5c4b",
+            EventKind::Running { .. } => "a0e55e4c445d49079043d9ac368e6861",
+            EventKind::Stopping => "71835469a1d147db8f693ed267c8dd70",
+            EventKind::Stopped => "a01348523b7a4c0ebcec544b8b0b360f",
+            EventKind::Failed => "a91df47a5a4943b79935443ebe106850",
+            EventKind::Deleted => "28f11e699f3a4a7c8ad6f5c2cf0970e7",
+            EventKind::Adopted => "8d8cf6f40cae471c9a179fbdfc45cd38",
+            EventKind::Resealed { .. } => "74f54cdf17d54481ba2c6ced725083a3",
+            EventKind::ResealFailed => "1e45c59e304849e2bff8013c3cbc31df",
+            EventKind::StoreFailed => "0fe843e7a91a46c8ae18514640c316a9",
+            EventKind::Exported => "1f33f14dfbc447f8901494e849eddd27",
+            EventKind::Imported => "332302d1f7b54a58ae3cfd5eaab20404",
+            EventKind::MigratingOut => "d74330149b1c4e68af1b196b2f91cfe8",
+            EventKind::MigratedOut => "74ed981899814384bdb11f6e5a16f44b",
+            EventKind::MigratingIn => "789adcb8b7204cb0aab57941471a1dc6",
+            EventKind::MigrationAborted => "896546539df24d3d8ca9293170f5c23a",
+            EventKind::Fenced => "c4b1f3a2e67d4e0f9a5b8c7d6e1f2a3b",
+            EventKind::ReplicationBehind => "5b9e2d7c4a1f4e3b8c6d0a2f7e9b1c48",
+            EventKind::ReplicationCaughtUp => "e07a4c2b9d6f4b1e8a3c5d7f9b2e4a61",
         }
     }
 
@@ -257,13 +303,16 @@ pub(crate) struct Shared {
     /// Each swtpm's transient systemd scope.
     scopes: scopes::Scopes,
     /// Migration tickets taken here, until they expire.
-    used_tickets: migrate::UsedTickets,
+    used_tickets: Arc<crate::vault::UsedTickets>,
+    metrics: Arc<crate::metrics::Metrics>,
     /// Whether each guest's runtime directory gets a tmpfs of its own.
     space: space::RuntimeSpace,
     /// One vtpmd per state directory, for as long as this one lives.
     _daemon_lock: DaemonLock,
     /// This host's identity: what `host` keyslots for this host open with.
     host_key: Arc<crate::vault::HostKey>,
+    /// Cluster mode's etcd membership; `None` in local mode.
+    cluster: Option<Arc<crate::cluster::Cluster>>,
 }
 
 impl Shared {
@@ -299,14 +348,55 @@ impl Shared {
             .ok_or(SupervisorError::NoSuchGuest { guest: id })
     }
 
+    /// `info` with what etcd has of the guest (cluster mode).
+    fn with_replication(&self, mut info: GuestInfo) -> GuestInfo {
+        if let Some(cluster) = &self.cluster {
+            info.replication = cluster.replica(info.guest);
+        }
+        info
+    }
+
     fn publish(&self, kind: EventKind, guest: GuestInfo, detail: Option<String>) {
-        tracing::debug!(guest = %guest.guest, event = kind.as_str(), state = %guest.state, "event");
+        let guest = self.with_replication(guest);
+        log_event(kind, &guest, detail.as_deref());
+        self.metrics.event(kind.as_str());
+        match kind {
+            EventKind::Running { start: Some(t) } => self.metrics.start(
+                &[
+                    ("queued", t.queued),
+                    ("kdf", t.kdf),
+                    ("unseal", t.unseal),
+                    ("spawn", t.spawn),
+                    ("ready", t.ready),
+                ],
+                t.total,
+            ),
+            EventKind::Resealed { latency } => self.metrics.resealed(latency),
+            EventKind::ResealFailed => self.metrics.reseal_failed(),
+            _ => {}
+        }
         // No subscriber is fine.
         let _ = self.events.send(Event {
             kind,
             guest,
             detail,
         });
+    }
+
+    /// One of the KDF permits (they bound how many Argon2id run at once),
+    /// counted in the metrics as waiting, then as in use until dropped;
+    /// `ShuttingDown` once shutdown has closed them.
+    async fn kdf_permit(&self) -> Result<KdfPermit, SupervisorError> {
+        let waiting = self.metrics.kdf_waiting();
+        let permit = Arc::clone(&self.kdf_permits)
+            .acquire_owned()
+            .await
+            .map_err(|_| SupervisorError::ShuttingDown)?;
+        drop(waiting);
+        Ok(KdfPermit {
+            _running: self.metrics.kdf_running(),
+            _permit: permit,
+        })
     }
 
     /// Runs `f` (which derives keys) on a blocking thread while holding one
@@ -316,10 +406,7 @@ impl Shared {
         T: Send + 'static,
         F: FnOnce() -> T + Send + 'static,
     {
-        let permit = Arc::clone(&self.kdf_permits)
-            .acquire_owned()
-            .await
-            .map_err(|_| SupervisorError::ShuttingDown)?;
+        let permit = self.kdf_permit().await?;
         blocking(guest, op, move || {
             let out = f();
             drop(permit);
@@ -340,6 +427,62 @@ impl Shared {
             swtpm_version: self.host.swtpm_version.clone(),
         }
     }
+}
+
+/// The one log line of each event: `GUEST=`, `OPERATION=` (the event's
+/// kind), `MESSAGE_ID=`, the state and generation after it, and what the
+/// event says (`DETAIL=`). Reseals are debug (one per TPM write); the
+/// troubles are warnings; the rest is the guest's lifecycle, info.
+fn log_event(kind: EventKind, guest: &GuestInfo, detail: Option<&str>) {
+    macro_rules! line {
+        ($level:ident) => {
+            match detail {
+                Some(detail) => tracing::$level!(
+                    guest = %guest.guest,
+                    operation = kind.as_str(),
+                    message_id = kind.message_id(),
+                    state = %guest.state,
+                    generation = guest.generation,
+                    detail,
+                    "guest {}",
+                    kind.as_str()
+                ),
+                None => tracing::$level!(
+                    guest = %guest.guest,
+                    operation = kind.as_str(),
+                    message_id = kind.message_id(),
+                    state = %guest.state,
+                    generation = guest.generation,
+                    "guest {}",
+                    kind.as_str()
+                ),
+            }
+        };
+    }
+    match kind {
+        EventKind::Resealed { .. } => line!(debug),
+        EventKind::Failed | EventKind::ResealFailed => line!(warn),
+        EventKind::StoreFailed | EventKind::Fenced => line!(error),
+        EventKind::ReplicationBehind => line!(warn),
+        _ => line!(info),
+    }
+}
+
+/// The used-ticket nonces; a damaged file is reported and set aside (the
+/// set starts empty: a replay then still meets the ticket's expiry and
+/// the registry's refusal of a guest that exists).
+fn load_used_tickets(path: &std::path::Path) -> crate::vault::UsedTickets {
+    let (used, damage) = crate::vault::UsedTickets::load(path, std::time::SystemTime::now());
+    if let Some(e) = damage {
+        tracing::error!(path = %path.display(), "used migration tickets: {}; starting with none", crate::error_chain::chain(&e));
+    }
+    used
+}
+
+/// A KDF permit and its in-use gauge: both go when it is dropped.
+struct KdfPermit {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    _running: crate::metrics::GaugeHold,
 }
 
 /// Runs blocking work (file system, fork/exec, fsync) off the async
@@ -414,7 +557,7 @@ impl Supervisor {
         let bins = config.binaries.clone();
         let for_setup = store.clone();
         let uid_range = config.swtpm_uids;
-        let (host, ca, guests, uids, daemon_lock, host_key) =
+        let (host, ca, guests, uids, daemon_lock, host_key, used_tickets) =
             tokio::task::spawn_blocking(move || {
                 for_setup.init().map_err(SupervisorError::InitStore)?;
                 // Before anything is read or removed: a second vtpmd on this
@@ -425,6 +568,7 @@ impl Supervisor {
                 // Under the lock: two vtpmds never race to make it.
                 let host_key = crate::vault::HostKey::load_or_create(&for_setup.host_key_path())
                     .map_err(SupervisorError::HostKey)?;
+                let used_tickets = load_used_tickets(&for_setup.used_tickets_path());
                 let host =
                     crate::swtpm::probe::probe(&bins).map_err(SupervisorError::ProbeSwtpm)?;
                 if uid_range.is_some() {
@@ -439,7 +583,15 @@ impl Supervisor {
                 };
                 let guests = recover::recover(&for_setup, &bins.swtpm)?;
                 let uids = uid_range.map(|range| recover::recover_uids(&for_setup, range, &guests));
-                Ok::<_, SupervisorError>((host, ca, guests, uids, daemon_lock, host_key))
+                Ok::<_, SupervisorError>((
+                    host,
+                    ca,
+                    guests,
+                    uids,
+                    daemon_lock,
+                    host_key,
+                    used_tickets,
+                ))
             })
             .await
             .map_err(|source| SupervisorError::Config {
@@ -465,6 +617,12 @@ impl Supervisor {
             }
             registry.insert_recovered(guest);
         }
+        let metrics = Arc::new(crate::metrics::Metrics::new(&host.swtpm_version));
+        let joined = cluster::join(&config, &store, &metrics).await?;
+        let (cluster, fences, source) = match joined {
+            Some((cluster, fences, source)) => (Some(cluster), Some(fences), Some(source)),
+            None => (None, None, None),
+        };
         let shared = Arc::new(Shared {
             kdf_permits: Arc::new(Semaphore::new(config.kdf_parallelism.max(1))),
             watcher,
@@ -480,11 +638,20 @@ impl Supervisor {
             handover: handover::Handover::new(keys),
             scopes,
             space,
-            used_tickets: migrate::UsedTickets::default(),
+            used_tickets: Arc::new(used_tickets),
+            metrics,
             _daemon_lock: daemon_lock,
             host_key: Arc::new(host_key),
+            cluster,
         });
+        if let Some(fences) = fences {
+            cluster::spawn_fencer(&shared, fences);
+        }
+        if let Some(source) = source {
+            let _ = source.shared.set(Arc::downgrade(&shared));
+        }
         let adopted = adopted::take_over(&shared, found).await;
+        cluster::claim_adopted(&shared).await;
         // Tmpfs mounts whose guest stopped while no vtpmd ran (emptied by
         // the recovery above).
         for guest in shared.registry.all() {
@@ -594,6 +761,21 @@ impl Supervisor {
         .await
     }
 
+    /// Cluster mode: takes over a guest whose owner's lease expired (its
+    /// host is gone), with the newest state etcd holds, and starts it here
+    /// as Start does with `unlock`.
+    pub async fn evacuate(
+        &self,
+        guest: GuestId,
+        unlock: Unlock,
+    ) -> Result<GuestInfo, SupervisorError> {
+        let shared = Arc::clone(&self.shared);
+        detached(guest, "evacuate", async move {
+            mobility::evacuate(shared, guest, unlock).await
+        })
+        .await
+    }
+
     /// Removes keyslot `index`, never the last one.
     pub async fn revoke(
         &self,
@@ -664,17 +846,46 @@ impl Supervisor {
         self.shared
             .registry
             .get(guest)
-            .map(|g| g.info())
+            .map(|g| self.shared.with_replication(g.info()))
             .ok_or(SupervisorError::NoSuchGuest { guest })
     }
 
     /// Every guest, sorted by id; never waits for an operation.
+    /// What vtpmd counts (see `metrics`), rendered now.
+    pub fn render_metrics(&self, format: crate::metrics::Format) -> String {
+        let mut counts = [0i64; GuestState::ALL.len()];
+        for guest in self.shared.registry.all() {
+            let state = guest.state();
+            if let Some(i) = GuestState::ALL.iter().position(|s| *s == state) {
+                counts[i] += 1;
+            }
+        }
+        let snapshot = crate::metrics::Snapshot {
+            guests: GuestState::ALL
+                .iter()
+                .zip(counts)
+                .map(|(s, n)| (s.as_str(), n))
+                .collect(),
+            cluster: self
+                .shared
+                .cluster
+                .as_ref()
+                .map(|c| (c.is_up(), i64::try_from(c.pending()).unwrap_or(i64::MAX))),
+        };
+        self.shared.metrics.render(&snapshot, format)
+    }
+
+    /// The counters the API layer moves (calls, connections).
+    pub fn metrics(&self) -> &Arc<crate::metrics::Metrics> {
+        &self.shared.metrics
+    }
+
     pub fn list(&self) -> Vec<GuestInfo> {
         self.shared
             .registry
             .all()
             .iter()
-            .map(|g| g.info())
+            .map(|g| self.shared.with_replication(g.info()))
             .collect()
     }
 

@@ -86,6 +86,7 @@ fn recover_guest(store: &Store, id: GuestId) -> Option<GuestInfo> {
         failure,
         reason: None,
         keyslots: keyslots.clone(),
+        replication: None,
     };
     match header {
         Ok(h) if h.guest == id => match spec_of(&h) {

@@ -115,6 +115,7 @@ mod tests {
             failure: None,
             reason: None,
             keyslots: Vec::new(),
+            replication: None,
         })
     }
 

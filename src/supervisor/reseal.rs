@@ -24,13 +24,35 @@ pub(super) fn is_state_file(name: &str) -> bool {
 
 /// Archives `dir` and seals it as the next generation, unless it holds
 /// exactly what is sealed already. Returns the generation that now holds
-/// the directory's state, and whether it was written just now.
-pub(super) fn reseal_now(sealer: &Sealer, dir: &Path) -> Result<(u64, bool), VaultError> {
+/// the directory's state, and the archive's length when it was written
+/// just now.
+///
+/// A directory without the TPM's permanent state (`*.permall`) holds no
+/// TPM: nothing is sealed over the sealed one. That is a migration's
+/// destination before the VMM's state arrived (its swtpm starts on an
+/// empty directory), or a directory someone emptied under swtpm.
+pub(super) fn reseal_now(sealer: &Sealer, dir: &Path) -> Result<(u64, Option<usize>), VaultError> {
+    // Archived under the lock: an archive taken earlier must never be
+    // sealed after one taken later.
     let mut state = sealer.lock().unwrap_or_else(PoisonError::into_inner);
-    Ok(match state.seal_if_changed(&archive_dir(dir)?)? {
-        Some(generation) => (generation, true),
-        None => (state.generation(), false),
+    let archive = archive_dir(dir)?;
+    if !holds_permanent_state(&archive) {
+        tracing::debug!(dir = %dir.display(), "no permanent TPM state in it: nothing to seal");
+        return Ok((state.generation(), None));
+    }
+    Ok(match state.seal_if_changed(&archive)? {
+        Some(generation) => (generation, Some(archive.encoded_len())),
+        None => (state.generation(), None),
     })
+}
+
+/// Whether `archive` holds a TPM's permanent state (swtpm's
+/// `tpm2-00.permall`, or `tpm-00.permall` for TPM 1.2).
+fn holds_permanent_state(archive: &StateArchive) -> bool {
+    archive
+        .entries()
+        .iter()
+        .any(|e| e.name().ends_with(".permall"))
 }
 
 /// [`reseal_now`], then the sealed file as it is on disk, read under the
@@ -43,7 +65,8 @@ pub(super) fn reseal_and_read(
     guest: GuestId,
 ) -> Result<(SealedFile, bool), VaultError> {
     let mut state = sealer.lock().unwrap_or_else(PoisonError::into_inner);
-    let written = state.seal_if_changed(&archive_dir(dir)?)?.is_some();
+    let archive = archive_dir(dir)?;
+    let written = holds_permanent_state(&archive) && state.seal_if_changed(&archive)?.is_some();
     Ok((vault::read_sealed(state.paths().current(), guest)?, written))
 }
 
@@ -158,10 +181,12 @@ pub(super) fn catch_up(
     dir: &Path,
 ) -> Result<CaughtUp, VaultError> {
     let archive = archive_dir(dir)?;
-    let generation = match state.seal_if_changed(&archive)? {
-        Some(generation) => generation,
-        None => state.generation(),
+    let sealed_now = if holds_permanent_state(&archive) {
+        state.seal_if_changed(&archive)?
+    } else {
+        None
     };
+    let generation = sealed_now.unwrap_or_else(|| state.generation());
     let changed = changed_files(sealed, &archive);
     Ok(CaughtUp {
         generation,

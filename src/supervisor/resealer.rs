@@ -79,8 +79,13 @@ pub(super) fn spawn(
                 .and_then(|r| r.map_err(|e| chain(&e)));
             match sealed {
                 // A write that left the state as it was (nothing to seal).
-                Ok((_, false)) if behind.is_none() => {}
+                Ok((_, None)) if behind.is_none() => {}
                 Ok((generation, written)) => {
+                    if let Some(bytes) = written {
+                        shared.metrics.reseal_bytes(bytes);
+                        super::cluster::resealed(&shared, guest.id);
+                    }
+                    let written = written.is_some();
                     // Latency from the first unsealed write when behind.
                     let since = behind.as_ref().map_or(seen, |b| b.since);
                     let latency = since.elapsed();

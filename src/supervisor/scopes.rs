@@ -65,9 +65,18 @@ impl Scopes {
             loop {
                 match systemd.move_into_scope(&spec).await {
                     // The guest's previous scope, its swtpm just gone, is
-                    // still there until systemd collects it (within about
-                    // a second): a VM rebooted at once hits it.
+                    // still there until systemd collects it: a VM rebooted
+                    // at once hits it. It holds nothing alive (a Start
+                    // runs only when no swtpm of the guest does), so it is
+                    // stopped rather than waited out, which under load
+                    // took longer than the retries allow.
                     Err(ScopeError::UnitExists { .. }) if attempt < SCOPE_ATTEMPTS => {
+                        if attempt == 1 {
+                            let stale = format!("the previous scope of guest {id}");
+                            if let Err(e) = systemd.stop_unit(name.as_str(), &stale).await {
+                                tracing::debug!(%guest, "stopping {stale}: {}", chain(&e));
+                            }
+                        }
                         attempt += 1;
                         tokio::time::sleep(SCOPE_RETRY).await;
                     }

@@ -45,13 +45,17 @@ pub(super) async fn start_guest(
     let before = guest.info();
     // Start is the only thing the table allows for Action::Start.
     permit(id, before.state, Action::Start)?;
+    // Cluster mode: this host owns the guest before its state is used,
+    // and etcd holds nothing newer than it (no rollback).
+    super::cluster::claim_current(&shared, id, false).await?;
     let starting = guest.update(|i| i.state = GuestState::Starting);
     shared.publish(EventKind::Starting, starting, None);
 
     match launch(&shared, &guest, &mut slot, passphrase).await {
         Ok((info, detail, mut timings)) => {
             timings.total = called.elapsed();
-            tracing::info!(
+            // Timings at debug: the `running` event's line says the rest.
+            tracing::debug!(
                 guest = %id,
                 pid = info.pid,
                 generation = info.generation,
@@ -73,7 +77,9 @@ pub(super) async fn start_guest(
             Ok(info)
         }
         Err(e) => {
-            // Nothing changed: back to where the guest was.
+            // Nothing changed: back to where the guest was (and, in
+            // cluster mode, free for another host again).
+            super::cluster::release(&shared, id);
             let restored = guest.update(|i| *i = before.clone());
             shared.publish(
                 EventKind::settled(restored.state),
@@ -156,6 +162,20 @@ async fn launch(
         fell_back,
         kdf_time,
     } = opened.map_err(|e| SupervisorError::from_vault(id, "open", e))?;
+    // A sound current file older than what this vtpmd sealed was put in
+    // place by someone (the previous generation standing in for a damaged
+    // one is the documented fallback, not this).
+    let known = guest.info().generation;
+    if fell_back.is_none() && state.generation() < known {
+        return Err(SupervisorError::RolledBack {
+            guest: id,
+            generation: state.generation(),
+            current: known,
+        });
+    }
+    if let Some(floor) = slot.generation_floor.take() {
+        state.raise_generation_above(floor);
+    }
     let mut detail = Vec::new();
     if slot.unsealed_leftover {
         // Writes a swtpm made that were never sealed: sealed first, and

@@ -129,6 +129,7 @@ async fn hand_over(guest: &Arc<Guest>) -> bool {
     .await;
     match resealed {
         Ok(Some(Ok((generation, written)))) => {
+            let written = written.is_some();
             tracing::info!(guest = %id, pid, generation, written, "sealed; swtpm left running for the next vtpmd")
         }
         Ok(Some(Err(e))) => tracing::error!(

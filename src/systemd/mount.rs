@@ -73,6 +73,11 @@ impl TmpfsSpec {
             // A mount that failed would otherwise stay loaded, and its
             // name could not be used again.
             ("CollectMode", Value::from("inactive-or-failed")),
+            // Released only once its directory is wiped: a reader still
+            // closing a file there (a last reseal, the watch) must not
+            // make the unmount fail and leave the mount behind; it is
+            // detached at once and freed when the last file closes.
+            ("LazyUnmount", Value::from(true)),
             ("Before", Value::from(vec![BEFORE])),
         ]
     }

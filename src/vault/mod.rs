@@ -23,8 +23,11 @@ mod host_key;
 mod inspect;
 mod kdf;
 mod sealed;
+#[cfg(test)]
+mod spec_vectors;
 mod ticket;
 mod transfer;
+mod used_tickets;
 
 pub use archive::{ArchiveEntry, ArchiveError, Skipped, StateArchive};
 pub use crypto::DataKey;
@@ -34,9 +37,10 @@ pub use format::SlotKind;
 pub use host_key::{HOST_KEY_FILE_LEN, HostKey, HostKeyError, HostPublicKey, HostPublicKeyError};
 pub use inspect::{HeaderInfo, KeyslotInfo, inspect, inspect_bytes};
 pub use kdf::{KdfParams, KdfParamsError, KdfPolicy};
-pub use sealed::{Credential, Fallback, LeftAsIs, Opened, SealedState, SlotSummary};
+pub use sealed::{Credential, Fallback, FreshKey, LeftAsIs, Opened, SealedState, SlotSummary};
 pub use ticket::{MAX_TICKET_TTL, OpenedTicket, TICKET_LEN, TicketError, open as open_ticket};
 pub use transfer::{OnDisk, Placement, SealedFile, check_sealed, install, on_disk, read_sealed};
+pub use used_tickets::UsedTickets;
 
 #[doc(hidden)]
 pub use archive::fuzz_archive;

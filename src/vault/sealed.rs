@@ -39,6 +39,61 @@ pub struct SealedState {
     sealed_digest: Option<[u8; 32]>,
 }
 
+/// A new guest's data key before its first keyslot: [`SealedState::prepare`]
+/// in two steps. Its swtpm state key is there at once, so a Create can
+/// provision the TPM under it while the passphrase slot's Argon2id runs
+/// elsewhere; it becomes a state only with that slot
+/// ([`with_passphrase`](Self::with_passphrase)), so a state without a
+/// keyslot never exists and cannot be sealed.
+#[derive(Debug)]
+pub struct FreshKey {
+    paths: SealedPaths,
+    guest: GuestId,
+    spec: TpmSpec,
+    data_key: DataKey,
+}
+
+impl FreshKey {
+    /// A random data key for `guest`; refuses if a sealed file (current
+    /// or previous) exists already.
+    pub fn generate(paths: SealedPaths, guest: GuestId, spec: TpmSpec) -> Result<Self, VaultError> {
+        refuse_existing(&paths)?;
+        Ok(Self {
+            paths,
+            guest,
+            spec,
+            data_key: DataKey::generate()?,
+        })
+    }
+
+    /// The key swtpm encrypts its state with: the same as the state's
+    /// ([`SealedState::swtpm_state_key`]) once it has its keyslot.
+    pub fn swtpm_state_key(&self) -> Result<SecretBuf, VaultError> {
+        self.data_key.swtpm_state_key(&self.guest)
+    }
+
+    /// The state, with one keyslot for `passphrase` (Argon2id: the slow
+    /// step), in memory only, as [`SealedState::prepare`] returns it.
+    pub fn with_passphrase(
+        self,
+        passphrase: &SecretBuf,
+        policy: &KdfPolicy,
+    ) -> Result<SealedState, VaultError> {
+        let slot = new_keyslot(&self.data_key, &self.guest, passphrase, policy)?;
+        Ok(SealedState {
+            paths: self.paths,
+            guest: self.guest,
+            spec: self.spec,
+            generation: 0,
+            keyslots: vec![slot],
+            data_key: self.data_key,
+            unlocked_slot: Some(0),
+            current_damaged: false,
+            sealed_digest: None,
+        })
+    }
+}
+
 /// What opens a sealed file: each finds only the slots of its own kind.
 #[derive(Clone, Copy)]
 pub enum Credential<'a> {
@@ -166,7 +221,7 @@ impl SealedState {
     /// until the first [`seal`](Self::seal), which writes generation 1. The
     /// swtpm state key is available at once, so a state can be provisioned
     /// encrypted before it is sealed, and a failed provisioning leaves no
-    /// file behind.
+    /// file behind. [`FreshKey`] is the same in two steps.
     pub fn prepare(
         paths: SealedPaths,
         guest: GuestId,
@@ -174,20 +229,7 @@ impl SealedState {
         passphrase: &SecretBuf,
         policy: &KdfPolicy,
     ) -> Result<Self, VaultError> {
-        refuse_existing(&paths)?;
-        let data_key = DataKey::generate()?;
-        let slot = new_keyslot(&data_key, &guest, passphrase, policy)?;
-        Ok(Self {
-            paths,
-            guest,
-            spec,
-            generation: 0,
-            keyslots: vec![slot],
-            data_key,
-            unlocked_slot: Some(0),
-            current_damaged: false,
-            sealed_digest: None,
-        })
+        FreshKey::generate(paths, guest, spec)?.with_passphrase(passphrase, policy)
     }
 
     /// Opens the current generation with `passphrase`; if the current file
@@ -455,7 +497,12 @@ impl SealedState {
     /// opening the previous one), copying each body verbatim. The previous
     /// generation first: the change takes effect when the current file is
     /// replaced, and an interruption before that leaves the current file
-    /// as it was.
+    /// as it was. Then, when every file there was rewritten, the current
+    /// state is sealed once more as the next generation: a keyslot change
+    /// is a change of the sealed file like a reseal, so a copy from before
+    /// it (one a revoked passphrase opens) is an older generation, refused
+    /// as a rollback wherever generations are compared, and a cluster's
+    /// replica (which only takes a newer generation) gets the new keyslots.
     ///
     /// Only a file that decodes completely (header, guest, and a body that
     /// opens with the data key into a valid archive) is rewritten: a header
@@ -464,6 +511,7 @@ impl SealedState {
     /// operator. Such a file is left as it is and returned.
     fn commit_keyslots(&mut self, keyslots: Vec<Keyslot>) -> Result<Vec<LeftAsIs>, VaultError> {
         let mut left_as_is = Vec::new();
+        let mut current_archive = None;
         let previous = self.paths.previous().to_owned();
         let current = self.paths.current().to_owned();
         for path in [previous.as_path(), current.as_path()] {
@@ -478,10 +526,10 @@ impl SealedState {
                         found: header.bound.guest,
                     });
                 }
-                open_body(path, &header, body, &self.data_key, &self.guest)?;
-                Ok((header, body))
+                let archive = open_body(path, &header, body, &self.data_key, &self.guest)?;
+                Ok((header, body, archive))
             });
-            let (header, body) = match decoded {
+            let (header, body, archive) = match decoded {
                 Ok(decoded) => decoded,
                 Err(e) => {
                     let left = LeftAsIs {
@@ -498,6 +546,7 @@ impl SealedState {
                     continue;
                 }
             };
+            let generation = header.bound.generation;
             let rewritten = Header {
                 bound: header.bound,
                 keyslots: keyslots.clone(),
@@ -505,8 +554,16 @@ impl SealedState {
             let mut file = rewritten.encode();
             file.extend_from_slice(body);
             durable::replace(path, &file)?;
+            if path == current && generation == self.generation {
+                current_archive = Some(archive);
+            }
         }
         self.keyslots = keyslots;
+        // A damaged file stays as it is for whoever looks at it; sealing a
+        // generation now would rotate a damaged `.prev` away.
+        if let (Some(archive), true) = (current_archive, left_as_is.is_empty()) {
+            self.seal(&archive)?;
+        }
         Ok(left_as_is)
     }
 
@@ -572,30 +629,6 @@ impl SealedState {
             destination,
             ttl,
         )
-    }
-
-    /// A migration's sealed file, made this guest's on this host (a guest
-    /// new here: `paths` holds nothing yet): written durably, then opened
-    /// with the ticket's `handover`. A file that does not open with it, or
-    /// only through a previous generation, is removed again and refused.
-    pub fn take_in(
-        paths: SealedPaths,
-        guest: GuestId,
-        bytes: &[u8],
-        handover: &SecretBuf,
-    ) -> Result<Opened, VaultError> {
-        durable::write_new_generation(&paths, bytes)?;
-        let opened = match Self::resume(paths.clone(), guest, handover) {
-            Ok(opened) if opened.fell_back.is_none() => Ok(opened),
-            Ok(_) => Err(VaultError::WrongHandover {
-                path: paths.current().to_owned(),
-            }),
-            Err(e) => Err(e),
-        };
-        if opened.is_err() {
-            let _ = durable::remove_all(&paths);
-        }
-        opened
     }
 
     /// The bytes of the current sealed file (what the last seal wrote),

@@ -188,6 +188,41 @@ mod tests {
         (key, bytes)
     }
 
+    use crate::vault::spec_vectors::vector;
+
+    /// The ticket was sealed by the outside reader's own HPKE (Python,
+    /// cryptography), from the spec alone: the independent check.
+    #[test]
+    fn the_specs_ticket_vector_opens_here_and_only_for_its_guest_and_host() {
+        use secrecy::ExposeSecret;
+        let private = vector("host_private_key");
+        let mut secret = SecretBuf::with_capacity(private.len()).unwrap();
+        secret.extend_from_slice(&private).unwrap();
+        let host = HostKey::from_private_for_test(secret);
+        let bytes = vector("ticket");
+        let g = GuestId::parse("0f6a2d1e-8c4b-4e2a-9d3f-5b7c1a2e3f40").unwrap();
+        let opened = open(&bytes, g, &host, SystemTime::now()).unwrap();
+        assert_eq!(opened.generation, 7);
+        assert_eq!(
+            opened.expires,
+            UNIX_EPOCH + Duration::from_secs(4_102_444_800)
+        );
+        let nonce: Vec<u8> = (0xe0..=0xef).collect();
+        assert_eq!(opened.nonce.as_slice(), nonce.as_slice());
+        // The handover: a version byte, "no slot", the data key.
+        let handover = opened.handover.expose_secret();
+        assert_eq!(&handover[2..], vector("data_key").as_slice());
+        assert!(matches!(
+            open(&bytes, guest(9), &host, SystemTime::now()),
+            Err(TicketError::OtherGuest { .. })
+        ));
+        let other = HostKey::generate().unwrap();
+        assert!(matches!(
+            open(&bytes, g, &other, SystemTime::now()),
+            Err(TicketError::OtherHost { .. })
+        ));
+    }
+
     #[test]
     fn a_ticket_opens_on_its_host_for_its_guest_with_the_key() {
         let host = HostKey::generate().unwrap();

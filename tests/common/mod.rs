@@ -4,6 +4,10 @@
 
 #![allow(clippy::unwrap_used, dead_code)] // shared by several test files; each uses a part
 
+pub mod cgroup;
+pub mod etcd;
+pub mod guest;
+pub mod live;
 pub mod nv;
 pub mod qemu;
 
@@ -185,6 +189,17 @@ impl Daemon {
     }
 
     /// Start over a fresh connection; panics unless it succeeds.
+    /// Create of a TPM 2.0 guest under `passphrase`; the guest reply.
+    pub fn create_guest(&self, guest: &str, passphrase: &str) -> Value {
+        self.client()
+            .manager(
+                "Create",
+                json!({"guest": guest, "version": "2.0", "passphrase": b64(passphrase)}),
+            )
+            .unwrap_or_else(|e| panic!("Create {guest}: {e:?}"))["guest"]
+            .clone()
+    }
+
     pub fn start_guest(&self, guest: &str, passphrase: &str) -> Value {
         self.client()
             .manager(
@@ -212,6 +227,18 @@ impl Daemon {
                 return s;
             }
             assert!(Instant::now() < deadline, "{guest} stuck in {s}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Waits until the daemon no longer knows the guest (NoSuchGuest).
+    pub fn wait_gone(&self, guest: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            match self.client().manager("Status", json!({ "guest": guest })) {
+                Err(e) if e.name == "io.vtpmd.Manager.NoSuchGuest" => return,
+                other => assert!(Instant::now() < deadline, "{guest} still there: {other:?}"),
+            }
             std::thread::sleep(Duration::from_millis(5));
         }
     }
@@ -483,12 +510,14 @@ impl Client {
         msg.push(0);
         self.send_raw(&msg);
         let reply = self.read_reply();
+        // `parameters` is left out when empty, as the spec allows.
+        let parameters = reply.get("parameters").cloned().unwrap_or(json!({}));
         match reply.get("error") {
             Some(name) => Err(Remote {
                 name: name.as_str().unwrap().to_owned(),
-                parameters: reply["parameters"].clone(),
+                parameters,
             }),
-            None => Ok(reply["parameters"].clone()),
+            None => Ok(parameters),
         }
     }
 
@@ -503,6 +532,10 @@ impl Client {
 
 pub fn b64(secret: &str) -> String {
     Base64::encode_string(secret.as_bytes())
+}
+
+pub fn b64_bytes(bytes: &[u8]) -> String {
+    Base64::encode_string(bytes)
 }
 
 /// Asserts an error reply's name (short form, e.g. "NoSuchGuest").

@@ -58,6 +58,27 @@ impl Writer {
         }
     }
 
+    /// A counter index defined through `vmm`, already started up.
+    pub fn on(mut vmm: Vmm) -> Self {
+        let attrs =
+            nv_attr::OWNERREAD | nv_attr::OWNERWRITE | nv_attr::AUTHREAD | nv_attr::AUTHWRITE;
+        assert_eq!(vmm.transact(&tpm::tpm2_startup_clear()).unwrap().rc, 0);
+        let define = tpm::tpm2_nv_define_space(NV_INDEX, attrs, 8);
+        assert_eq!(vmm.transact(&define).unwrap().rc, 0, "NV_DefineSpace");
+        Self {
+            vmm,
+            acknowledged: 0,
+        }
+    }
+
+    /// A VMM on a TPM whose counter index exists and holds `acknowledged`
+    /// (the guest moved to another host).
+    pub fn attach_existing(ctrl: &Path, acknowledged: u64) -> Self {
+        let mut vmm = Vmm::attach(ctrl, TIMEOUT).unwrap();
+        assert_eq!(vmm.transact(&tpm::tpm2_startup_clear()).unwrap().rc, 0);
+        Self { vmm, acknowledged }
+    }
+
     /// Writes the next values; each must be acknowledged with success.
     pub fn write(&mut self, count: u64) {
         for _ in 0..count {

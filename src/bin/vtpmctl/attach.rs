@@ -205,6 +205,7 @@ mod tests {
             failure: None,
             reason: None,
             keyslots: None,
+            replication: None,
         }
     }
 

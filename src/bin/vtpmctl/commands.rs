@@ -16,6 +16,21 @@ use crate::client::{self, Carries, Client, ClientError};
 use crate::output;
 use crate::passphrase::{self, Want};
 
+/// How Start and Evacuate open the guest's state.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct UnlockArgs {
+    /// File holding the passphrase (`-`: stdin) [default: prompt on a
+    /// terminal].
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["key_file", "host_key"])]
+    pub passphrase_file: Option<PathBuf>,
+    /// File holding a key slot's key (32 raw bytes or their base64).
+    #[arg(long, value_name = "FILE", conflicts_with = "host_key")]
+    pub key_file: Option<PathBuf>,
+    /// No secret: this host's key opens the guest's host slot.
+    #[arg(long)]
+    pub host_key: bool,
+}
+
 /// How to reach vtpmd and how to print; accepted before or after the
 /// subcommand.
 #[derive(Debug, Clone, Default, clap::Args)]
@@ -95,6 +110,14 @@ pub enum Online {
         #[command(flatten)]
         conn: Conn,
     },
+    /// vtpmd's metrics as a Prometheus scrape would read them (text format
+    /// 0.0.4; `--openmetrics` for OpenMetrics 1.0).
+    Metrics {
+        #[arg(long)]
+        openmetrics: bool,
+        #[command(flatten)]
+        conn: Conn,
+    },
     /// Provision a new TPM for a guest and seal it under a passphrase.
     Create {
         /// The guest's id: a canonical lowercase UUID.
@@ -136,16 +159,18 @@ pub enum Online {
     Start {
         /// The guest's id: a canonical lowercase UUID.
         guest: GuestId,
-        /// File holding the passphrase (`-`: stdin) [default: prompt on a
-        /// terminal].
-        #[arg(long, value_name = "FILE", conflicts_with_all = ["key_file", "host_key"])]
-        passphrase_file: Option<PathBuf>,
-        /// File holding a key slot's key (32 raw bytes or their base64).
-        #[arg(long, value_name = "FILE", conflicts_with = "host_key")]
-        key_file: Option<PathBuf>,
-        /// No secret: this host's key opens the guest's host slot.
-        #[arg(long)]
-        host_key: bool,
+        #[command(flatten)]
+        unlock: UnlockArgs,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Cluster mode: take over a guest whose host is gone (its etcd lease
+    /// expired) with the newest state in etcd, and start it here.
+    Evacuate {
+        /// The guest's id: a canonical lowercase UUID.
+        guest: GuestId,
+        #[command(flatten)]
+        unlock: UnlockArgs,
         #[command(flatten)]
         conn: Conn,
     },
@@ -341,8 +366,10 @@ impl Online {
         match self {
             Self::Capabilities { conn }
             | Self::HostKey { conn }
+            | Self::Metrics { conn, .. }
             | Self::Create { conn, .. }
             | Self::Start { conn, .. }
+            | Self::Evacuate { conn, .. }
             | Self::Grant { conn, .. }
             | Self::Revoke { conn, .. }
             | Self::Stop { conn, .. }
@@ -388,6 +415,19 @@ pub fn run(command: Online) -> Result<Option<Printed>, ClientError> {
                 field("public_key")?,
                 field("fingerprint")?
             );
+            Ok(Some(Printed { human, json: reply }))
+        }
+        Online::Metrics { openmetrics, conn } => {
+            let mut params = Map::new();
+            if openmetrics {
+                params.insert("format".to_owned(), Value::from("openmetrics"));
+            }
+            let reply = conn.connect()?.call("GetMetrics", &params)?;
+            let human = reply
+                .get("text")
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+                .ok_or_else(|| unexpected("text"))?;
             Ok(Some(Printed { human, json: reply }))
         }
         Online::Create {
@@ -448,23 +488,14 @@ pub fn run(command: Online) -> Result<Option<Printed>, ClientError> {
         }
         Online::Start {
             guest,
-            passphrase_file,
-            key_file,
-            host_key,
+            unlock,
             conn,
-        } => {
-            if host_key {
-                return guest_reply(conn.connect()?.call("Start", &guest_params(guest))?);
-            }
-            let (name, secret) = secret_of(&conn, passphrase_file, key_file, false)?;
-            let reply = conn.connect_for_secrets()?.call_with_secrets(
-                "Start",
-                &guest_params(guest),
-                &[(name, &secret)],
-            )?;
-            drop(secret);
-            guest_reply(reply)
-        }
+        } => start_with("Start", guest, unlock, &conn),
+        Online::Evacuate {
+            guest,
+            unlock,
+            conn,
+        } => start_with("Evacuate", guest, unlock, &conn),
         Online::Grant {
             guest,
             host_public_key,
@@ -677,6 +708,26 @@ fn monitor(conn: &Conn, count: Option<u64>) -> Result<(), ClientError> {
 
 /// The call's secret: the key from `key_file`, else the passphrase (from
 /// its file or a prompt); checked against the socket before it is read.
+/// Start or Evacuate: with a passphrase, a key, or this host's key.
+fn start_with(
+    method: &str,
+    guest: GuestId,
+    unlock: UnlockArgs,
+    conn: &Conn,
+) -> Result<Option<Printed>, ClientError> {
+    if unlock.host_key {
+        return guest_reply(conn.connect()?.call(method, &guest_params(guest))?);
+    }
+    let (name, secret) = secret_of(conn, unlock.passphrase_file, unlock.key_file, false)?;
+    let reply = conn.connect_for_secrets()?.call_with_secrets(
+        method,
+        &guest_params(guest),
+        &[(name, &secret)],
+    )?;
+    drop(secret);
+    guest_reply(reply)
+}
+
 fn secret_of(
     conn: &Conn,
     passphrase_file: Option<PathBuf>,

@@ -34,7 +34,7 @@
 use std::io::Write;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use vtpmd::error_chain::chain;
 
 mod attach;
@@ -62,7 +62,11 @@ const EXIT_USAGE: u8 = 2;
 const EXIT_LOCAL: u8 = 6;
 
 #[derive(Debug, Parser)]
-#[command(version, about = "Operate vtpmd and its sealed TPM state files")]
+#[command(
+    name = "vtpmctl",
+    version,
+    about = "Operate vtpmd and its sealed TPM state files"
+)]
 struct Args {
     #[command(flatten)]
     conn: Conn,
@@ -80,6 +84,9 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    if let Some(code) = vtpmd::cli_docs::generate_if_asked(Args::command, "1") {
+        return code;
+    }
     let args = Args::parse();
     match args.command {
         Command::State(mut command) => {
@@ -224,7 +231,10 @@ mod tests {
         assert!(matches!(
             online(&["start", G]),
             Online::Start {
-                passphrase_file: None,
+                unlock: commands::UnlockArgs {
+                    passphrase_file: None,
+                    ..
+                },
                 ..
             }
         ));

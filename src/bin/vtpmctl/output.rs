@@ -179,6 +179,14 @@ pub fn guest(g: &GuestView) -> String {
     if let Some(reason) = &g.reason {
         rows.push(("reason", reason.clone()));
     }
+    if let Some(r) = &g.replication {
+        let state = match (&r.error, r.pending) {
+            (Some(e), _) => format!("behind, retrying ({e})"),
+            (None, true) => "pending".to_owned(),
+            (None, false) => "current".to_owned(),
+        };
+        rows.push(("etcd", format!("generation {}, {state}", r.generation)));
+    }
     let mut out = key_values(&rows);
     if let Some(slots) = &g.keyslots {
         out.push_str("keyslots:\n");
@@ -324,6 +332,7 @@ mod tests {
             failure: None,
             reason: None,
             keyslots: None,
+            replication: None,
         }
     }
 

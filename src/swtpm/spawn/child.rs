@@ -5,9 +5,9 @@ use std::io::{ErrorKind, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
@@ -20,6 +20,7 @@ use secrecy::{ExposeSecret, ExposeSecretMut};
 
 use super::as_user::signal_as;
 use super::log::LogReader;
+use super::vfork;
 use super::{CTRL_FD, KEY_FD, MIGRATION_KEY_FD, SpawnError, SpawnSpec};
 use crate::protocol::GuestId;
 use crate::secret::SecretBuf;
@@ -27,7 +28,7 @@ use crate::secret::SecretBuf;
 /// Sources for the child's fixed fds are duplicated to at least this
 /// number first, so placing them at 3, 4 and 5 can never overwrite one
 /// another.
-const HIGH_FD: RawFd = 10;
+pub(super) const HIGH_FD: RawFd = 10;
 /// How long `Drop` lets a still-running swtpm shut down before SIGKILL.
 const DROP_GRACE: Duration = Duration::from_millis(500);
 /// How long to wait for a SIGKILLed child to be gone (only a process stuck
@@ -91,7 +92,7 @@ pub struct Swtpm {
     guest: GuestId,
     /// `None` for a swtpm adopted from an earlier vtpmd: it is not our
     /// child, so its exit is seen on the pidfd only and never reaped here.
-    child: Option<Child>,
+    child: Option<vfork::Process>,
     pid: u32,
     /// Its start time in clock ticks since boot (`/proc/PID/stat` field
     /// 22): with the pid, what tells this process from a later one.
@@ -174,37 +175,44 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> Result<Swtpm, SpawnError> {
         ),
     ];
     let cloexec_flag = libc::c_int::try_from(libc::CLOSE_RANGE_CLOEXEC).unwrap_or(0);
-    let setup = move || {
-        place_fds(&fds, cloexec_flag)?;
-        restrict_child()
-    };
     let other_user = spec
         .run_as
         .filter(|(uid, _)| *uid != nix::unistd::geteuid());
 
-    let mut cmd = Command::new(&spec.swtpm);
-    cmd.args(&args)
-        .env_clear()
-        .current_dir("/")
-        .stdin(Stdio::null())
-        .stdout(Stdio::from(stdout))
-        .stderr(Stdio::from(log_write));
-    if let Some((uid, gid)) = spec.run_as {
-        cmd.uid(uid.as_raw()).gid(gid.as_raw());
-    }
-    // SAFETY: `place_fds` and `restrict_child` only call dup2, close_range,
-    // umask and prctl, which are async-signal-safe, touch no lock and
-    // allocate nothing, as required between fork and exec in a
-    // multi-threaded process. std has switched uid and gid before they run.
-    unsafe { cmd.pre_exec(setup) };
+    // Its stdin /dev/null, its stdout and stderr the log pipe; these
+    // sources too above the fixed numbers.
+    let null = std::fs::File::open("/dev/null").map_err(|source| SpawnError::Fd {
+        what: "/dev/null",
+        source: io_to_nix(&source),
+    })?;
+    let stdin_src = dup_high(null.as_fd(), "/dev/null")?;
+    let stdout_src = dup_high(stdout.as_fd(), "log pipe")?;
+    let stderr_src = dup_high(log_write.as_fd(), "log pipe")?;
+    drop((null, stdout, log_write));
+    let exec = vfork::Exec::new(
+        &spec.swtpm,
+        &args,
+        [
+            stdin_src.as_raw_fd(),
+            stdout_src.as_raw_fd(),
+            stderr_src.as_raw_fd(),
+        ],
+        spec.run_as,
+        child_setup,
+        vfork::Setup { fds, cloexec_flag },
+    )
+    .map_err(|source| SpawnError::Exec {
+        binary: spec.swtpm.clone(),
+        source,
+    })?;
 
-    // The originals stay open across the fork: std's exec-error pipe must
-    // not land on 3 or 4, where the child's dup2 would overwrite it.
-    let spawned = cmd.spawn();
+    // The originals stay open until the child has exec'd.
+    let spawned = vfork::spawn(&exec);
     // Now close every copy vtpmd holds: the log reader must see EOF when
     // swtpm exits, and once swtpm exits connections must be refused rather
     // than queue on a listener nobody accepts on.
-    drop(cmd);
+    drop(exec);
+    drop((stdin_src, stdout_src, stderr_src));
     drop((ctrl_src, key_src, listener, key_read));
     drop((migration_key_src, migration_key_read));
     let mut child = spawned.map_err(|source| SpawnError::Exec {
@@ -648,7 +656,14 @@ fn io_to_nix(e: &std::io::Error) -> nix::Error {
     e.raw_os_error().map_or(Errno::EIO, Errno::from_raw)
 }
 
-/// Runs in the child between fork and exec: places each source fd at its
+/// The child's own set-up between the clone and exec, after its uid and
+/// gid are switched: its fixed fds, then its restrictions.
+fn child_setup(setup: &vfork::Setup) -> std::io::Result<()> {
+    place_fds(&setup.fds, setup.cloexec_flag)?;
+    restrict_child()
+}
+
+/// Runs in the child between the clone and exec: places each source fd at its
 /// target number (dup2 leaves the copy without CLOEXEC, so it survives exec)
 /// and marks every higher fd CLOEXEC, in case vtpmd inherited some fd
 /// without the flag. Async-signal-safe: two syscalls, no allocation.
@@ -668,7 +683,7 @@ fn place_fds(fds: &[(RawFd, RawFd); 3], cloexec_flag: libc::c_int) -> std::io::R
     // Best effort: without close_range (Linux < 5.11) every fd vtpmd opens
     // itself is CLOEXEC anyway.
     // SAFETY: close_range with CLOSE_RANGE_CLOEXEC only sets a flag on fds
-    // above the last one placed; it closes nothing, so std's exec-error
+    // above the last one placed; it closes nothing, so the exec-error
     // pipe stays open.
     let _ = unsafe { libc::close_range(above.unsigned_abs() + 1, libc::c_uint::MAX, cloexec_flag) };
     Ok(())
@@ -680,7 +695,7 @@ fn place_fds(fds: &[(RawFd, RawFd); 3], cloexec_flag: libc::c_int) -> std::io::R
 /// capabilities are ignored); and detached from vtpmd, whose restart or
 /// crash must not end a guest's TPM: its own session (no signal for
 /// vtpmd's process group or terminal reaches it) and SIGPIPE ignored
-/// (std resets it to the default before this runs; a log pipe without a
+/// (the child's handlers were reset to the default before this runs; a log pipe without a
 /// reader must not kill it). Async-signal-safe: four syscalls, no
 /// allocation.
 fn restrict_child() -> std::io::Result<()> {

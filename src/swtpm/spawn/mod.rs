@@ -16,7 +16,10 @@
 //! 4. The child starts with an empty environment, `/dev/null` on stdin, only
 //!    fds 0–4, the requested uid/gid (no supplementary groups; switching
 //!    from root to another uid clears every capability), umask 022 and
-//!    `PR_SET_NO_NEW_PRIVS`; a pidfd is opened for it at once.
+//!    `PR_SET_NO_NEW_PRIVS`; a pidfd is opened for it at once. It is
+//!    started without copying vtpmd's address space (`vfork`-style, as
+//!    `posix_spawn` does): a fork's cost grows with vtpmd's mappings,
+//!    and so with its running guests.
 //! 5. A short wait on the pidfd catches swtpm exiting straight away (bad
 //!    option, missing state directory) and turns it into
 //!    [`SpawnError::Exited`] carrying swtpm's own message.
@@ -34,6 +37,7 @@ mod child;
 mod log;
 pub(crate) mod procfs;
 mod spec;
+mod vfork;
 
 pub use adopt::{AdoptError, Adoption, adopt};
 pub use as_user::{AsUserError, listening_as, signal_as};
