@@ -518,6 +518,16 @@ pub fn parse_request<'a>(member: &str, parameters: &'a str) -> Result<Request<'a
 /// (`RawValue`), which serde_json skips over without unescaping, so that
 /// [`passphrase`] can refuse an escape from the bytes as received.
 fn decode<'a, T: Deserialize<'a>>(parameters: &'a str) -> Result<T, RequestError> {
+    // The spec's parameters are an object; serde would also fill a struct
+    // from an array of its fields in order.
+    if !parameters
+        .trim_start_matches([' ', '\t', '\n', '\r'])
+        .starts_with('{')
+    {
+        return Err(RequestError::InvalidParameter {
+            parameter: "parameters".to_owned(),
+        });
+    }
     let mut de = serde_json::Deserializer::from_str(parameters);
     let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
         // The top-level field is the path's first segment, taken as a
@@ -536,10 +546,15 @@ fn decode<'a, T: Deserialize<'a>>(parameters: &'a str) -> Result<T, RequestError
 }
 
 /// The field serde names in "missing field `guest`" / "unknown field `x`".
+/// Only those two messages: others quote the value received ("invalid
+/// type: string \"…\"" for parameters that are not an object), and a
+/// backtick in a value must not become a field's name.
 fn quoted_name(message: &str) -> Option<String> {
-    let start = message.find('`')? + 1;
-    let len = message[start..].find('`')?;
-    Some(message[start..start + len].to_owned())
+    let rest = message
+        .strip_prefix("missing field `")
+        .or_else(|| message.strip_prefix("unknown field `"))?;
+    let len = rest.find('`')?;
+    Some(rest[..len].to_owned())
 }
 
 fn guest_id(text: &str) -> Result<GuestId, RequestError> {
@@ -963,6 +978,34 @@ mod tests {
         Err(RequestError::InvalidParameter {
             parameter: parameter.to_owned(),
         })
+    }
+
+    /// Parameters that are not an object are refused as "parameters",
+    /// whatever the value holds: serde's message quotes the value, and a
+    /// backtick in it must not become a field name (found by fuzzing: a
+    /// string of backticks was reported as parameter ""); an array of the
+    /// fields in order is not an object either.
+    #[test]
+    fn parameters_that_are_not_an_object_are_named_as_such_never_by_their_value() {
+        for (member, json) in [
+            ("Revoke", r#""``````J""#),
+            ("Status", r#""`guest`""#),
+            ("Start", r#""a `passphrase` here""#),
+            ("List", r#""`x`""#),
+            ("Status", "[\"`guest`\"]"),
+            ("Status", "17"),
+            ("Status", &format!(r#"["{GUEST}"]"#)),
+            ("List", "[]"),
+        ] {
+            assert_eq!(
+                parse(member, json).map(drop),
+                invalid("parameters"),
+                "{member} {json}"
+            );
+        }
+        // A missing or unknown field is still named by serde's quote.
+        assert_eq!(parse("Status", "{}").map(drop), invalid("guest"));
+        assert_eq!(parse("List", r#"{"x":1}"#).map(drop), invalid("x"));
     }
 
     #[test]
