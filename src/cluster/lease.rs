@@ -21,8 +21,9 @@ impl Cluster {
     /// A lease (the previous vtpmd's if it lives) and this host's name
     /// registered under it.
     pub(super) async fn take_lease(&self) -> Result<(), ClusterError> {
-        let lease = self.resume_or_grant_lease().await?;
-        if let Err(e) = self.register_host(lease).await {
+        let previous = read_lease_file(&self.lease_file);
+        let lease = self.resume_or_grant_lease(previous).await?;
+        if let Err(e) = self.register_host(lease, previous).await {
             self.lease.store(0, Ordering::SeqCst);
             return Err(e);
         }
@@ -31,10 +32,11 @@ impl Cluster {
         Ok(())
     }
 
-    /// The lease a vtpmd before this one left in the lease file, if etcd
-    /// still keeps it alive; else a new one (written to the file).
-    pub(super) async fn resume_or_grant_lease(&self) -> Result<i64, ClusterError> {
-        if let Some(old) = read_lease_file(&self.lease_file) {
+    /// The lease a vtpmd before this one left in the lease file
+    /// (`previous`), if etcd still keeps it alive; else a new one (written
+    /// to the file).
+    async fn resume_or_grant_lease(&self, previous: Option<i64>) -> Result<i64, ClusterError> {
+        if let Some(old) = previous {
             let alive = self
                 .retrying("look up the previous lease", |mut client| async move {
                     client.lease_time_to_live(old, None).await
@@ -68,7 +70,14 @@ impl Cluster {
 
     /// `<prefix>/hosts/<host>` under `lease`, unless another live lease
     /// holds the name (two vtpmds configured with one host name).
-    pub(super) async fn register_host(&self, lease: i64) -> Result<(), ClusterError> {
+    ///
+    /// `previous` is the lease this host held before (the lease file's, or
+    /// the one that just expired): a name still under it is this host's
+    /// own. etcd answers a lease's time to live as expired a moment before
+    /// its revocation has deleted the lease's keys, and a vtpmd restarted
+    /// in that moment was refused its own name (`HostNameInUse`) and
+    /// stopped.
+    async fn register_host(&self, lease: i64, previous: Option<i64>) -> Result<(), ClusterError> {
         let key = self.layout.host(&self.host);
         let put = || {
             vec![TxnOp::put(
@@ -87,11 +96,13 @@ impl Cluster {
         if self.txn("register this host", free).await?.succeeded() {
             return Ok(());
         }
-        let ours = Txn::new()
-            .when(vec![Compare::lease(key.clone(), CompareOp::Equal, lease)])
-            .and_then(put());
-        if self.txn("register this host", ours).await?.succeeded() {
-            return Ok(());
+        for held in std::iter::once(lease).chain(previous.filter(|p| *p != lease)) {
+            let ours = Txn::new()
+                .when(vec![Compare::lease(key.clone(), CompareOp::Equal, held)])
+                .and_then(put());
+            if self.txn("register this host", ours).await?.succeeded() {
+                return Ok(());
+            }
         }
         let holder = self
             .get("read the host's registration", key)
@@ -117,7 +128,7 @@ impl Cluster {
         let mut pause = Duration::from_millis(200);
         loop {
             match self.grant_lease().await {
-                Ok(new) => match self.register_host(new).await {
+                Ok(new) => match self.register_host(new, Some(lease)).await {
                     Ok(()) => {
                         self.up.store(true, Ordering::SeqCst);
                         tracing::info!(
