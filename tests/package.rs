@@ -15,10 +15,10 @@
 
 mod common;
 
-use std::os::unix::fs::PermissionsExt;
+use common::nspawn::{Container, Probed, bind_ro};
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::Instant;
 
 const VTPMD: &str = env!("CARGO_BIN_EXE_vtpmd");
 
@@ -113,20 +113,6 @@ echo "done=1" >>$out
 systemctl poweroff
 "#;
 
-struct Result {
-    text: String,
-}
-
-impl Result {
-    fn get(&self, key: &str) -> String {
-        self.text
-            .lines()
-            .find_map(|l| l.strip_prefix(&format!("{key}=")))
-            .unwrap_or_else(|| panic!("no {key} in the result:\n{}", self.text))
-            .to_owned()
-    }
-}
-
 fn ok(cmd: &mut Command) {
     let status = cmd.stdin(Stdio::null()).status().unwrap();
     assert!(status.success(), "{cmd:?}: {status}");
@@ -156,14 +142,10 @@ fn upgrade_of(deb: &Path, work: &Path) -> PathBuf {
 }
 
 /// Installs, drives, upgrades, removes and purges the package inside a
-/// booted systemd; `None` (with the reason) where that cannot run.
-fn boot_with_package(deb: &Path) -> Option<Result> {
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("SKIPPED: systemd-nspawn and dpkg need root");
-        return None;
-    }
-    let nspawn = Path::new("/usr/bin/systemd-nspawn");
-    assert!(nspawn.exists(), "systemd-container is not installed");
+/// booted systemd (`common::nspawn`, this machine's /usr under an overlay
+/// that takes dpkg's writes); `None` (with the reason) where that cannot
+/// run.
+fn boot_with_package(deb: &Path) -> Option<Probed> {
     // The example VMM, built beside the test binaries by `cargo test`.
     let vmm = Path::new(VTPMD)
         .parent()
@@ -175,34 +157,8 @@ fn boot_with_package(deb: &Path) -> Option<Result> {
         "{} is missing: `cargo build --examples` (cargo test builds it)",
         vmm.display()
     );
-    let work = tempfile::Builder::new()
-        .prefix("vtdeb")
-        .tempdir_in("/var/tmp")
-        .unwrap();
-    let w = |p: &str| work.path().join(p);
-    let root = w("root");
-    for dir in [
-        "dev",
-        "proc",
-        "sys",
-        "run",
-        "tmp",
-        "var/tmp",
-        "var/log",
-        "var/cache",
-        "var/lib",
-        "usr/lib",
-        "etc",
-        "root",
-    ] {
-        std::fs::create_dir_all(root.join(dir)).unwrap();
-    }
-    for link in ["bin", "sbin", "lib", "lib32", "lib64", "libx32"] {
-        if let Ok(target) = std::fs::read_link(Path::new("/").join(link)) {
-            std::os::unix::fs::symlink(target, root.join(link)).unwrap();
-        }
-    }
-    ok(Command::new("cp").args(["-a", "/etc/.", root.join("etc").to_str().unwrap()]));
+    let c = Container::new("vtpmd-deb", &["var/log", "var/cache", "var/lib"])?;
+    let root = c.root();
     ok(Command::new("cp").args([
         "-a",
         "/var/lib/dpkg",
@@ -219,60 +175,19 @@ fn boot_with_package(deb: &Path) -> Option<Result> {
         let p = root.join(stale);
         let _ = std::fs::remove_dir_all(&p).or_else(|_| std::fs::remove_file(&p));
     }
-    // nspawn looks for it before it mounts the overlay over /usr.
-    std::fs::copy("/usr/lib/os-release", root.join("usr/lib/os-release")).unwrap();
-    std::fs::write(root.join("etc/hostname"), "vtpmd-deb\n").unwrap();
-    std::fs::write(root.join("etc/machine-id"), "").unwrap();
-    std::fs::create_dir_all(w("usr-upper")).unwrap();
-    std::fs::create_dir_all(w("local/bin")).unwrap();
-    std::fs::copy(&vmm, w("local/bin/vmm")).unwrap();
-    std::fs::create_dir_all(w("debs")).unwrap();
-    std::fs::copy(deb, w("debs/vtpmd.deb")).unwrap();
-    upgrade_of(deb, work.path());
-    std::fs::create_dir(w("out")).unwrap();
-    std::fs::write(w("probe.sh"), PACKAGE_PROBE).unwrap();
-    std::fs::set_permissions(w("probe.sh"), std::fs::Permissions::from_mode(0o755)).unwrap();
-    std::fs::write(
-        w("vtpmd-probe.service"),
-        "[Unit]\nAfter=multi-user.target\n[Service]\nType=oneshot\nExecStart=/probe.sh\n",
-    )
-    .unwrap();
-    let cgroup = common::cgroup::OwnCgroup::new("vtpmd-deb");
-    let mut cmd = cgroup.command("timeout");
-    cmd.arg("300")
-        .arg(nspawn)
-        .args(["--register=no", "--keep-unit", "--quiet", "-D"])
-        .arg(&root)
-        // As tests/systemd.rs: nspawn's own seccomp filter and rlimit.
-        .args([
-            "--capability=CAP_IPC_LOCK",
-            "--rlimit=RLIMIT_MEMLOCK=infinity",
-            "--system-call-filter=memfd_secret",
-        ])
+    std::fs::create_dir_all(c.path("usr-upper")).unwrap();
+    std::fs::create_dir_all(c.path("local/bin")).unwrap();
+    std::fs::copy(&vmm, c.path("local/bin/vmm")).unwrap();
+    std::fs::create_dir_all(c.path("debs")).unwrap();
+    std::fs::copy(deb, c.path("debs/vtpmd.deb")).unwrap();
+    upgrade_of(deb, &c.path(""));
+    let args = [
         // dpkg writes /usr into the upper layer only.
-        .arg(format!("--overlay=/usr:{}:/usr", w("usr-upper").display()))
-        .arg(format!("--bind-ro={}:/usr/local", w("local").display()))
-        .arg(format!("--bind-ro={}:/debs", w("debs").display()))
-        .arg(format!(
-            "--bind-ro={}:/etc/systemd/system/vtpmd-probe.service",
-            w("vtpmd-probe.service").display()
-        ))
-        .arg(format!("--bind-ro={}:/probe.sh", w("probe.sh").display()))
-        .arg(format!("--bind={}:/out", w("out").display()))
-        .args(["-b", "--", "systemd.wants=vtpmd-probe.service"])
-        .stdout(Stdio::null());
-    let started = Instant::now();
-    let out = cmd.stdin(Stdio::null()).output().unwrap();
-    eprintln!(
-        "nspawn: {} in {:?}\n{}",
-        out.status,
-        started.elapsed(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let log = std::fs::read_to_string(w("out/probe.log")).unwrap_or_default();
-    let text = std::fs::read_to_string(w("out/result")).unwrap_or_default();
-    eprintln!("--- probe.log\n{log}\n--- result\n{text}");
-    Some(Result { text })
+        format!("--overlay=/usr:{}:/usr", c.path("usr-upper").display()).into(),
+        bind_ro(&c.path("local"), "/usr/local"),
+        bind_ro(&c.path("debs"), "/debs"),
+    ];
+    Some(c.boot(PACKAGE_PROBE, "After=multi-user.target", &args, 300))
 }
 
 /// The upgrade's guest is the first one created again right after its

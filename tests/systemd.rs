@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use common::nspawn::{Container, Probed, bind_ro};
 use common::{Client, TEST_CONFIG, b64};
 use serde_json::json;
 
@@ -609,81 +610,23 @@ echo "done=1" >>$out
 systemctl poweroff
 "#;
 
-/// Boots systemd in a container (systemd-nspawn on this machine's /usr
-/// and a copy of /etc) with vtpmd.service and vtpmd.socket exactly as
-/// shipped, and walks Create, Start, Stop through the activated socket:
-/// the proof that swtpm_setup and swtpm work under the unit's sandbox.
-/// nspawn itself gets CAP_IPC_LOCK and an unlimited RLIMIT_MEMLOCK only
-/// because its own seccomp filter refuses mlock without that capability
-/// and it would cap LimitMEMLOCK= at this host's 8 MiB; the service's
-/// bounding set still holds just CAP_SETUID CAP_SETGID CAP_CHOWN.
-/// What a boot of the probe wrote: `key=value` lines of /out/result.
-struct Booted {
-    result: String,
-    /// `journalctl -u vtpmd.service -o json`, when the probe wrote it.
-    journal: String,
-}
-
-impl Booted {
-    fn get(&self, key: &str) -> String {
-        self.result
-            .lines()
-            .find_map(|l| l.strip_prefix(&format!("{key}=")))
-            .unwrap_or_else(|| panic!("no {key} in the result"))
-            .to_owned()
-    }
-}
-
-/// Boots systemd in a container (systemd-nspawn on this machine's /usr
-/// and a copy of /etc) with vtpmd.service and vtpmd.socket exactly as
-/// shipped, vtpmd and vtpmctl (and the example VMM) in /usr/local/bin, the
+/// Boots systemd in a container (`common::nspawn`, this machine's /usr
+/// read-only) with vtpmd.service and vtpmd.socket exactly as shipped,
+/// vtpmd and vtpmctl (and the example VMM) in /usr/local/bin, the
 /// repository read-only at /src and the binaries at /bins (for
 /// scripts/install), and runs `probe` as a oneshot unit after
-/// vtpmd.socket; it writes `key=value` lines to /out/result and powers the
-/// container off. `None` (with the reason printed) where nspawn cannot run.
-/// nspawn itself gets CAP_IPC_LOCK and an unlimited RLIMIT_MEMLOCK only
-/// because its own seccomp filter refuses mlock without that capability
-/// and it would cap LimitMEMLOCK= at this host's 8 MiB, and memfd_secret
-/// in its filter (which the unit allows too); the service's bounding set
-/// still holds just CAP_SETUID CAP_SETGID CAP_CHOWN.
-fn boot_with_probe(probe: &str) -> Option<Booted> {
-    let nspawn = tool("systemd-nspawn")?;
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("SKIPPED: systemd-nspawn needs root");
-        return None;
-    }
-    let work = tempfile::Builder::new()
-        .prefix("vtboot")
-        .tempdir_in("/var/tmp")
-        .unwrap();
-    let w = |p: &str| work.path().join(p);
-    let root = w("root");
-    for dir in [
-        "dev", "proc", "sys", "run", "tmp", "var/tmp", "usr/lib", "etc", "root", "src", "bins",
-    ] {
-        std::fs::create_dir_all(root.join(dir)).unwrap();
-    }
-    for link in ["bin", "sbin", "lib", "lib32", "lib64", "libx32"] {
-        if let Ok(target) = std::fs::read_link(Path::new("/").join(link)) {
-            std::os::unix::fs::symlink(target, root.join(link)).unwrap();
-        }
-    }
-    assert!(
-        Command::new("cp")
-            .args(["-a", "/etc/.", root.join("etc").to_str().unwrap()])
-            .status()
-            .unwrap()
-            .success()
-    );
-    std::fs::copy("/usr/lib/os-release", root.join("usr/lib/os-release")).unwrap();
-    std::fs::write(root.join("etc/hostname"), "vtpmd-boot\n").unwrap();
-    std::fs::write(root.join("etc/machine-id"), "").unwrap();
-    std::fs::create_dir_all(w("local/bin")).unwrap();
-    std::fs::create_dir_all(w("bins")).unwrap();
+/// vtpmd.socket; it writes `key=value` lines to /out/result (and
+/// `journalctl -u vtpmd.service -o json` to /out/journal.json) and powers
+/// the container off. `None` (with the reason printed) where nspawn cannot
+/// run.
+fn boot_with_probe(probe: &str) -> Option<Probed> {
+    let c = Container::new("vtpmd-boot", &["src", "bins"])?;
+    std::fs::create_dir_all(c.path("local/bin")).unwrap();
+    std::fs::create_dir_all(c.path("bins")).unwrap();
     for bin in ["vtpmd", "vtpmctl"] {
         let built = Path::new(VTPMD).with_file_name(bin);
-        std::fs::copy(&built, w("local/bin").join(bin)).unwrap();
-        std::fs::copy(&built, w("bins").join(bin)).unwrap();
+        std::fs::copy(&built, c.path("local/bin").join(bin)).unwrap();
+        std::fs::copy(&built, c.path("bins").join(bin)).unwrap();
     }
     // The example VMM, built beside the test binaries.
     let vmm = Path::new(VTPMD)
@@ -692,66 +635,26 @@ fn boot_with_probe(probe: &str) -> Option<Booted> {
         .join("examples")
         .join("vmm");
     if vmm.exists() {
-        std::fs::copy(&vmm, w("local/bin").join("vmm")).unwrap();
+        std::fs::copy(&vmm, c.path("local/bin").join("vmm")).unwrap();
     }
-    std::fs::create_dir(w("out")).unwrap();
-    std::fs::write(w("vtpmd.toml"), TEST_CONFIG).unwrap();
-    std::fs::write(w("probe.sh"), probe).unwrap();
-    std::fs::set_permissions(w("probe.sh"), std::fs::Permissions::from_mode(0o755)).unwrap();
-    std::fs::write(
-        w("vtpmd-probe.service"),
-        "[Unit]\nAfter=vtpmd.socket\nWants=vtpmd.socket\n[Service]\nType=oneshot\nExecStart=/probe.sh\n",
-    )
-    .unwrap();
-    let bind = |src: PathBuf, dst: &str| format!("--bind-ro={}:{dst}", src.display());
-    let cgroup = common::cgroup::OwnCgroup::new("vtpmd-boot");
-    let mut cmd = cgroup.command("timeout");
-    cmd.arg("240")
-        .arg(nspawn)
-        .args(["--register=no", "--keep-unit", "--quiet", "-D"])
-        .arg(&root)
-        .args([
-            "--capability=CAP_IPC_LOCK",
-            "--rlimit=RLIMIT_MEMLOCK=infinity",
-            "--system-call-filter=memfd_secret",
-            "--bind-ro=/usr",
-        ])
+    std::fs::write(c.path("vtpmd.toml"), TEST_CONFIG).unwrap();
+    let args = [
+        "--bind-ro=/usr".into(),
         // Writable: scripts/install puts the binaries here.
-        .arg(format!("--bind={}:/usr/local", w("local").display()))
-        .arg(bind(PathBuf::from(REPO), "/src"))
-        .arg(bind(w("bins"), "/bins"))
-        .arg(bind(
-            unit("vtpmd.service"),
-            "/etc/systemd/system/vtpmd.service",
-        ))
-        .arg(bind(
-            unit("vtpmd.socket"),
-            "/etc/systemd/system/vtpmd.socket",
-        ))
-        .arg(bind(
-            w("vtpmd-probe.service"),
-            "/etc/systemd/system/vtpmd-probe.service",
-        ))
-        .arg(bind(w("vtpmd.toml"), "/etc/vtpmd/vtpmd.toml"))
-        .arg(bind(w("probe.sh"), "/probe.sh"))
-        .arg(format!("--bind={}:/out", w("out").display()))
-        .args(["-b", "--", "systemd.wants=vtpmd-probe.service"])
-        .stdout(Stdio::null());
-    let started = Instant::now();
-    let out = cmd.stdin(Stdio::null()).output().unwrap();
-    eprintln!(
-        "nspawn: {} in {:?}\n{}",
-        out.status,
-        started.elapsed(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let log = std::fs::read_to_string(w("out/probe.log")).unwrap_or_default();
-    let result = std::fs::read_to_string(w("out/result")).unwrap_or_default();
-    eprintln!("--- probe.log\n{log}\n--- result\n{result}");
-    let journal = std::fs::read_to_string(w("out/journal.json")).unwrap_or_default();
-    Some(Booted { result, journal })
+        format!("--bind={}:/usr/local", c.path("local").display()).into(),
+        bind_ro(Path::new(REPO), "/src"),
+        bind_ro(&c.path("bins"), "/bins"),
+        bind_ro(&unit("vtpmd.service"), "/etc/systemd/system/vtpmd.service"),
+        bind_ro(&unit("vtpmd.socket"), "/etc/systemd/system/vtpmd.socket"),
+        bind_ro(&c.path("vtpmd.toml"), "/etc/vtpmd/vtpmd.toml"),
+    ];
+    Some(c.boot(probe, "After=vtpmd.socket\nWants=vtpmd.socket", &args, 240))
 }
 
+/// Boots systemd in a container (systemd-nspawn on this machine's /usr
+/// and a copy of /etc) with vtpmd.service and vtpmd.socket exactly as
+/// shipped, and walks Create, Start, Stop through the activated socket:
+/// the proof that swtpm_setup and swtpm work under the unit's sandbox.
 #[test]
 fn the_shipped_unit_runs_guests_under_a_booted_systemd() {
     let Some(b) = boot_with_probe(BOOT_PROBE) else {
@@ -773,8 +676,8 @@ fn the_shipped_unit_runs_guests_under_a_booted_systemd() {
     assert_eq!(b.get("socket_kept"), "yes");
 
     // The journal has vtpmd's lines natively, with fields to filter on.
-    let records: Vec<serde_json::Value> = b
-        .journal
+    let journal = b.file("journal.json");
+    let records: Vec<serde_json::Value> = journal
         .lines()
         .filter_map(|l| serde_json::from_str(l).ok())
         .collect();
@@ -786,7 +689,7 @@ fn the_shipped_unit_runs_guests_under_a_booted_systemd() {
             .unwrap_or_else(|| {
                 panic!(
                     "no {kind} event of {BOOT_GUEST} in the journal:\n{}",
-                    b.journal
+                    journal
                 )
             })
     };
@@ -809,7 +712,7 @@ fn the_shipped_unit_runs_guests_under_a_booted_systemd() {
     let call = records
         .iter()
         .find(|r| field(r, "OPERATION") == "Create" && field(r, "MESSAGE") == "call")
-        .unwrap_or_else(|| panic!("no Create call in the journal:\n{}", b.journal));
+        .unwrap_or_else(|| panic!("no Create call in the journal:\n{journal}"));
     assert_eq!(field(call, "UID"), "0", "{call}");
 }
 

@@ -8,6 +8,7 @@ pub mod cgroup;
 pub mod etcd;
 pub mod guest;
 pub mod live;
+pub mod nspawn;
 pub mod nv;
 pub mod qemu;
 
