@@ -65,11 +65,11 @@ fn replicated_now(d: &Daemon, etcd: &Etcd, guest: &str) -> u64 {
 fn kill_host(d: &mut Daemon) {
     d.kill();
     common::kill_swtpms_under(&d.runtime_dir);
-    let deadline = Instant::now() + TIMEOUT;
-    while !common::swtpms_under(&d.runtime_dir).is_empty() {
-        assert!(Instant::now() < deadline, "a swtpm survived SIGKILL");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_for(TIMEOUT, "a swtpm survived SIGKILL", || {
+        common::swtpms_under(&d.runtime_dir)
+            .is_empty()
+            .then_some(())
+    });
 }
 
 fn evacuate(d: &Daemon, guest: &str) -> Result<Value, common::Remote> {
@@ -156,14 +156,11 @@ fn etcd_catches_up(d: &Daemon, etcd: &Etcd, guest: &str) -> u64 {
 /// Until nobody owns `guest` in etcd (its host let go of it).
 fn wait_let_go(etcd: &Etcd, guest: &str) {
     let owner = format!("/vtpmd/guests/{guest}/owner");
-    let deadline = Instant::now() + TIMEOUT;
-    while etcd.get(&owner).is_some() {
-        assert!(
-            Instant::now() < deadline,
-            "{guest} was never let go in etcd"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for(
+        TIMEOUT,
+        &format!("{guest} was never let go in etcd"),
+        || etcd.get(&owner).is_none().then_some(()),
+    );
 }
 
 #[test]
@@ -203,12 +200,18 @@ fn keyslot_changes_reach_etcd_so_an_evacuation_opens_with_the_new_credentials_on
 
     kill_host(&mut a);
     // The old passphrase opens nothing in etcd's copy; B's own slot does.
-    let refused = wait_for(TIMEOUT * 2, || match evacuate(&b, G1) {
-        Err(e) if e.name.ends_with("OwnedElsewhere") || e.name.ends_with("ClusterUnavailable") => {
-            None
-        }
-        other => Some(other),
-    });
+    let refused = wait_for(
+        TIMEOUT * 2,
+        "the dead owner's lease to expire",
+        || match evacuate(&b, G1) {
+            Err(e)
+                if e.name.ends_with("OwnedElsewhere") || e.name.ends_with("ClusterUnavailable") =>
+            {
+                None
+            }
+            other => Some(other),
+        },
+    );
     assert_error(refused, "WrongPassphrase");
     let on_b = b
         .client()
@@ -299,11 +302,9 @@ fn a_host_paused_past_its_lease_comes_back_fenced_and_etcd_saw_one_writer_at_a_t
     let fenced = a.wait_state(G1, "failed", TIMEOUT);
     let reason = fenced["failure"].as_str().unwrap_or_default().to_owned();
     assert!(reason.contains("fenced"), "{fenced}");
-    let deadline = Instant::now() + TIMEOUT;
-    while common::is_alive(i32::try_from(swtpm_a).unwrap()) {
-        assert!(Instant::now() < deadline, "A's swtpm survived the fence");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for(TIMEOUT, "A's swtpm survived the fence", || {
+        (!common::is_alive(i32::try_from(swtpm_a).unwrap())).then_some(())
+    });
     // A Start on A now is refused: B owns the guest.
     assert_error(
         a.client()
@@ -313,7 +314,7 @@ fn a_host_paused_past_its_lease_comes_back_fenced_and_etcd_saw_one_writer_at_a_t
     // A takes a new lease as soon as etcd tells it the old one is gone,
     // without waiting for work to fail first: once its metrics say it is
     // in the cluster again, new work goes on there.
-    wait_for(TIMEOUT, || {
+    wait_for(TIMEOUT, "A back in the cluster (etcd_up 1)", || {
         metrics_text(&a)
             .contains("vtpmd_cluster_etcd_up 1")
             .then_some(())
@@ -418,7 +419,7 @@ fn etcd_members_failing_under_running_guests() {
     );
     assert_eq!(a.guest_status(G2)["state"], "stopped");
     // Status says the guest is behind and why; the metrics say etcd is down.
-    let behind = wait_for(TIMEOUT, || {
+    let behind = wait_for(TIMEOUT, "replication reported behind", || {
         let r = a.guest_status(G1)["replication"].clone();
         (r["pending"] == true && r["error"].is_string()).then_some(r)
     });
@@ -446,7 +447,7 @@ fn etcd_members_failing_under_running_guests() {
     // Every reseal made while etcd had no quorum is in etcd: its newest
     // generation is the guest's (the writes ended before etcd came back).
     etcd_catches_up(&a, &etcd, G1);
-    let current = wait_for(TIMEOUT, || {
+    let current = wait_for(TIMEOUT, "replication current again", || {
         let r = a.guest_status(G1)["replication"].clone();
         (r["pending"] == false && r["error"].is_null()).then_some(r)
     });
@@ -488,7 +489,7 @@ fn an_adopted_guest_whose_lease_lapsed_while_etcd_was_down_is_claimed_again() {
     // Nobody took the guest over: this host claims it again (the claim
     // start-up could not make), rather than fencing its own guest.
     let owner = format!("/vtpmd/guests/{G1}/owner");
-    let status = wait_for(TIMEOUT, || {
+    let status = wait_for(TIMEOUT, "the adopted guest claimed or fenced", || {
         let status = a.guest_status(G1);
         (etcd.get(&owner).is_some() || status["state"] != "running").then_some(status)
     });
@@ -501,14 +502,16 @@ fn an_adopted_guest_whose_lease_lapsed_while_etcd_was_down_is_claimed_again() {
     assert_eq!(writer.quit(), 10);
 }
 
-fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+/// `f`'s first `Some`, polled until `timeout`; `what` names what never
+/// came.
+fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + timeout;
     loop {
         if let Some(v) = f() {
             return v;
         }
-        assert!(Instant::now() < deadline, "timed out");
-        std::thread::sleep(Duration::from_millis(50));
+        assert!(Instant::now() < deadline, "timed out: {what}");
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -895,7 +898,9 @@ fn cluster_mode_speaks_tls_with_client_certificates() {
             .filter(|o| o.status.success())
             .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
     };
-    wait_for(TIMEOUT, || etcdctl(&["endpoint", "health"]));
+    wait_for(TIMEOUT, "etcd healthy over TLS", || {
+        etcdctl(&["endpoint", "health"])
+    });
 
     let section = |with_client_cert: bool| {
         let mut s = format!(
