@@ -16,6 +16,7 @@
 mod common;
 
 use common::nspawn::{Container, Probed, bind_ro};
+use common::run_ok;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -113,15 +114,10 @@ echo "done=1" >>$out
 systemctl poweroff
 "#;
 
-fn ok(cmd: &mut Command) {
-    let status = cmd.stdin(Stdio::null()).status().unwrap();
-    assert!(status.success(), "{cmd:?}: {status}");
-}
-
 /// `deb` repacked with a higher version (what an upgrade brings).
 fn upgrade_of(deb: &Path, work: &Path) -> PathBuf {
     let tree = work.join("upgrade-tree");
-    ok(Command::new("dpkg-deb").arg("-R").arg(deb).arg(&tree));
+    run_ok(Command::new("dpkg-deb").arg("-R").arg(deb).arg(&tree));
     let control = tree.join("DEBIAN/control");
     let text = std::fs::read_to_string(&control).unwrap();
     let text: String = text
@@ -133,11 +129,13 @@ fn upgrade_of(deb: &Path, work: &Path) -> PathBuf {
         .collect();
     std::fs::write(&control, text).unwrap();
     let out = work.join("debs/vtpmd-upgrade.deb");
-    ok(Command::new("dpkg-deb")
-        .args(["--root-owner-group", "-b"])
-        .arg(&tree)
-        .arg(&out)
-        .stdout(Stdio::null()));
+    run_ok(
+        Command::new("dpkg-deb")
+            .args(["--root-owner-group", "-b"])
+            .arg(&tree)
+            .arg(&out)
+            .stdout(Stdio::null()),
+    );
     out
 }
 
@@ -159,7 +157,7 @@ fn boot_with_package(deb: &Path) -> Option<Probed> {
     );
     let c = Container::new("vtpmd-deb", &["var/log", "var/cache", "var/lib"])?;
     let root = c.root();
-    ok(Command::new("cp").args([
+    run_ok(Command::new("cp").args([
         "-a",
         "/var/lib/dpkg",
         root.join("var/lib/").to_str().unwrap(),
@@ -259,12 +257,16 @@ fn the_package_installs_runs_a_guest_upgrades_under_it_and_removes() {
 fn the_binaries_generate_their_man_pages_and_completions() {
     let vtpmctl = Path::new(VTPMD).with_file_name("vtpmctl");
     let dir = tempfile::tempdir().unwrap();
-    ok(Command::new(VTPMD)
-        .args(["--generate", "man"])
-        .arg(dir.path()));
-    ok(Command::new(&vtpmctl)
-        .args(["--generate", "man"])
-        .arg(dir.path()));
+    run_ok(
+        Command::new(VTPMD)
+            .args(["--generate", "man"])
+            .arg(dir.path()),
+    );
+    run_ok(
+        Command::new(&vtpmctl)
+            .args(["--generate", "man"])
+            .arg(dir.path()),
+    );
     let page = |name: &str| std::fs::read_to_string(dir.path().join(name)).unwrap();
     assert!(page("vtpmd.8").contains(".TH vtpmd 8"));
     assert!(page("vtpmd.8").contains("check\\-config"));

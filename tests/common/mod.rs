@@ -406,6 +406,12 @@ impl Drop for Daemon {
     }
 }
 
+/// Runs `cmd` (no stdin) and fails the test unless it succeeded.
+pub fn run_ok(cmd: &mut Command) {
+    let status = cmd.stdin(Stdio::null()).status().unwrap();
+    assert!(status.success(), "{cmd:?}: {status}");
+}
+
 /// SIGKILLs every swtpm whose command line names `runtime_dir` (what a
 /// test that fails half-way would otherwise leave behind).
 pub fn kill_swtpms_under(runtime_dir: &Path) {

@@ -64,7 +64,11 @@ impl Container {
                 std::os::unix::fs::symlink(target, root.join(link)).unwrap();
             }
         }
-        ok(Command::new("cp").args(["-a", "/etc/.", root.join("etc").to_str().unwrap()]));
+        super::run_ok(Command::new("cp").args([
+            "-a",
+            "/etc/.",
+            root.join("etc").to_str().unwrap(),
+        ]));
         // nspawn looks for it before it binds or overlays /usr.
         std::fs::copy("/usr/lib/os-release", root.join("usr/lib/os-release")).unwrap();
         std::fs::write(root.join("etc/hostname"), format!("{tag}\n")).unwrap();
@@ -167,9 +171,4 @@ impl Probed {
 /// nspawn's read-only bind of `src` at `dst`.
 pub fn bind_ro(src: &Path, dst: &str) -> OsString {
     format!("--bind-ro={}:{dst}", src.display()).into()
-}
-
-fn ok(cmd: &mut Command) {
-    let status = cmd.stdin(Stdio::null()).status().unwrap();
-    assert!(status.success(), "{cmd:?}: {status}");
 }
