@@ -49,13 +49,6 @@ use baseline::{BareSwtpm, Running};
 use common::{Daemon, b64};
 use fleet::{PASSPHRASE, guest_id};
 
-/// The embedded defaults but for the connection cap (256 Starts at once
-/// from 256 connections; the default admits 128) and the time a call may
-/// take (the last of 256 passphrase Starts waits for 255 Argon2id runs
-/// before it, two at a time).
-const CONFIG: &str = "[api]\nmax_connections = 4096\nrequest_timeout_ms = 1800000\n";
-/// swtpm's plaintext state lives on tmpfs in production (/run/vtpmd).
-const TMPFS: &str = "/dev/shm";
 const REPLY_TIMEOUT: Duration = Duration::from_secs(1800);
 const ATTACH_TIMEOUT: Duration = Duration::from_secs(60);
 const CREATE_CLIENTS: usize = 4;
@@ -144,18 +137,8 @@ enum Secret {
 fn main() {
     let args = Args::parse();
     raise_fd_limit();
-    let work = tempfile::Builder::new()
-        .prefix("vtpmd-reboot")
-        .tempdir_in(TMPFS)
-        .unwrap();
-    // As root each guest's swtpm uid must pass through to its runtime
-    // directory.
-    std::fs::set_permissions(
-        work.path(),
-        std::os::unix::fs::PermissionsExt::from_mode(0o711),
-    )
-    .unwrap();
-    let mut d = Daemon::start_on(CONFIG, Some(work.path().join("run")));
+    let work = fleet::tmpfs_work("vtpmd-reboot");
+    let mut d = Daemon::start_on(fleet::CONFIG, Some(work.path().join("run")));
     let ids: Vec<String> = (0..args.guests).map(guest_id).collect();
     println!(
         "host reboot: {} guests with host slots, {} rounds, {} CPUs, swtpm uids: {}",

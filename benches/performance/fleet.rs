@@ -13,6 +13,31 @@ use vtpmd::swtpm::ctrl::tpm;
 use crate::common::{Daemon, Remote, b64};
 
 pub const PASSPHRASE: &str = "benchmark passphrase";
+
+/// vtpmd's embedded defaults, but for the connection cap and the time a
+/// call may take: starting 256 guests at the same instant takes 256
+/// connections (the default admits 128 and closes the rest at once, which a
+/// hypervisor layer would retry), and the last Start of a wave of n waits
+/// for n Argon2 runs / permits (120 s by default, then the call answers
+/// while the Start goes on).
+pub const CONFIG: &str = "[api]\nmax_connections = 4096\nrequest_timeout_ms = 1800000\n";
+
+/// A work directory on tmpfs: as in production, swtpm's plaintext state
+/// lives on tmpfs (vtpmd's runtime directory is /run/vtpmd), the sealed
+/// files on disk. Mode 0711: each guest's swtpm uid must pass through to
+/// its runtime directory.
+pub fn tmpfs_work(prefix: &str) -> tempfile::TempDir {
+    let work = tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir_in("/dev/shm")
+        .unwrap();
+    std::fs::set_permissions(
+        work.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o711),
+    )
+    .unwrap();
+    work
+}
 const TIMEOUT: Duration = Duration::from_secs(30);
 const REPLY_TIMEOUT: Duration = Duration::from_secs(1800);
 

@@ -32,14 +32,6 @@ use common::{Daemon, Events};
 use fleet::{daemon_pid, guest_id};
 use report::{Report, Row, Verdict, median, ms, percentile, ratio};
 
-/// vtpmd's embedded defaults, but for the connection cap and the time a
-/// call may take: starting 256 guests at the same instant takes 256
-/// connections (the default admits 128 and closes the rest at once, which a
-/// hypervisor layer would retry), and the last Start of a wave of n waits
-/// for n Argon2 runs / permits (120 s by default, then the call answers
-/// while the Start goes on).
-const CONFIG: &str = "[api]\nmax_connections = 4096\nrequest_timeout_ms = 1800000\n";
-const TMPFS: &str = "/dev/shm";
 const NV_INDEX: u32 = 0x0150_0020;
 const NV_LEN: usize = 1024;
 const WAVES: [usize; 4] = [1, 16, 64, 256];
@@ -84,20 +76,9 @@ fn main() {
     nix::sys::prctl::set_child_subreaper(true).unwrap();
     let began = Instant::now();
     let mut report = Report::default();
-    // As in production, swtpm's plaintext state lives on tmpfs (vtpmd's
-    // runtime directory is /run/vtpmd), the sealed files on disk. The bare
-    // swtpm's state sits on the same tmpfs.
-    let work = tempfile::Builder::new()
-        .prefix("vtpmd-bench")
-        .tempdir_in(TMPFS)
-        .unwrap();
-    // Each guest's swtpm uid must pass through to its runtime directory.
-    std::fs::set_permissions(
-        work.path(),
-        std::os::unix::fs::PermissionsExt::from_mode(0o711),
-    )
-    .unwrap();
-    let daemon = Daemon::start_on(CONFIG, Some(work.path().join("run")));
+    // The bare swtpm's state sits on the same tmpfs.
+    let work = fleet::tmpfs_work("vtpmd-bench");
+    let daemon = Daemon::start_on(fleet::CONFIG, Some(work.path().join("run")));
     let pid = daemon_pid(&daemon);
     let ids: Vec<String> = (0..args.guests).map(guest_id).collect();
     println!(
