@@ -121,27 +121,7 @@ impl BareSwtpm {
         let began = Instant::now();
         let listener = std::os::unix::net::UnixListener::bind(&self.ctrl).unwrap();
         let early = probe.then(|| UnixStream::connect(&self.ctrl).unwrap());
-        let mut cmd = Command::new(&self.bins.swtpm);
-        cmd.arg("socket")
-            .arg("--tpm2")
-            .arg("--tpmstate")
-            .arg(format!("dir={},mode=0600", self.state.display()))
-            .arg("--key")
-            .arg(format!(
-                "file={},format=hex,mode=aes-256-cbc",
-                self.key_file.display()
-            ))
-            .args([
-                "--log",
-                "level=1",
-                "--seccomp",
-                "action=kill",
-                "--terminate",
-            ])
-            .env_clear()
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
+        let mut cmd = self.swtpm_command();
         // The listener's own number, inherited (CLOEXEC cleared on a copy):
         // with no pre_exec hook std starts swtpm by posix_spawn, which does
         // not copy this process's address space (a fork of a process with
@@ -186,29 +166,15 @@ impl BareSwtpm {
         )
     }
 
-    /// Starts swtpm, waits for its socket as `wait` says, attaches as QEMU
-    /// does and sends TPM2_Startup: returns the time to that first answer
-    /// and the attached VMM (whose shutdown ends swtpm: `--terminate`).
-    pub fn start(&self, wait: Wait) -> (Duration, Running) {
-        let (elapsed, _, running) = self.start_timed(wait);
-        (elapsed, running)
-    }
-
-    /// Like [`start`](Self::start), also returning how long starting the
-    /// process took (until swtpm's pid was known).
-    pub fn start_timed(&self, wait: Wait) -> (Duration, Duration, Running) {
-        let _ = fs::remove_file(&self.ctrl);
-        let began = Instant::now();
+    /// swtpm on this state and key, as vtpmd runs it (seccomp, terminate
+    /// when the VMM hangs up), with no environment or stdio; the caller
+    /// adds its `--ctrl`.
+    fn swtpm_command(&self) -> Command {
         let mut cmd = Command::new(&self.bins.swtpm);
         cmd.arg("socket")
             .arg("--tpm2")
             .arg("--tpmstate")
             .arg(format!("dir={},mode=0600", self.state.display()))
-            .arg("--ctrl")
-            .arg(format!(
-                "type=unixio,path={},mode=0600",
-                self.ctrl.display()
-            ))
             .arg("--key")
             .arg(format!(
                 "file={},format=hex,mode=aes-256-cbc",
@@ -225,6 +191,27 @@ impl BareSwtpm {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null());
+        cmd
+    }
+
+    /// Starts swtpm, waits for its socket as `wait` says, attaches as QEMU
+    /// does and sends TPM2_Startup: returns the time to that first answer
+    /// and the attached VMM (whose shutdown ends swtpm: `--terminate`).
+    pub fn start(&self, wait: Wait) -> (Duration, Running) {
+        let (elapsed, _, running) = self.start_timed(wait);
+        (elapsed, running)
+    }
+
+    /// Like [`start`](Self::start), also returning how long starting the
+    /// process took (until swtpm's pid was known).
+    pub fn start_timed(&self, wait: Wait) -> (Duration, Duration, Running) {
+        let _ = fs::remove_file(&self.ctrl);
+        let began = Instant::now();
+        let mut cmd = self.swtpm_command();
+        cmd.arg("--ctrl").arg(format!(
+            "type=unixio,path={},mode=0600",
+            self.ctrl.display()
+        ));
         let process = match wait {
             Wait::Tight => Process::Child(cmd.spawn().unwrap()),
             Wait::LibvirtBackoff => Process::Daemon(self.daemonize(cmd)),
