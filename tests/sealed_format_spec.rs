@@ -15,22 +15,13 @@ const SPEC: &str = include_str!("../docs/sealed-format.md");
 const G: &str = "0f6a2d1e-8c4b-4e2a-9d3f-5b7c1a2e3f40";
 const PASS: &str = "correct horse battery staple";
 
-fn create(d: &Daemon, guest: &str) {
-    d.client()
-        .manager(
-            "Create",
-            json!({"guest": guest, "version": "2.0", "passphrase": b64(PASS)}),
-        )
-        .unwrap();
-}
-
 /// The `--key` and `--migration-key` options of the real swtpm vtpmd
 /// started are the ones the spec gives, word for word (the fd number
 /// written `N`, and named where the spec says which one vtpmd uses).
 #[test]
 fn swtpm_gets_the_key_options_the_spec_gives() {
     let d = Daemon::start();
-    create(&d, G);
+    d.create_guest(G, PASS);
     d.start_guest(G, PASS);
     let pids = common::swtpms_under(&d.runtime_dir);
     assert_eq!(pids.len(), 1, "{pids:?}");
@@ -71,8 +62,8 @@ fn swtpm_gets_the_key_options_the_spec_gives() {
 fn a_sealed_file_moved_to_another_guest_is_a_guest_mismatch_not_corruption() {
     const OTHER: &str = "7d0a9d43-41d4-4c3e-8a5e-2f61b3c0d7aa";
     let d = Daemon::start();
-    create(&d, G);
-    create(&d, OTHER);
+    d.create_guest(G, PASS);
+    d.create_guest(OTHER, PASS);
     std::fs::copy(d.sealed_file(G), d.sealed_file(OTHER)).unwrap();
 
     let refused = d
@@ -119,7 +110,7 @@ fn write_a_second_generation(d: &Daemon, guest: &str) {
 #[test]
 fn rekey_leaves_a_damaged_previous_generation_untouched_and_reports_it() {
     let d = Daemon::start();
-    create(&d, G);
+    d.create_guest(G, PASS);
     d.start_guest(G, PASS);
     write_a_second_generation(&d, G);
     d.client().manager("Stop", json!({"guest": G})).unwrap();

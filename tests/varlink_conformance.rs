@@ -106,15 +106,6 @@ impl Raw {
     }
 }
 
-fn create(d: &Daemon, guest: &str) {
-    d.client()
-        .manager(
-            "Create",
-            json!({"guest": guest, "version": "2.0", "passphrase": b64(PASS)}),
-        )
-        .unwrap();
-}
-
 /// The spec's call is `(method: string, parameters: ?object, oneway: ?bool,
 /// more: ?bool, upgrade: ?bool)`: `null` is the same as absent. Call and
 /// reply "are conceptually similar to HTTP headers" and vendor extensions
@@ -182,7 +173,7 @@ fn null_flags_and_unknown_header_keys_are_accepted() {
 #[test]
 fn empty_parameters_are_left_out_of_replies() {
     let d = Daemon::start();
-    create(&d, G1);
+    d.create_guest(G1, PASS);
     let mut c = Raw::connect(&d);
 
     // Rekey that changes every file: no left_as_is, nothing to say.
@@ -220,13 +211,13 @@ fn empty_parameters_are_left_out_of_replies() {
 #[test]
 fn oneway_wins_over_more() {
     let d = Daemon::start();
-    create(&d, G1);
+    d.create_guest(G1, PASS);
     let mut c = Raw::connect(&d);
 
     c.send(r#"{"method":"io.vtpmd.Manager.Monitor","more":true,"oneway":true}"#);
     // Events that a stream would carry: an existing guest (sent at once),
     // then a new one.
-    create(&d, G2);
+    d.create_guest(G2, PASS);
     assert_eq!(c.answer_within(Duration::from_millis(500)), Answer::Nothing);
     c.assert_in_step();
 
@@ -260,7 +251,7 @@ fn oneway_wins_over_more() {
 #[test]
 fn upgrade_is_refused_with_a_typed_error() {
     let d = Daemon::start();
-    create(&d, G1);
+    d.create_guest(G1, PASS);
     let mut c = Raw::connect(&d);
     let refused = json!({"error": INVALID, "parameters": {"parameter": "upgrade"}});
 

@@ -189,7 +189,6 @@ impl Daemon {
         Client::try_connect(&self.socket).unwrap()
     }
 
-    /// Start over a fresh connection; panics unless it succeeds.
     /// Create of a TPM 2.0 guest under `passphrase`; the guest reply.
     pub fn create_guest(&self, guest: &str, passphrase: &str) -> Value {
         self.client()
@@ -201,6 +200,7 @@ impl Daemon {
             .clone()
     }
 
+    /// Start over a fresh connection; panics unless it succeeds.
     pub fn start_guest(&self, guest: &str, passphrase: &str) -> Value {
         self.client()
             .manager(
